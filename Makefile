@@ -1,0 +1,17 @@
+# The README's two commands: `make run` (set up, then the Fashion-MNIST recipe in quick
+# mode) and `make test` (set up, then the whole test suite). Set-up is idempotent.
+VENV ?= .venv
+OUT ?= runs/fashion-mnist
+
+.PHONY: setup run test bench
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/prh-lightning fashion-mnist --quick --out $(OUT)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: setup
+	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done

@@ -1,0 +1,44 @@
+"""prh-lightning: layer-by-layer representational alignment for PyTorch Lightning.
+
+Public API (imported lazily, so ``import prh_lightning`` stays cheap):
+``LayerTaps``, ``record_representations``, ``Representations``, ``alignment_matrix``,
+``best_alignment``, and the sub-packages ``functional``, ``metrics`` and ``callbacks``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+# In a source checkout the sub-packages prh_lightning.callbacks and prh_lightning.recipes
+# live in the top-level folders callbacks/ and recipes/ (an installed wheel holds them
+# inside the package, see setup.py); let the import system find them there too.
+_checkout_root = Path(__file__).resolve().parent.parent
+if (_checkout_root / "setup.py").is_file() and (_checkout_root / "callbacks" / "__init__.py").is_file():
+    __path__.append(str(_checkout_root))  # type: ignore[name-defined]  # noqa: F821
+
+_EXPORTS = {
+    "Representations": "prh_lightning.representations",
+    "LayerTaps": "prh_lightning.taps",
+    "record_representations": "prh_lightning.recording",
+    "alignment_matrix": "prh_lightning.alignment",
+    "best_alignment": "prh_lightning.alignment",
+}
+_SUBMODULES = {"functional", "metrics", "callbacks", "taps", "alignment", "models", "data", "plotting", "recipes"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

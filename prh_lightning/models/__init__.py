@@ -1,0 +1,1 @@
+"""Models used by the recipes (FashionCNN, grayscale ResNet) and offline pretrained loaders."""
