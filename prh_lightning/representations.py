@@ -126,9 +126,10 @@ class Representations(Mapping[str, torch.Tensor]):
         """Write one safetensors file atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {_LAYER_PREFIX + k: v.detach().cpu().contiguous() for k, v in self._features.items()}
+        named = {_LAYER_PREFIX + k: v for k, v in self._features.items()}
         if self.labels is not None:
-            tensors[_LABELS_KEY] = self.labels.detach().cpu().contiguous()
+            named[_LABELS_KEY] = self.labels
+        tensors = _unshared_cpu_tensors(named)
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -196,3 +197,17 @@ class Representations(Mapping[str, torch.Tensor]):
             )
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: inconsistent contents: {err}") from None
+
+
+def _unshared_cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies where needed, so no two tensors share memory (safetensors refuses that)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out

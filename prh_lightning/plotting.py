@@ -1,0 +1,146 @@
+"""Figures shared by the callbacks and the recipes: a labelled heatmap of a layer x layer
+alignment matrix, per-layer curves over training steps, and a Figure -> RGB array helper
+(for TensorBoard's ``add_image``).
+
+Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot global state), so
+they are safe to make from callbacks and never pop up a window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_MAX_TICK_LABELS = 40  # beyond this, label every k-th row/column only
+_ANNOTATE_MAX_CELLS = 144  # write the value in each cell up to 12 x 12
+LAYOUT = "constrained"
+
+
+def _as_matrix(matrix: torch.Tensor | np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().float().cpu().numpy()
+    array = np.asarray(matrix, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"heatmap_figure expects a 2-d [Lx, Ly] matrix, got shape {array.shape}")
+    return array
+
+
+def _tick_positions(n: int) -> np.ndarray:
+    step = max(1, int(np.ceil(n / _MAX_TICK_LABELS)))
+    return np.arange(0, n, step)
+
+
+def _new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
+    fig = Figure(figsize=figsize, dpi=dpi, layout=LAYOUT)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def heatmap_figure(
+    matrix: torch.Tensor | np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    cmap: str = "viridis",
+    annotate: bool | None = None,
+    dpi: int = 90,
+) -> Figure:
+    """A heatmap of ``matrix [Lx, Ly]``: rows labelled ``row_labels`` (Lx), columns ``col_labels`` (Ly).
+
+    Cells hold their value when the matrix is small (``annotate=None`` decides by size);
+    NaN cells are drawn grey. Returns a matplotlib Figure (save it or pass it to
+    :func:`figure_to_array`).
+    """
+    values = _as_matrix(matrix)
+    n_rows, n_cols = values.shape
+    if len(row_labels) != n_rows or len(col_labels) != n_cols:
+        raise ValueError(
+            f"heatmap_figure: matrix is {n_rows} x {n_cols} but got {len(row_labels)} row labels "
+            f"and {len(col_labels)} column labels; give one label per row and per column"
+        )
+    width = min(16.0, 2.6 + 0.42 * n_cols + 0.05 * max((len(s) for s in row_labels), default=0))
+    height = min(16.0, 1.8 + 0.36 * n_rows + 0.05 * max((len(s) for s in col_labels), default=0))
+    fig = _new_figure((max(width, 3.6), max(height, 2.8)), dpi)
+    ax = fig.add_subplot()
+    masked = np.ma.masked_invalid(values)
+    image = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    image.cmap.set_bad("#bbbbbb")
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+
+    rows, cols = _tick_positions(n_rows), _tick_positions(n_cols)
+    ax.set_yticks(rows, [row_labels[i] for i in rows], fontsize=8)
+    ax.set_xticks(cols, [col_labels[i] for i in cols], fontsize=8, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+
+    if annotate is None:
+        annotate = n_rows * n_cols <= _ANNOTATE_MAX_CELLS
+    if annotate:
+        _annotate_cells(ax, values, image)
+    return fig
+
+
+def _annotate_cells(ax, values: np.ndarray, image) -> None:
+    """Write each cell's value, in black or white for contrast with the cell colour."""
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isfinite(value):
+            continue
+        r, g, b, _ = image.cmap(image.norm(value))
+        colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+
+
+def line_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    ylim: tuple[float, float] | None = None,
+    *,
+    cmap: str = "viridis",
+    dpi: int = 90,
+) -> Figure:
+    """One line per entry of ``series`` (``label -> (xs, ys)``), e.g. each layer's alignment over
+    training steps. Lines are coloured in order along ``cmap`` (early layers dark, late layers
+    light), with markers when there are few points."""
+    if not series:
+        raise ValueError("line_figure needs at least one series (label -> (xs, ys))")
+    fig = _new_figure((6.4, 3.8), dpi)
+    ax = fig.add_subplot()
+    colours = matplotlib.colormaps[cmap](np.linspace(0.0, 0.9, len(series))) if len(series) > 1 else ["C0"]
+    for colour, (label, (xs, ys)) in zip(colours, series.items()):
+        if len(xs) != len(ys):
+            raise ValueError(f"line_figure: series {label!r} has {len(xs)} x values but {len(ys)} y values")
+        marker = "o" if len(xs) <= 30 else None
+        ax.plot(xs, ys, label=label, color=colour, marker=marker, markersize=3, linewidth=1.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
+
+
+def figure_to_array(fig: Figure, close: bool = True) -> np.ndarray:
+    """Render ``fig`` to a ``uint8 [H, W, 3]`` RGB array (for ``add_image(..., dataformats="HWC")``)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    if close:
+        fig.clear()
+    return rgb

@@ -1,0 +1,7 @@
+"""Forward-hook taps that record reduced per-layer features: :class:`LayerTaps`."""
+
+from prh_lightning.taps.layer_taps import LayerTaps, TapBudgetExceeded
+from prh_lightning.taps.reduction import REDUCE_MODES
+from prh_lightning.taps.selection import TapTarget, resolve_layers
+
+__all__ = ["LayerTaps", "TapBudgetExceeded", "TapTarget", "REDUCE_MODES", "resolve_layers"]
