@@ -20,7 +20,7 @@ from typing import Union
 import torch
 
 from .functional import get_metric
-from .functional._validation import check_features, check_k, check_min_samples, check_positive
+from .functional._validation import check_centred_signal, check_features, check_k, check_min_samples, check_positive
 from .functional.kernels import masked_hsic_from_neighbours, median_distance
 from .functional.knn import (
     cycle_knn_from_indices,
@@ -58,7 +58,7 @@ def _as_list(xs: Layers, what: str) -> list[torch.Tensor]:
     if not items:
         raise ValueError(f"{what} holds no layers")
     for name, x in items:
-        check_features(x, f"{what}[{name!r}]")
+        check_features(x, f"{what}[{name!r}]", finite=False)
     n = items[0][1].shape[0]
     for name, x in items:
         if x.shape[0] != n:
@@ -89,6 +89,7 @@ def prepare_layers(
     layers = _as_list(xs, what)
     out = []
     for i, x in enumerate(layers):
+        check_features(x, f"{what} layer {i}")
         if clip_quantile is not None:
             x = clip_outliers(x, clip_quantile)
         if normalize:
@@ -126,7 +127,7 @@ def _neighbours(x: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, torch
     idx, val = [], []
     for s in range(0, x.shape[0], rows):
         gram = x[s : s + rows] @ x.T
-        i = knn_from_gram(gram, k, row_offset=s)
+        i = knn_from_gram(gram, k, row_offset=s, overwrite=True)  # only the diagonal is overwritten
         idx.append(i)
         val.append(torch.gather(gram, 1, i))
     return torch.cat(idx), torch.cat(val)
@@ -178,7 +179,8 @@ class _CentredKernel:
 
     def __init__(self, x: torch.Tensor, kernel: str, unbiased: bool, sigma: float | None, rows: int):
         self.n = x.shape[0]
-        self.kernel, self.unbiased, self.rows = kernel, unbiased, rows
+        self.kernel, self.unbiased = kernel, unbiased
+        self.scale = 1.0 if kernel == "rbf" else float(torch.linalg.vector_norm(x, dim=1).max()) ** 2  # >= |K_ij|
         if kernel == "linear" and not unbiased:
             x = x - x.mean(dim=0, keepdim=True)  # then x x^T = H K H exactly
         self.x = x
@@ -187,36 +189,50 @@ class _CentredKernel:
             if float(self.sigma) <= 0:
                 raise ValueError("RBF bandwidth is 0 (median pairwise distance is 0); pass sigma= explicitly")
             self.sq = (x * x).sum(dim=1)
+        self.left = self.right = x
         if kernel == "linear":
-            diag = (x * x).sum(dim=1)
-            self.row_sums = x @ x.sum(dim=0) - (diag if unbiased else 0.0)
+            self.row_sums = x @ x.sum(dim=0) - ((x * x).sum(dim=1) if unbiased else 0.0)
+            if unbiased:
+                # U_ij = x_i.x_j - (r_i + r_j)/(n-2) + s/((n-1)(n-2)) (i != j) is one matmul of
+                # augmented features: [x_i, -r_i/(n-2), 1] . [x_j, 1, -r_j/(n-2) + s/((n-1)(n-2))].
+                n, r = self.n, self.row_sums
+                shift = -r / (n - 2)
+                const = r.sum() / ((n - 1) * (n - 2))
+                ones = torch.ones_like(r)
+                self.left = torch.cat([x, shift[:, None], ones[:, None]], dim=1)
+                self.right = torch.cat([x, ones[:, None], (shift + const)[:, None]], dim=1)
         else:
-            self.row_sums = torch.cat([self._raw(s, s + rows).sum(dim=1) for s in range(0, self.n, rows)])
+            buf = torch.empty(min(rows, self.n), self.n, dtype=x.dtype, device=x.device)
+            sums = []
+            for s in range(0, self.n, rows):
+                e = min(self.n, s + rows)
+                sums.append(self._raw_into(s, e, buf[: e - s]).sum(dim=1))
+            self.row_sums = torch.cat(sums)
         self.total = self.row_sums.sum()
 
-    def _raw(self, s: int, e: int) -> torch.Tensor:
-        """Rows ``s:e`` of ``K`` (diagonal zeroed when unbiased)."""
-        block = self.x[s:e] @ self.x.T
-        if self.kernel == "rbf":
-            d2 = (self.sq[s:e, None] + self.sq[None, :] - 2.0 * block).clamp_min_(0.0)
-            block = torch.exp(-d2 / (2.0 * self.sigma.to(block) ** 2))
-            ar = torch.arange(e - s, device=block.device)
-            block[ar, ar + s] = 1.0
+    def _raw_into(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``s:e`` of ``K`` written into ``out [e - s, n]`` (diagonal zeroed when unbiased)."""
+        torch.matmul(self.left[s:e], self.right.T, out=out)
+        diag = torch.arange(e - s, device=out.device)
+        if self.kernel == "rbf":  # exp(-(|x_i|^2 + |x_j|^2 - 2 x_i.x_j) / (2 sigma^2))
+            out.mul_(-2.0).add_(self.sq[s:e, None]).add_(self.sq[None, :]).clamp_min_(0.0)
+            out.mul_(-0.5 / float(self.sigma) ** 2).exp_()
+            out[diag, diag + s] = 1.0
         if self.unbiased:
-            ar = torch.arange(e - s, device=block.device)
-            block[ar, ar + s] = 0.0
-        return block
+            out[diag, diag + s] = 0.0
+        return out
 
-    def centred_rows(self, s: int, e: int) -> torch.Tensor:
-        block = self._raw(s, e)
+    def centred_into(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``s:e`` of the centred kernel written into ``out [e - s, n]``."""
+        self._raw_into(s, e, out)
         n, r = self.n, self.row_sums
-        if self.unbiased:
-            block = block - (r[s:e, None] + r[None, :]) / (n - 2) + self.total / ((n - 1) * (n - 2))
-            ar = torch.arange(e - s, device=block.device)
-            block[ar, ar + s] = 0.0
+        if self.unbiased and self.kernel == "rbf":
+            out.sub_(r[s:e, None] / (n - 2)).sub_(r[None, :] / (n - 2)).add_(self.total / ((n - 1) * (n - 2)))
+            diag = torch.arange(e - s, device=out.device)
+            out[diag, diag + s] = 0.0
         elif self.kernel == "rbf":
-            block = block - r[s:e, None] / n - r[None, :] / n + self.total / n**2
-        return block
+            out.sub_(r[s:e, None] / n).sub_(r[None, :] / n).add_(self.total / n**2)
+        return out
 
 
 def _cka_matrix(xs, ys, kernel: str, unbiased: bool, sigma, eps: float, batch_size: int | None) -> torch.Tensor:
@@ -225,28 +241,30 @@ def _cka_matrix(xs, ys, kernel: str, unbiased: bool, sigma, eps: float, batch_si
         raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
     if unbiased:
         check_min_samples(n, 4, "unbiased CKA")
-    rows = _rows_per_block(n, len(xs) + (0 if ys is None else len(ys)), batch_size)
-    kx = [_CentredKernel(x, kernel, unbiased, sigma, rows) for x in xs]
-    ky = kx if ys is None else [_CentredKernel(y, kernel, unbiased, sigma, rows) for y in ys]
-    dtype = xs[0].dtype
-    cross = torch.zeros(len(kx), len(ky), dtype=torch.float64, device=xs[0].device)
-    self_x = torch.zeros(len(kx), dtype=torch.float64, device=xs[0].device)
-    self_y = self_x if ys is None else torch.zeros(len(ky), dtype=torch.float64, device=xs[0].device)
+    layers = list(xs) + ([] if ys is None else list(ys))
+    rows = _rows_per_block(n, len(layers), batch_size)
+    kernels = [_CentredKernel(x, kernel, unbiased, sigma, rows) for x in layers]
+    dtype, device = xs[0].dtype, xs[0].device
+    buf = torch.empty(len(kernels), min(rows, n), n, dtype=dtype, device=device)
+    inner = torch.zeros(len(kernels), len(kernels), dtype=torch.float64, device=device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        bx = torch.stack([k.centred_rows(s, e).flatten() for k in kx])
-        by = bx if ys is None else torch.stack([k.centred_rows(s, e).flatten() for k in ky])
-        cross += (bx @ by.T).double()
-        self_x += (bx * bx).sum(dim=1).double()
-        if ys is not None:
-            self_y += (by * by).sum(dim=1).double()
-    for what, sims in (("xs", self_x), ("ys", self_y)):
-        for layer, value in enumerate(sims):
-            check_positive(value, f"HSIC of {what} layer {layer} with itself (constant features?)")
+        for block, k in zip(buf, kernels):
+            k.centred_into(s, e, block[: e - s])
+        flat = buf[:, : e - s].reshape(len(kernels), -1)
+        # <C_l, C_m> for every pair of layers of both models: one GEMM (a cross-only product of
+        # the two slices is several times slower on CPU BLAS; the diagonal is needed anyway).
+        inner += (flat @ flat.T).double()
+    self_sims = inner.diagonal()
+    for layer, (value, k) in enumerate(zip(self_sims, kernels)):
+        what = f"xs layer {layer}" if layer < len(xs) else f"ys layer {layer - len(xs)}"
+        check_centred_signal(value, k.scale, n, dtype, what)
+    cross = inner[: len(xs), len(xs) :] if ys is not None else inner
+    self_y = self_sims[len(xs) :] if ys is not None else self_sims
     # hsic = <C_x, C_y> / c with c = 1 (biased) or n (n - 3) (unbiased); CKA is scale free
     # except for eps, which is added to the denominator in HSIC units as platonic-rep does.
     c = n * (n - 3) if unbiased else 1.0
-    return (cross / c / (torch.sqrt(self_x[:, None] * self_y[None, :]) / c + eps)).to(dtype)
+    return (cross / c / (torch.sqrt(self_sims[: len(xs), None] * self_y[None, :]) / c + eps)).to(dtype)
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -291,17 +309,15 @@ def alignment_matrix(
     """
     fn = get_metric(metric)
     kwargs = _check_kwargs(metric, fn, metric_kwargs)
-    px = prepare_layers(xs, normalize, clip_quantile, "xs")
-    py = None if ys is None else prepare_layers(ys, normalize, clip_quantile, "ys")
-    if py is not None:
-        if py[0].shape[0] != px[0].shape[0]:
-            raise ValueError(f"xs has {px[0].shape[0]} samples but ys has {py[0].shape[0]}; they must be paired")
-        if py[0].device != px[0].device:
-            raise ValueError(f"xs is on {px[0].device} but ys is on {py[0].device}; move both to the same device")
-    for layers in (px, py or []):
-        for x in layers:
-            if x.device != px[0].device:
-                raise ValueError("all layers must be on the same device")
+    lx = _as_list(xs, "xs")
+    ly = None if ys is None else _as_list(ys, "ys")
+    if ly is not None and ly[0].shape[0] != lx[0].shape[0]:
+        raise ValueError(f"xs has {lx[0].shape[0]} samples but ys has {ly[0].shape[0]}; they must be paired")
+    devices = {str(x.device) for x in lx + (ly or [])}
+    if len(devices) > 1:
+        raise ValueError(f"layers are on different devices {sorted(devices)}; move them all to the same device")
+    px = prepare_layers(lx, normalize, clip_quantile, "xs")
+    py = None if ly is None else prepare_layers(ly, normalize, clip_quantile, "ys")
     n = px[0].shape[0]
     rows = _rows_per_block(n, 1, batch_size)
     if metric in _KNN_SCORERS:

@@ -13,6 +13,8 @@ timm                   ``model.feature_info`` modules (ViT: blocks,    ``"cls"``
 torchvision            stem, stages, ``avgpool`` (ResNet); children    ``"mean"`` (``"cls"``
 classifiers            of ``features`` + ``avgpool`` (VGG, MobileNet,  for ViT)
                        EfficientNet, ConvNeXt); encoder layers (ViT)
+EfficientNet(-Lite)    every ``_blocks.i``, then ``_avg_pooling``      ``"mean"``
+(lukemelas-style)      (the pooled head features)
 LightningModule        the defaults of its largest child module,       as the child
                        prefixed with the child's name
 anything else          ``"*"``: every leaf module with a tensor output ``"mean"``
@@ -41,7 +43,7 @@ def _is_instance(model: nn.Module, module_name: str, class_name: str) -> bool:
 
 def model_family(model: nn.Module) -> str:
     """One of ``"huggingface"``, ``"sentence-transformers"``, ``"timm"``, ``"torchvision"``,
-    ``"lightning"``, ``"generic"``."""
+    ``"efficientnet"``, ``"lightning"``, ``"generic"``."""
     if _is_instance(model, "sentence_transformers", "SentenceTransformer"):
         return "sentence-transformers"
     if _is_instance(model, "transformers", "PreTrainedModel"):
@@ -55,6 +57,8 @@ def model_family(model: nn.Module) -> str:
         return "timm"
     if module.startswith("torchvision.models"):
         return "torchvision"
+    if module.startswith(("efficientnet_lite_pytorch", "efficientnet_pytorch")) and hasattr(model, "_blocks"):
+        return "efficientnet"
     return "generic"
 
 
@@ -70,6 +74,8 @@ def default_layers(model: nn.Module) -> list[str] | str:
         return _timm_layers(model)
     if family == "torchvision":
         return _torchvision_layers(model)
+    if family == "efficientnet":
+        return [f"_blocks.{i}" for i in range(len(model._blocks))] + ["_avg_pooling"]
     if family == "lightning":
         child = _largest_child(model)
         if child is None:

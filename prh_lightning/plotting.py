@@ -73,8 +73,8 @@ def heatmap_figure(
     fig = _new_figure((max(width, 3.6), max(height, 2.8)), dpi)
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(values)
-    image = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    image.cmap.set_bad("#bbbbbb")
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="#bbbbbb")
+    image = ax.imshow(masked, cmap=colours, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
 
     rows, cols = _tick_positions(n_rows), _tick_positions(n_cols)

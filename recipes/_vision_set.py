@@ -171,14 +171,27 @@ def embed(model: VisionModel, images: torch.Tensor, layers: Sequence[str], batch
     return {name: F.normalize(feats[name].float(), dim=1) for name in layers}
 
 
-# -- resampling ---------------------------------------------------------------------------------
-def bootstrap_indices(n: int, n_resamples: int, seed: int) -> torch.Tensor:
-    """``[n_resamples, n]`` image indices drawn with replacement."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n, (n_resamples, n), generator=gen)
+# -- progress ---------------------------------------------------------------------------------------
+_START = [0.0]
 
 
-def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval over axis 0 of ``samples [B, ...]`` (NaN resamples ignored)."""
-    tail = 100 * (1 - level) / 2
-    return np.nanpercentile(samples, tail, axis=0), np.nanpercentile(samples, 100 - tail, axis=0)
+def log(message: str) -> None:
+    """Print ``[  12.3 s] message`` to stderr (time since the first call)."""
+    import sys
+    import time
+
+    now = time.time()
+    if not _START[0]:
+        _START[0] = now
+    print(f"[{now - _START[0]:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def resampled_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int, index: np.ndarray | None = None) -> float:
+    """Mutual k-NN of ``a [n, d_a]`` and ``b [n, d_b]`` on the rows at ``index`` (a bootstrap
+    resample; copies of one row are never each other's neighbours), or on all rows."""
+    from prh_lightning.functional.knn import knn_indices, mutual_knn_from_indices
+
+    if index is None:
+        return float(mutual_knn_from_indices(knn_indices(a, k), knn_indices(b, k)))
+    ids = torch.as_tensor(index, dtype=torch.long)
+    return float(mutual_knn_from_indices(knn_indices(a[ids], k, groups=ids), knn_indices(b[ids], k, groups=ids)))

@@ -61,6 +61,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-language", choices=LANGUAGE_POOLS, default="avg", help="token pooling of LMs (default: %(default)s)")
     p.add_argument("--pool-vision", choices=VISION_POOLS, default="none",
                    help="none = CLS token (spatial mean for CNNs), avg = mean over tokens (default: %(default)s)")
+    p.add_argument("--pool", default=None, help="the paper's --pool for the one --modality chosen (avg|last for "
+                   "language, none|avg for vision)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--force", action="store_true", help="re-extract even if the feature file exists")
 
@@ -72,6 +74,18 @@ def _model_list(args: argparse.Namespace) -> list[str]:
     return [n for n in names if args.modality == "all" or modality_of(n) == args.modality]
 
 
+def _apply_pool(args: argparse.Namespace) -> None:
+    """The paper's single ``--pool`` sets the pooling of the chosen ``--modality``."""
+    if args.pool is None:
+        return
+    if args.modality == "all":
+        raise RecipeError("--pool needs --modality language or vision (or use --pool-language / --pool-vision)")
+    allowed = LANGUAGE_POOLS if args.modality == "language" else VISION_POOLS
+    if args.pool not in allowed:
+        raise RecipeError(f"--pool {args.pool!r} is not defined for {args.modality} models; use one of {allowed}")
+    setattr(args, f"pool_{args.modality}", args.pool)
+
+
 def run_extract(args: argparse.Namespace, log=print) -> dict:
     """Extract every model of ``args``; returns ``{"dataset", "files", "skipped", "unavailable"}``.
 
@@ -79,6 +93,7 @@ def run_extract(args: argparse.Namespace, log=print) -> dict:
     part of a model set; a model named explicitly with ``--models`` that fails is an error.
     """
     names = _model_list(args)
+    _apply_pool(args)
     data = load_paired(args.data, args.subset, args.n)
     log(f"data: {data.name}, {len(data)} pairs -> {data.slug}")
     files, skipped, unavailable, seconds = {}, [], {}, {}

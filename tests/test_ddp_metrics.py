@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data.distributed import DistributedSampler
 
-from prh_lightning.metrics import CKA, AlignmentMatrix, MutualKNN
+import prh_lightning.functional as F
+from prh_lightning.metrics import CKA, RSA, AlignmentMatrix, MutualKNN
 
 N, WORLD, BATCH = 45, 2, 8  # 45 samples over 2 ranks: the sampler repeats one sample as padding
 
@@ -27,6 +28,7 @@ def rank_indices(rank: int) -> torch.Tensor:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do after a fork
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         a, b, layers = make_data()
@@ -37,7 +39,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             mknn.update(a[chunk], b[chunk], index=chunk)
             minibatch.update(a[chunk], b[chunk])
             align.update({name: x[chunk] for name, x in layers.items()}, index=chunk)
+        rsa = RSA()  # no ids, no padding: ranks hold 23 and 22 samples (uneven gather)
+        for chunk in torch.arange(N)[rank::WORLD].split(BATCH):
+            rsa.update(a[chunk], b[chunk])
         out = {"cka": cka.compute(), "mknn": mknn.compute(), "minibatch": minibatch.compute(), "align": align.compute()}
+        out["rsa"] = rsa.compute()
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -85,6 +91,7 @@ def test_two_gloo_processes_equal_one_process_on_the_union(tmp_path):
         assert float(out["cka"]) == pytest.approx(ref_linear_cka(a, b), abs=1e-5)
         assert float(out["mknn"]) == pytest.approx(ref_mutual_knn(a, b, 4), abs=1e-6)
         assert float(out["minibatch"]) == pytest.approx(expected_minibatch, abs=1e-6)
+        assert float(out["rsa"]) == pytest.approx(float(F.rsa(a, b)), abs=1e-6)  # RSA ignores sample order
         torch.testing.assert_close(out["align"].double(), expected_align.double(), atol=1e-6, rtol=0)
     # the duplicate matters: counted twice, the scores would differ
     assert abs(ref_linear_cka(a[both], b[both]) - ref_linear_cka(a, b)) > 1e-5

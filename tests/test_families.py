@@ -19,6 +19,15 @@ from prh_lightning.families import default_layers, default_reduce, model_family
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: small models run far faster on this shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def masked_mean_loop(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sample mean over the positions where mask is 1 (left or right padding)."""
     return torch.stack([hidden[i][mask[i].bool()].mean(0) for i in range(hidden.shape[0])])
@@ -76,6 +85,23 @@ def test_torchvision_defaults():
     feats = taps.features()
     assert list(feats) == default_layers(resnet)
     torch.testing.assert_close(resnet.fc(feats["avgpool"]), logits)
+
+
+def test_efficientnet_lite_blocks_and_pooled_head():
+    EfficientNet = pytest.importorskip("efficientnet_lite_pytorch", reason="optional asset: pip install efficientnet-lite-pytorch").EfficientNet
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0").eval()  # random init, same architecture
+    layers = default_layers(net)
+    assert model_family(net) == "efficientnet"
+    assert layers == [f"_blocks.{i}" for i in range(16)] + ["_avg_pooling"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), LayerTaps(net, "auto", "auto") as taps:
+        net(x)
+    with torch.no_grad():
+        head = net.extract_features(x)  # the library's own feature path
+    feats = taps.features()
+    assert list(feats) == layers
+    torch.testing.assert_close(feats["_avg_pooling"], head.mean(dim=(2, 3)))
 
 
 def test_generic_fallback_is_every_leaf():

@@ -9,6 +9,8 @@ import torch
 from prh_lightning.metrics import AlignmentMatrix
 from prh_lightning.representations import Representations
 
+pytestmark = pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # compute() before update()
+
 
 def ref_linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     n = a.shape[0]
@@ -130,3 +132,11 @@ def test_reset_accepts_other_layers():
     metric.reset()
     metric.update({"only": ys["y.l1"]})
     assert metric.compute().shape == (1, 1) and metric.layers_x == ["only"]
+
+
+def test_forward_respects_max_samples():
+    xs, ys = model_layers()
+    metric = AlignmentMatrix(metric="cka", max_samples=50)
+    metric({k: v[:30] for k, v in xs.items()})
+    with pytest.raises(ValueError, match="holds 30 samples and this batch adds 30"):
+        metric({k: v[:30] for k, v in xs.items()})

@@ -9,6 +9,8 @@ import torch
 import prh_lightning.functional as F
 from prh_lightning.metrics import CKA, CKNNA, LCSKNN, RSA, SVCCA, CycleKNN, EditDistanceKNN, MutualKNN, UnbiasedCKA
 
+pytestmark = pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # compute() before update()
+
 
 def brute_force_neighbours(x: torch.Tensor, k: int) -> list[set[int]]:
     """For each row, the k other rows of largest inner product (plain Python, no ties in random data)."""
@@ -221,3 +223,14 @@ def test_normalize_with_an_all_zero_row_is_an_error():
     for metric in (MutualKNN(k=5, normalize=True), CKA(normalize=True)):
         with pytest.raises(ValueError, match="all zero"):
             feed(metric, a, b, [48])
+
+
+def test_forward_returns_the_batch_value_and_accumulates_within_the_bound():
+    a, b = paired()
+    metric = MutualKNN(k=5, max_samples=40)
+    first = float(metric(a[:24], b[:24]))
+    assert first == pytest.approx(ref_mutual_knn(a[:24], b[:24], 5), abs=1e-6)
+    metric(a[24:40], b[24:40])
+    assert float(metric.compute()) == pytest.approx(ref_mutual_knn(a[:40], b[:40], 5), abs=1e-6)
+    with pytest.raises(ValueError, match="holds 40 samples and this batch adds 8, past max_samples=40"):
+        metric(a[40:], b[40:])

@@ -11,6 +11,8 @@ from torchmetrics import MetricCollection
 
 from prh_lightning.metrics import CKA, MutualKNN, UnbiasedCKA
 
+pytestmark = pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # compute() before update()
+
 
 def centred_gram(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]

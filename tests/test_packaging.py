@@ -14,30 +14,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["setup.py", "pyproject.toml", "README.md", "prh_lightning", "callbacks", "recipes"]
-PROBE = """
-import importlib, json
-out = {}
-for name in ("prh_lightning.callbacks", "prh_lightning.recipes"):
-    module = importlib.import_module(name)
-    out[name] = module.__file__
-    for attr in getattr(module, "__all__", []):
-        getattr(module, attr)  # every advertised name resolves
-import prh_lightning
-out["LayerTaps"] = prh_lightning.LayerTaps.__module__
-out["record_representations"] = prh_lightning.record_representations.__module__
-print(json.dumps(out))
-"""
 
 
-def test_subpackages_import_from_the_installed_package(tmp_path):
-    """A fresh interpreter started outside the checkout imports them through the installation."""
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def _origins(cwd: Path, *path_first: str) -> dict[str, Path]:
+    """Where a fresh interpreter started in ``cwd`` finds the package and its sub-packages
+    (``importlib.util.find_spec``; ``path_first`` goes to the front of ``sys.path``)."""
+    code = (
+        "import importlib.util, json, sys; sys.path[:0] = sys.argv[1:]; "
+        "print(json.dumps({n: importlib.util.find_spec(n).origin for n in "
+        "('prh_lightning', 'prh_lightning.callbacks', 'prh_lightning.recipes')}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *path_first], cwd=cwd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert Path(found["prh_lightning.callbacks"]) == ROOT / "callbacks" / "__init__.py"
-    assert Path(found["prh_lightning.recipes"]) == ROOT / "recipes" / "__init__.py"
-    assert found["LayerTaps"].startswith("prh_lightning.taps")
-    assert found["record_representations"] == "prh_lightning.recording"
+    return {name: Path(origin) for name, origin in json.loads(done.stdout).items()}
+
+
+def test_installed_package_finds_subpackages_outside_the_checkout(tmp_path):
+    found = _origins(tmp_path)
+    assert found["prh_lightning"] == ROOT / "prh_lightning" / "__init__.py"
+    assert found["prh_lightning.callbacks"] == ROOT / "callbacks" / "__init__.py"
+    assert found["prh_lightning.recipes"] == ROOT / "recipes" / "__init__.py"
+
+
+def test_public_names_import():
+    import prh_lightning
+    import prh_lightning.callbacks as callbacks
+    import prh_lightning.recipes  # noqa: F401
+
+    assert callbacks.__all__, "prh_lightning.callbacks exports nothing"
+    for name in callbacks.__all__:
+        assert isinstance(getattr(callbacks, name), type), name
+    assert prh_lightning.LayerTaps.__module__.startswith("prh_lightning.taps")
+    assert prh_lightning.record_representations.__module__ == "prh_lightning.recording"
+    assert prh_lightning.Representations.__module__ == "prh_lightning.representations"
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +85,10 @@ def test_wheel_contains_callbacks_and_recipes(wheel):
 
 
 def test_unpacked_wheel_resolves_its_own_subpackages(wheel, tmp_path):
-    """Where the sub-packages come from when the unpacked wheel is first on sys.path (found
-    with importlib.util.find_spec, which does not run the heavy callback imports)."""
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    code = (
-        "import importlib.util, json, sys; sys.path.insert(0, sys.argv[1]); "
-        "print(json.dumps({n: importlib.util.find_spec(n).origin for n in "
-        "('prh_lightning', 'prh_lightning.callbacks', 'prh_lightning.recipes')}))"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout)
+    found = _origins(tmp_path, str(target))
     package = target / "prh_lightning"
-    assert Path(found["prh_lightning"]) == package / "__init__.py"
-    assert Path(found["prh_lightning.callbacks"]) == package / "callbacks" / "__init__.py"
-    assert Path(found["prh_lightning.recipes"]) == package / "recipes" / "__init__.py"
+    assert found["prh_lightning"] == package / "__init__.py"
+    assert found["prh_lightning.callbacks"] == package / "callbacks" / "__init__.py"
+    assert found["prh_lightning.recipes"] == package / "recipes" / "__init__.py"

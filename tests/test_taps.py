@@ -23,6 +23,15 @@ HOOK_DICTS = (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: small models run far faster on this shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def hook_count(model: nn.Module) -> int:
     return sum(len(getattr(m, attr)) for m in model.modules() for attr in HOOK_DICTS)
 
@@ -436,3 +445,55 @@ def test_representations_wraps_features():
     reps = taps.representations(labels=torch.arange(4), model_name="toy")
     assert reps.n == 4 and reps.layers == ["inner"] and reps.metadata["model_name"] == "toy"
     assert reps.labels.tolist() == [0, 1, 2, 3]
+
+
+class MaskedEncoder(nn.Module):
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return hidden * 2
+
+
+class TupleWrapper(nn.Module):
+    """Takes (x, mask) as one tuple: the mask only appears when the inner encoder is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = MaskedEncoder()
+
+    def forward(self, pair):
+        x, mask = pair
+        return self.encoder(x, attention_mask=mask)
+
+
+def test_attention_mask_is_captured_from_an_inner_model():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    model = TupleWrapper()
+    with LayerTaps(model, layers="encoder") as taps:
+        model((x, mask))
+    expected = torch.stack([(2 * x[0, :2]).mean(0), (2 * x[1]).mean(0)])
+    torch.testing.assert_close(taps.features()["encoder"], expected)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_features_go_to_cpu_by_default_or_stay_with_device_model():
+    from prh_lightning import record_representations
+
+    torch.manual_seed(0)
+    model = TupleWrapper().cuda()
+    x = torch.randn(2, 4, 3, device="cuda")
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], device="cuda")
+    expected = torch.stack([(2 * x[0, :2]).mean(0), (2 * x[1]).mean(0)])
+    with LayerTaps(model, layers="encoder") as on_cpu, LayerTaps(model, layers="encoder", device="model") as on_gpu:
+        model((x, mask))
+    assert on_cpu.features()["encoder"].device.type == "cpu"
+    assert on_gpu.features()["encoder"].device.type == "cuda"
+    torch.testing.assert_close(on_cpu.features()["encoder"], expected.cpu())
+    torch.testing.assert_close(on_gpu.features()["encoder"], expected)
+
+    net = nn.Sequential(nn.Linear(3, 5))
+    batch = torch.randn(4, 3)
+    reps = record_representations(net, [(batch, torch.arange(4))], layers="0", device="cuda", progress=False)
+    assert next(net.parameters()).is_cuda and reps["0"].device.type == "cpu"
+    torch.testing.assert_close(reps["0"], net.cpu()(batch).detach())

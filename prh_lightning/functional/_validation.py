@@ -16,7 +16,8 @@ def check_features(x: torch.Tensor, name: str = "x", finite: bool = True) -> tor
         raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}; call .float() first")
     if x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{name} needs at least 2 samples and 1 feature, got shape {tuple(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
+    # x.sum() is non-finite whenever x holds NaN/Inf (cheap); confirm element-wise (overflow).
+    if finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise ValueError(f"{name} contains NaN or Inf in {bad} of {x.shape[0]} rows; clean the features first")
     return x
@@ -66,3 +67,17 @@ def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_centred_signal(norm_sq: torch.Tensor, kernel_scale: float, n: int, dtype: torch.dtype, what: str) -> None:
+    """Raise if a centred kernel ``C`` is zero up to rounding: ``||C||_F <= 64 eps n max|K|``.
+
+    A constant representation has a constant kernel, whose centred version is exactly 0 in
+    exact arithmetic but rounding noise in floating point; scores built on it are 0/0.
+    """
+    noise = 64 * torch.finfo(dtype).eps * n * kernel_scale
+    if not bool(torch.isfinite(norm_sq)) or float(norm_sq) <= noise**2:
+        raise ValueError(
+            f"the centred kernel of {what} is zero up to rounding (||C||^2 = {float(norm_sq):.3g}), so the "
+            "score is undefined (0/0); this happens with constant features or collapsed representations"
+        )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_choice, check_features, check_k, check_min_samples, check_pair, check_positive
+from ._validation import check_centred_signal, check_choice, check_features, check_k, check_min_samples, check_pair, check_positive
 from .knn import knn_from_gram
 
 __all__ = [
@@ -170,7 +170,12 @@ def cka(
     if unbiased:
         check_min_samples(a.shape[0], 4, "unbiased CKA")
     K, L = _kernel(a, kernel, sigma), _kernel(b, kernel, sigma)
-    return _normalised(hsic(K, L, unbiased), hsic(K, K, unbiased), hsic(L, L, unbiased), eps, "HSIC")
+    kk, ll = hsic(K, K, unbiased), hsic(L, L, unbiased)
+    n = a.shape[0]
+    scale = n * (n - 3) if unbiased else 1  # hsic(K, K) * scale = ||centred K||_F^2
+    check_centred_signal(kk * scale, float(K.abs().max()), n, K.dtype, "a")
+    check_centred_signal(ll * scale, float(L.abs().max()), n, L.dtype, "b")
+    return hsic(K, L, unbiased) / (torch.sqrt(kk * ll) + eps)
 
 
 def unbiased_cka(
@@ -196,7 +201,8 @@ def cknna(a: torch.Tensor, b: torch.Tensor, k: int = 10, unbiased: bool = True, 
     ``K = a a^T``, ``L = b b^T``. For kernels ``P, Q`` let ``M_ij = 1`` iff ``j`` is among the
     top-``k`` of row ``i`` of both ``P`` and ``Q`` (self excluded when ``unbiased``), and
     ``sim(P, Q) = HSIC(M∘P, M∘Q)`` (unbiased or biased estimator to match). Then
-    ``CKNNA = sim(K, L) / (sqrt(sim(K, K) sim(L, L)) + eps)``; ``2 <= k < n``.
+    ``CKNNA = sim(K, L) / (sqrt(sim(K, K) sim(L, L)) + eps)``; ``2 <= k < n``. Not exactly
+    symmetric in ``(a, b)`` (the masked kernels are asymmetric), as in the reference.
     """
     check_pair(a, b)
     check_k(k, a.shape[0], minimum=2)

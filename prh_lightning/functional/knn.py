@@ -38,35 +38,38 @@ def knn_from_gram(
     row_offset: int = 0,
     groups: torch.Tensor | None = None,
     exclude_self: bool = True,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Ordered top-``k`` neighbours from rows of a similarity matrix.
 
     Args:
         gram_rows: ``[c, n]`` rows ``row_offset .. row_offset + c`` of an ``[n, n]`` similarity
-            matrix (e.g. ``x[rows] @ x.T``). Not modified.
+            matrix (e.g. ``x[rows] @ x.T``).
         k: neighbours per row, ``1 <= k < n``.
         row_offset: index of the first row, so the self-similarity entry can be excluded.
         groups: optional ``[n]`` ids; samples sharing an id are never neighbours of each other
             (used for bootstrap resamples, where copies of one sample share an id).
         exclude_self: if False the sample itself may be among its neighbours (biased CKNNA).
+        overwrite: allow writing ``-inf`` into ``gram_rows`` (saves a copy); else it is untouched.
 
     Returns:
         ``[c, k]`` long indices, most similar first; ties: lower index first.
     """
     c, n = gram_rows.shape
-    rows = torch.arange(c, device=gram_rows.device)
-    g = gram_rows.clone()
+    g = gram_rows if overwrite else gram_rows.clone()
     if exclude_self:
+        rows = torch.arange(c, device=g.device)
         g[rows, rows + row_offset] = float("-inf")
     if groups is not None:
         g.masked_fill_(groups[row_offset : row_offset + c, None] == groups[None, :], float("-inf"))
         available = n - torch.bincount(groups)[groups[row_offset : row_offset + c]]
         if bool((available < k).any()):
             raise ValueError(f"k={k} exceeds the number of distinct other samples ({int(available.min())})")
-    values, index = torch.topk(g, k, dim=1, sorted=True)
-    kth = values[:, -1:]
-    # Ties at the k-th value make topk's choice arbitrary: redo those rows with a stable sort.
-    ambiguous = (g == kth).sum(dim=1) != (values == kth).sum(dim=1)
+    # One extra candidate tells whether the k-th value is tied with one left out: only then is
+    # topk's choice arbitrary, and those rows are redone with a stable sort (lower index first).
+    values, index = torch.topk(g, min(k + 1, n), dim=1, sorted=True)
+    ambiguous = values[:, k] == values[:, k - 1] if k < n else torch.zeros(c, dtype=torch.bool, device=g.device)
+    values, index = values[:, :k], index[:, :k]
     if bool(ambiguous.any()):
         redo = ambiguous.nonzero().flatten()
         index[redo] = torch.sort(g[redo], dim=1, descending=True, stable=True).indices[:, :k]
@@ -97,7 +100,7 @@ def knn_indices(
     n = x.shape[0]
     check_k(k, n)
     step = batch_size or _auto_rows(n)
-    out = [knn_from_gram(x[s : s + step] @ x.T, k, row_offset=s, groups=groups) for s in range(0, n, step)]
+    out = [knn_from_gram(x[s : s + step] @ x.T, k, s, groups, overwrite=True) for s in range(0, n, step)]
     return torch.cat(out)
 
 

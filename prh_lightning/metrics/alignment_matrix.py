@@ -47,7 +47,9 @@ def _named_layers(layers: Layers, side: str) -> dict[str, Tensor]:
     elif isinstance(layers, Sequence) and not isinstance(layers, (str, bytes)):
         named = {str(i): value for i, value in enumerate(layers)}
     else:
-        raise TypeError(f"{side} must be a mapping name -> [batch, d] tensor or a list of them, got {type(layers).__name__}")
+        raise TypeError(
+            f"{side} must be a mapping name -> [batch, d] tensor or a list of them, got {type(layers).__name__}"
+        )
     if not named:
         raise ValueError(f"{side} holds no layers")
     for name, value in named.items():
@@ -128,6 +130,19 @@ class AlignmentMatrix(Metric):
             dtype = torch.promote_types(dtype, value.dtype)
         return torch.cat([v.detach().to(dtype) for v in values], dim=1)
 
+    def _check_room(self, held: int, adding: int) -> None:
+        if held + adding > self.max_samples:
+            raise ValueError(
+                f"AlignmentMatrix holds {held} samples and this batch adds {adding}, past "
+                f"max_samples={self.max_samples}; raise max_samples or use fewer probe samples"
+            )
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        """Merge states (``forward`` and ``merge_state`` do); the bound holds for the merged buffer too."""
+        if isinstance(incoming_state.get("x"), list):
+            self._check_room(sum(t.shape[0] for t in incoming_state["x"]), sum(t.shape[0] for t in self.x))
+        super()._reduce_states(incoming_state)
+
     def update(self, xs: Layers, ys: Layers | None = None, index: Tensor | Sequence[int] | None = None) -> None:
         """Add a batch of probe features: ``xs`` (and ``ys``) ``{layer: [batch, d]}``, ``index [batch]``."""
         if self.x and (ys is None) != (len(self.y) == 0):
@@ -141,12 +156,7 @@ class AlignmentMatrix(Metric):
             )
         ids = check_index(index, x.shape[0], x.device)
         check_index_usage(len(self.x) > 0, len(self.index) > 0, ids is not None)
-        held = sum(t.shape[0] for t in self.x)
-        if held + x.shape[0] > self.max_samples:
-            raise ValueError(
-                f"AlignmentMatrix holds {held} samples and this batch adds {x.shape[0]}, past "
-                f"max_samples={self.max_samples}; raise max_samples or use fewer probe samples"
-            )
+        self._check_room(sum(t.shape[0] for t in self.x), x.shape[0])
         self.x.append(x)
         if y is not None:
             self.y.append(y)

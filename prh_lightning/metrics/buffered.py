@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -88,13 +87,7 @@ class BufferedPairMetric(Metric):
         """Append a batch: ``a [batch, d_a]``, ``b [batch, d_b]``, optional ids ``index [batch]``."""
         ids = check_pair_batch(a, b, index)
         check_index_usage(len(self.a) > 0, len(self.index) > 0, ids is not None)
-        held = sum(x.shape[0] for x in self.a)
-        if held + a.shape[0] > self.max_samples:
-            raise ValueError(
-                f"{type(self).__name__} holds {held} samples and this batch adds {a.shape[0]}, past "
-                f"max_samples={self.max_samples}; raise max_samples (memory grows with n, compute with n^2) "
-                "or measure on a subsample (e.g. limit_val_batches)"
-            )
+        self._check_room(sum(x.shape[0] for x in self.a), a.shape[0])
         if self.a and (self.a[0].shape[1] != a.shape[1] or self.b[0].shape[1] != b.shape[1]):
             raise ValueError(
                 f"feature sizes changed between updates: earlier a/b had {self.a[0].shape[1]}/"
@@ -104,6 +97,20 @@ class BufferedPairMetric(Metric):
         self.b.append(b.detach())
         if ids is not None:
             self.index.append(ids)
+
+    def _check_room(self, held: int, adding: int) -> None:
+        if held + adding > self.max_samples:
+            raise ValueError(
+                f"{type(self).__name__} holds {held} samples and this batch adds {adding}, past "
+                f"max_samples={self.max_samples}; raise max_samples (memory grows with n, compute with n^2) "
+                "or measure on a subsample (e.g. limit_val_batches)"
+            )
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        """Merge states (``forward`` and ``merge_state`` do); the bound holds for the merged buffer too."""
+        if "a" in self._defaults and isinstance(incoming_state.get("a"), list):
+            self._check_room(sum(x.shape[0] for x in incoming_state["a"]), sum(x.shape[0] for x in self.a))
+        super()._reduce_states(incoming_state)
 
     def samples(self) -> tuple[Tensor, Tensor]:
         """All buffered samples (the union over DDP ranks inside ``compute``): ``a [n, d_a]``, ``b [n, d_b]``.
@@ -152,8 +159,3 @@ def check_k_arg(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int (number of neighbours), got {k!r}")
     return k
-
-
-def float_scalar(value: Tensor | float) -> Tensor:
-    """A 0-dim float tensor."""
-    return torch.as_tensor(value).float().reshape(())

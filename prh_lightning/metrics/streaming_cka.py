@@ -63,10 +63,13 @@ class CKA(BufferedPairMetric):
     ``update(a, b, index=None)``: in streaming mode, ids let ``compute`` remove the padding
     duplicates of a ``DistributedSampler``: a repeated id is subtracted from the moments when
     its extra copies come from the *last* update of some rank (where that sampler puts its
-    padding, and the only batch kept, ``O(batch * d)``); any other repeat raises.
+    padding, and the only batch kept, ``O(batch * d)``); any other repeat raises. The ids
+    themselves are kept (8 bytes per sample). Without ids duplicates cannot be detected.
+    ``forward`` updates twice (``full_state_update``), since the kept last batch is not additive.
+    Every DDP rank must update at least once before ``compute`` (state shapes come from data).
     """
 
-    full_state_update = True  # the last batch is kept (see above), so forward() must not merge states
+    full_state_update = True
 
     def __init__(
         self,

@@ -17,9 +17,13 @@ Behaviour worth knowing:
   a root forward (``model.backbone(x)``) is recorded once per call.
 - **Safety**: every output is reduced, detached and copied inside the hook, so a later
   in-place op (``ReLU(inplace=True)``) cannot change what was recorded.
-- **Attention mask**: ``attention_mask`` given to the root model (keyword, positional, or
-  inside a dict first argument as sentence-transformers does) is used for token pooling;
-  :meth:`LayerTaps.set_attention_mask` sets one explicitly.
+- **Attention mask**: a ``[n, T]`` ``attention_mask`` given to the root model (keyword,
+  positional, or inside a dict first argument as sentence-transformers does) or to the
+  outermost sub-module whose ``forward`` takes one (the transformer inside a wrapper) is
+  used for token pooling of ``[n, T, d]`` outputs; :meth:`LayerTaps.set_attention_mask`
+  sets one explicitly. Row order is the order the model saw the samples (note that
+  ``SentenceTransformer.encode`` sorts sentences by length; call the model on tokenized
+  batches, e.g. through ``record_representations``, to keep your order).
 - **Budget**: going past ``max_samples`` (rows per layer) or ``max_bytes`` (all stored
   features) raises :class:`TapBudgetExceeded` *before* storing the offending forward pass,
   so what was stored stays consistent.
@@ -102,7 +106,7 @@ class LayerTaps:
         self.targets: list[TapTarget] = resolve_layers(model, layers)
         self.reduce = reduce
         self._reducers: dict[str, Reducer] = {
-            t.name: make_reducer(reduce, is_channels_first(t.module) and not t.tap_input) for t in self.targets
+            t.name: make_reducer(reduce, is_channels_first(t.module)) for t in self.targets
         }
         self.output = output
         self.dtype = dtype
@@ -139,6 +143,8 @@ class LayerTaps:
             root = self.model
             self._handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
             self._handles.append(root.register_forward_hook(self._root_post_hook))
+            for module in _mask_taking_submodules(root):
+                self._handles.append(module.register_forward_pre_hook(self._mask_pre_hook, with_kwargs=True))
             for target in self.targets:
                 if target.tap_input:
                     handle = target.module.register_forward_pre_hook(self._input_hook(target), with_kwargs=True)
@@ -277,6 +283,12 @@ class LayerTaps:
                 mask = args[self._mask_position]
         self._auto_mask = mask if isinstance(mask, torch.Tensor) else None
 
+    def _mask_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """An inner model (e.g. the transformer inside a wrapper) got a ``[n, T]`` attention mask."""
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            self._auto_mask = mask
+
     def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._in_pass:
             return
@@ -385,6 +397,25 @@ class LayerTaps:
             f"LayerTaps({type(self.model).__name__}, {len(self.targets)} targets, reduce={self.reduce!r}, "
             f"attached={self.attached}, n={self.n})"
         )
+
+
+def _mask_taking_submodules(model: nn.Module) -> list[nn.Module]:
+    """The outermost sub-modules whose ``forward`` has an ``attention_mask`` parameter (the
+    transformer inside a LightningModule or sentence-transformers wrapper); inner layers,
+    which get a 4-d additive mask, are skipped."""
+    found: list[str] = []
+    modules: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(outer + ".") for outer in found):
+            continue
+        try:
+            takes_mask = "attention_mask" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            takes_mask = False
+        if takes_mask:
+            found.append(name)
+            modules.append(module)
+    return modules
 
 
 def _attention_mask_position(model: nn.Module) -> int | None:
