@@ -9,7 +9,7 @@ so the training run that hosts the callback is bit-identical with or without it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +33,7 @@ class Probe:
 
     @property
     def n(self) -> int:
-        if isinstance(self.x, Mapping):
-            return int(next(iter(self.x.values())).shape[0])
-        return len(self.x)
+        return num_rows(self.x)
 
     def chunks(self, batch_size: int) -> Iterable[Any]:
         """The inputs ``x`` in consecutive slices of ``batch_size`` rows."""
@@ -67,10 +65,11 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
 
 
 def _is_label_vector(y: Any, x: Any) -> bool:
-    return isinstance(y, torch.Tensor) and y.ndim == 1 and y.shape[0] == _batch_len(x)
+    return isinstance(y, torch.Tensor) and y.ndim == 1 and y.shape[0] == num_rows(x)
 
 
-def _batch_len(x: Any) -> int:
+def num_rows(x: Any) -> int:
+    """Rows of a batch of inputs: a tensor / sequence, or a mapping of tensors."""
     if isinstance(x, Mapping):
         return int(next(iter(x.values())).shape[0])
     return len(x)
@@ -105,7 +104,7 @@ def make_probe(probe: Any, max_samples: int | None) -> Probe:
             x, y = split_batch(batch)
             xs.append(x)
             ys.append(y)
-            n += _batch_len(x)
+            n += num_rows(x)
             if max_samples is not None and n >= max_samples:
                 break
     if not xs:
@@ -185,8 +184,3 @@ def probe_features(
 def check_layer_selection(model: nn.Module, layers: Any) -> None:
     """Raise the taps' clear error now if ``layers`` names modules ``model`` does not have."""
     LayerTaps(model, layers=layers)
-
-
-def n_rows(features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> int:
-    values = features.values() if isinstance(features, Mapping) else features
-    return int(next(iter(values)).shape[0])

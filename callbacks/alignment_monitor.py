@@ -37,15 +37,16 @@ from prh_lightning.callbacks._probe import (
     make_probe,
     module_device,
     move_inputs,
-    n_rows,
+    num_rows,
     probe_features,
     side_effect_free,
+    slice_inputs,
 )
-from prh_lightning.representations import Representations
 
 Features = dict[str, torch.Tensor]
 SNAPSHOTS = ("self_initial", "self_previous")
 _RESERVED = ("self", *SNAPSHOTS)
+_UNIT_RANGE = {"cka", "mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn"}  # scores in [0, 1]
 
 
 @dataclass
@@ -58,9 +59,10 @@ class Reference:
             themselves), a sequence of ``n`` items (strings, a tensor ``[n, ...]``), or a function
             ``inputs(x, y) -> such a sequence`` of the probe inputs and labels, e.g.
             ``lambda x, y: [CLASS_NAMES[i] for i in y]`` for a text model (cross-modal).
-        layers: ``"auto"`` (the output of ``encode`` for models that have it, else every leaf
-            layer), ``None`` (the model's output only, one column ``"output"``), or a
-            :class:`~prh_lightning.taps.LayerTaps` selection (``"*"``, names, globs).
+        layers: ``None`` (the model's output only, one column ``"output"``; ``encode`` for a
+            sentence-transformer given strings) or a :class:`~prh_lightning.taps.LayerTaps`
+            selection: ``"*"`` (every leaf), ``"auto"`` (the family default, e.g. the
+            transformer blocks), names, globs.
         reduce: pooling of tapped layers (see ``LayerTaps``).
         forward_fn: ``forward_fn(model, inputs_chunk) -> output`` to call the model yourself.
         batch_size: probe rows per forward call.
@@ -69,7 +71,7 @@ class Reference:
 
     model: nn.Module
     inputs: Sequence[Any] | torch.Tensor | Callable[[Any, torch.Tensor | None], Any] | None = None
-    layers: Any = "auto"
+    layers: Any = None
     reduce: Any = "mean"
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
     batch_size: int = 64
@@ -87,13 +89,10 @@ class Reference:
     def features(self, probe: Probe) -> Features:
         """Ordered ``{layer: Tensor[n, d]}`` of the reference on the probe."""
         inputs = self._inputs(probe)
-        chunks = [_slice(inputs, i, i + self.batch_size) for i in range(0, _length(inputs), self.batch_size)]
-        layers = self.layers
-        if layers == "auto":
-            layers = None if hasattr(self.model, "encode") else "*"
-        if layers is not None:
+        chunks = [slice_inputs(inputs, i, i + self.batch_size) for i in range(0, num_rows(inputs), self.batch_size)]
+        if self.layers is not None:
             forward = self.forward_fn or _call_reference
-            return probe_features(self.model, chunks, layers=layers, reduce=self.reduce, forward_fn=forward)
+            return probe_features(self.model, chunks, layers=self.layers, reduce=self.reduce, forward_fn=forward)
         with side_effect_free(self.model):
             device = module_device(self.model)
             outputs = [_as_features(self._output(move_inputs(c, device))) for c in chunks]
@@ -109,6 +108,8 @@ class Reference:
     def _output(self, chunk: Any) -> Any:
         if self.forward_fn is not None:
             return self.forward_fn(self.model, chunk)
+        if isinstance(chunk, list) and chunk and isinstance(chunk[0], str) and hasattr(self.model, "encode"):
+            return _encode_unique(self.model, chunk)
         return _call_reference(self.model, chunk)
 
 
@@ -120,16 +121,12 @@ def _call_reference(model: nn.Module, chunk: Any) -> Any:
     return model(**chunk) if isinstance(chunk, Mapping) else model(chunk)
 
 
-def _length(x: Any) -> int:
-    if isinstance(x, Mapping):
-        return int(next(iter(x.values())).shape[0])
-    return len(x)
-
-
-def _slice(x: Any, start: int, stop: int) -> Any:
-    if isinstance(x, Mapping):
-        return {k: v[start:stop] for k, v in x.items()}
-    return x[start:stop]
+def _encode_unique(model: nn.Module, texts: list[str]) -> torch.Tensor:
+    """``model.encode`` of each distinct string once (class names repeat), ``[len(texts), d]``."""
+    unique = list(dict.fromkeys(texts))
+    position = {text: i for i, text in enumerate(unique)}
+    embeddings = _call_reference(model, unique)
+    return embeddings[torch.tensor([position[t] for t in texts], device=embeddings.device)]
 
 
 def _as_features(output: Any) -> torch.Tensor:
@@ -154,9 +151,11 @@ class AlignmentMonitor(Callback):
     Args:
         probe: fixed probe inputs: a DataLoader, a tensor ``[n, ...]``, an ``(x, y)`` tuple or a
             dict of tensors; the first ``max_probe_samples`` rows are kept.
-        references: ``{name: spec}``; a spec is a :class:`Reference`, an ``nn.Module`` (fed the
-            probe inputs), a callable ``f(x) -> Tensor[n, d] | {layer: Tensor[n, d]}`` of the probe
-            inputs, a :class:`Representations` / mapping of ``[n, d]`` tensors, or one ``[n, d]`` tensor.
+        references: ``{name: spec}``; a spec is a :class:`Reference`; an ``nn.Module`` fed the
+            probe inputs (every leaf layer tapped; a sentence-transformer gives its embedding); a
+            callable ``f(x) -> Tensor[n, d] | {layer: Tensor[n, d]}`` of the probe inputs; a
+            :class:`Representations` / mapping of ``[n, d]`` tensors; or one ``[n, d]`` tensor.
+            Frozen references are computed at the first check and cached.
         metrics: names from ``prh_lightning.functional.METRICS``.
         layers: layers of the trained model to tap (``LayerTaps`` selection).
         reduce: pooling of the tapped outputs.
@@ -167,8 +166,9 @@ class AlignmentMonitor(Callback):
         metric_kwargs: extra keyword arguments per metric, ``{"cka": {"kernel": "rbf"}}``.
         within_model: compute the ``self`` matrix (model layers x model layers).
         snapshots: compute ``self_initial`` and ``self_previous`` (model now x model before).
-        log_images: write heatmaps and curve plots to TensorBoard loggers; an int ``m`` writes
-            them every ``m``-th check only (the scalars are logged at every check).
+        log_images: TensorBoard loggers get a heatmap of each reference and within-model matrix
+            at every check after step 0 (an int ``m``: every ``m``-th check; ``False``: none) and, at the end of
+            training, a plot of each layer's score over steps per metric and target.
         batch_size: probe rows per forward call.
         forward_fn: ``forward_fn(pl_module, x_chunk)`` runs the model (default ``pl_module(x)``).
     """
@@ -200,6 +200,8 @@ class AlignmentMonitor(Callback):
             )
         if max_probe_samples is not None and (not isinstance(max_probe_samples, int) or max_probe_samples < 2):
             raise ValueError(f"max_probe_samples must be an int >= 2 or None, got {max_probe_samples!r}")
+        if not isinstance(log_images, int) or log_images < 0:  # bool is an int
+            raise ValueError(f"log_images must be True, False or a positive int (every m-th check), got {log_images!r}")
         for label, value in (("k", k), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{label} must be a positive int, got {value!r}")
@@ -257,9 +259,10 @@ class AlignmentMonitor(Callback):
     # -- triggers ------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._initial is None:  # not restored from a checkpoint
-            self._initial = self._model_features(pl_module)
-            self._previous = self._initial
-        self._check(trainer, pl_module)
+            self._initial = self._previous = self._model_features(pl_module)
+            self._check(trainer, pl_module, features=self._initial)
+        else:
+            self._check(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -273,11 +276,11 @@ class AlignmentMonitor(Callback):
             self._check(trainer, pl_module)
 
     # -- one check -----------------------------------------------------------------
-    def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _check(self, trainer: Trainer, pl_module: LightningModule, features: Features | None = None) -> None:
         step = trainer.global_step
         if self._last_step is not None and step <= self._last_step:
             return  # already checked at this step (e.g. validation right after a step check)
-        features = self._model_features(pl_module)
+        features = self._model_features(pl_module) if features is None else features
         matrices = self.compute_matrices(features, self._reference_features(pl_module))
         self._previous = features
         self._last_step = step
@@ -334,7 +337,7 @@ class AlignmentMonitor(Callback):
     def _log(self, trainer: Trainer, scalars: dict[str, float], matrices: dict[str, torch.Tensor], step: int) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        if self.log_images and (self._n_checks - 1) % self.log_images == 0:
+        if self.log_images and step > 0 and (self._n_checks - 1) % self.log_images == 0:
             self._add_images(trainer, self._heatmaps(matrices), step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -365,8 +368,9 @@ class AlignmentMonitor(Callback):
             if target in SNAPSHOTS:
                 continue
             cols = rows if target == "self" else self._column_labels(target, matrix.shape[1])
+            limits = (0.0, 1.0) if metric in _UNIT_RANGE else (None, None)  # same colours at every step
             figures[f"alignment_heatmap/{key}"] = heatmap_figure(
-                matrix, rows, cols, title=f"{metric}: model vs {target}", xlabel=target, ylabel="model layer"
+                matrix, rows, cols, f"{metric}: model vs {target}", *limits, xlabel=target, ylabel="model layer"
             )
         return figures
 
@@ -387,6 +391,11 @@ class AlignmentMonitor(Callback):
                     series, title=f"{metric}: each model layer vs {target}", ylabel=metric
                 )
         return figures
+
+    @property
+    def reference_layers(self) -> dict[str, list[str]]:
+        """Layer names (matrix columns) of each reference computed so far."""
+        return {name: list(feats) for name, feats in self._cache.items()}
 
     @property
     def model_layers(self) -> list[str]:
@@ -454,8 +463,8 @@ def _check_references(references: Mapping[str, Any]) -> dict[str, Any]:
                 f"reference name {name!r} is not allowed: use a non-empty string without '/', "
                 f"other than {list(_RESERVED)}"
             )
-        if isinstance(spec, nn.Module):
-            spec = Reference(spec)
+        if isinstance(spec, nn.Module):  # every leaf layer; a sentence-transformer's embedding
+            spec = Reference(spec, layers=None if hasattr(spec, "encode") else "*")
         elif not isinstance(spec, (Reference, Mapping, torch.Tensor)) and not callable(spec):
             raise TypeError(
                 f"reference {name!r} is a {type(spec).__name__}; use an nn.Module, a Reference(...), "
@@ -480,7 +489,9 @@ def _as_feature_dict(value: Any) -> Features:
         return {"output": value if value.ndim == 2 else value.flatten(1)}
     if isinstance(value, Mapping):
         return dict(value.items())
-    raise TypeError(f"a reference callable must return a [n, d] tensor or {{layer: [n, d]}}, got {type(value).__name__}")
+    raise TypeError(
+        f"a reference callable must return a [n, d] tensor or {{layer: [n, d]}}, got {type(value).__name__}"
+    )
 
 
 def _check_samples(name: str, features: Features, n: int) -> None:
@@ -528,7 +539,7 @@ def _pairwise_or_nan(xs: Features, ys: Features, target: str, metric: str, kwarg
             try:
                 matrix[i, j] = alignment_matrix([x], [y], metric=metric, **kwargs)[0, 0]
             except ValueError as err:
-                rank_zero_warn(f"AlignmentMonitor: {metric} of model layer {x_name!r} vs {target} {y_name!r} is NaN: {err}")
+                rank_zero_warn(f"AlignmentMonitor: {metric} of layer {x_name!r} vs {target} {y_name!r} is NaN: {err}")
     return matrix
 
 

@@ -70,14 +70,20 @@ class RepresentationRecorder(Callback):
         if unknown or not stages:
             raise ValueError(f"stages={stages!r}: choose one or more of {STAGES}")
         if "train" in stages and probe is None:
-            raise ValueError("stages includes 'train', which records a fixed probe set: pass probe=<DataLoader or tensor>")
-        for label, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{label} must be a positive int{' or None' if label != 'every_n_epochs' else ''}, got {value!r}")
+            raise ValueError(
+                "stages includes 'train', which records a fixed probe set: pass probe=<DataLoader or tensor>"
+            )
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs <= 0:
+            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
+        n = every_n_train_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise ValueError(f"every_n_train_steps must be a positive int or None, got {n!r}")
         try:
             filename.format(stage="validate", epoch=0, step=0)
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"filename {filename!r} must be a format string using only {{stage}}, {{epoch}}, {{step}}: {err}") from None
+            raise ValueError(
+                f"filename {filename!r} must be a format string using only {{stage}}, {{epoch}}, {{step}}: {err}"
+            ) from None
         self.dirpath = Path(dirpath)
         self.layers = layers
         self.reduce = reduce
@@ -182,9 +188,13 @@ class RepresentationRecorder(Callback):
         self._save(trainer, "train", features, self.probe.y)
 
     # -- writing -------------------------------------------------------------------
-    def _save(self, trainer: Trainer, stage: str, features: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
+    def _save(
+        self, trainer: Trainer, stage: str, features: dict[str, torch.Tensor], labels: torch.Tensor | None
+    ) -> None:
+        """Rank 0 writes one file (atomically); every rank then waits for it."""
         if trainer.is_global_zero:
-            path = self.dirpath / self.filename.format(stage=stage, epoch=trainer.current_epoch, step=trainer.global_step)
+            name = self.filename.format(stage=stage, epoch=trainer.current_epoch, step=trainer.global_step)
+            path = self.dirpath / name
             metadata = {
                 "stage": stage,
                 "epoch": trainer.current_epoch,

@@ -21,7 +21,7 @@ import torch
 
 from .functional import get_metric
 from .functional._validation import check_centred_signal, check_features, check_k, check_min_samples, check_positive
-from .functional.kernels import masked_hsic_from_neighbours, median_distance
+from .functional.kernels import median_distance
 from .functional.knn import (
     cycle_knn_from_indices,
     edit_distance_knn_from_indices,
@@ -105,6 +105,7 @@ def prepare_layers(
 
 
 def _rows_per_block(n: int, layers: int, batch_size: int | None) -> int:
+    """Kernel rows streamed at once: ``batch_size``, or as many as fit a 256 MB block."""
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int (rows per block), got {batch_size!r}")
@@ -146,29 +147,97 @@ def _pairwise(
     return torch.stack(rows)
 
 
+def _mutual_knn_matrix(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> torch.Tensor:
+    """``|N_x(i) ∩ N_y(i)|`` summed over samples by looking ``y``'s lists up in ``x``'s 0/1 mask.
+
+    Per x-layer: scatter its ``n k`` neighbours into an ``[n, n]`` bool mask, then gather at the
+    ``n k`` neighbours of every y-layer: ``O(n^2 + L n k)`` instead of ``O(L n k^2)`` comparisons.
+    """
+    n, k = idx_x[0].shape
+    stacked = torch.stack(idx_y)  # [Ly, n, k]
+    rows = torch.arange(n, device=stacked.device)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=stacked.device)
+    out = []
+    for idx in idx_x:
+        mask.zero_()
+        mask[rows[:, None], idx] = True
+        hits = mask[rows[None, :, None], stacked]  # [Ly, n, k]
+        out.append(hits.sum(dim=(1, 2)).double() / (n * k))
+    return torch.stack(out)
+
+
 def _knn_matrix(xs, ys, metric: str, k: int, rows: int) -> torch.Tensor:
     n = xs[0].shape[0]
     check_k(k, n)
     idx_x = [_neighbours(x, k, rows)[0] for x in xs]
     idx_y = idx_x if ys is None else [_neighbours(y, k, rows)[0] for y in ys]
+    if metric == "mutual_knn":
+        return _mutual_knn_matrix(idx_x, idx_y).to(xs[0].dtype)
     scorer = _KNN_SCORERS[metric]
     cost = n * k * k * (16 if metric in ("lcs_knn", "edit_distance_knn") else 1)
-    return _pairwise([(i,) for i in idx_x], [(i,) for i in idx_y], scorer, cost)
+    return _pairwise([(i,) for i in idx_x], [(i,) for i in idx_y], scorer, cost).to(xs[0].dtype)
+
+
+class _CknnaLayer:
+    """One layer for CKNNA: neighbour lists ``idx [n, k]`` (self excluded), their kernel values
+    ``val``, back links ``back[i, t] = K[j, i]`` if ``i`` is among the neighbours of
+    ``j = idx[i, t]`` (else 0), and the self-similarity ``sim(K, K)``."""
+
+    def __init__(self, x: torch.Tensor, k: int, rows: int, mask: torch.Tensor, value: torch.Tensor):
+        self.idx, self.val = _neighbours(x, k, rows)
+        _fill_maps(self, mask, value)
+        self.back = value[self.idx, torch.arange(x.shape[0], device=x.device)[:, None]]
+        self.self_sim = _masked_hsic_against(self, [self], mask, value)[0]
+
+
+def _fill_maps(layer: _CknnaLayer, mask: torch.Tensor, value: torch.Tensor) -> None:
+    """Dense ``[n, n]`` maps of one layer: ``mask[i, j] = j in N(i)``, ``value[i, j] = K_ij`` there (else 0)."""
+    rows = torch.arange(layer.idx.shape[0], device=layer.idx.device)[:, None]
+    mask.zero_()
+    mask[rows, layer.idx] = True
+    value.zero_()
+    value[rows, layer.idx] = layer.val
+
+
+def _masked_hsic_against(a: _CknnaLayer, bs: list[_CknnaLayer], mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Unbiased ``HSIC(M∘K_a, M∘L_b)`` of CKNNA for layer ``a`` (whose maps are in ``mask``,
+    ``value``) against every ``b``: ``[Lb]``.
+
+    The entries of ``M`` are enumerated through ``b``'s lists (``j = idx_b[i, t]``) and looked up
+    in ``a``'s dense maps, so each pair costs ``O(n k)``: ``P'_ij = K_ij``, ``Q'_ij = L_ij`` on
+    ``M``, and the HSIC formula needs ``tr(P'Q') = Σ P'_ij Q'_ji``, ``1^T P'Q' 1`` and the sums.
+    """
+    n = a.idx.shape[0]
+    i = torch.arange(n, device=a.idx.device)[None, :, None]
+    idx_b = torch.stack([b.idx for b in bs])  # [Lb, n, k]
+    p = value[i, idx_b]  # P'_ij: zero unless j in N_a(i) (j in N_b(i) by construction)
+    q = torch.stack([b.val for b in bs]) * mask[i, idx_b]  # Q'_ij
+    q_back = torch.stack([b.back for b in bs]) * mask[idx_b, i]  # Q'_ji: i in N_b(j) and in N_a(j)
+    trace = (p * q_back).sum(dim=(1, 2))
+    col_p = torch.zeros(len(bs), n, dtype=p.dtype, device=p.device).scatter_add_(1, idx_b.flatten(1), p.flatten(1))
+    cross = (col_p * q.sum(dim=-1)).sum(dim=-1)
+    sums = p.sum(dim=(1, 2)) * q.sum(dim=(1, 2)) / ((n - 1) * (n - 2))
+    return (trace + sums - 2.0 / (n - 2) * cross) / (n * (n - 3))
 
 
 def _cknna_matrix(xs, ys, k: int, eps: float, rows: int) -> torch.Tensor:
     n = xs[0].shape[0]
     check_k(k, n, minimum=2)
     check_min_samples(n, 4, "unbiased CKNNA")
-    nx = [_neighbours(x, k, rows) for x in xs]
-    ny = nx if ys is None else [_neighbours(y, k, rows) for y in ys]
-    self_x = torch.stack([masked_hsic_from_neighbours(i, v, i, v) for i, v in nx])
-    self_y = self_x if ys is None else torch.stack([masked_hsic_from_neighbours(i, v, i, v) for i, v in ny])
+    mask = torch.empty(n, n, dtype=torch.bool, device=xs[0].device)
+    value = torch.empty(n, n, dtype=xs[0].dtype, device=xs[0].device)
+    lx = [_CknnaLayer(x, k, rows, mask, value) for x in xs]
+    ly = lx if ys is None else [_CknnaLayer(y, k, rows, mask, value) for y in ys]
+    cross = []
+    for a in lx:
+        _fill_maps(a, mask, value)
+        cross.append(_masked_hsic_against(a, ly, mask, value))
+    self_x = torch.stack([a.self_sim for a in lx])
+    self_y = torch.stack([b.self_sim for b in ly])
     for what, sims in (("xs", self_x), ("ys", self_y)):
-        for layer, value in enumerate(sims):
-            check_positive(value, f"the CKNNA self-similarity of {what} layer {layer}")
-    cross = _pairwise(nx, ny, masked_hsic_from_neighbours, 4 * n * k * k)
-    return cross / (torch.sqrt(self_x[:, None] * self_y[None, :]) + eps)
+        for layer, sim in enumerate(sims):
+            check_positive(sim, f"the CKNNA self-similarity of {what} layer {layer}")
+    return torch.stack(cross) / (torch.sqrt(self_x[:, None] * self_y[None, :]) + eps)
 
 
 # -- kernel metrics (CKA) ----------------------------------------------------------------
@@ -180,7 +249,8 @@ class _CentredKernel:
     def __init__(self, x: torch.Tensor, kernel: str, unbiased: bool, sigma: float | None, rows: int):
         self.n = x.shape[0]
         self.kernel, self.unbiased = kernel, unbiased
-        self.scale = 1.0 if kernel == "rbf" else float(torch.linalg.vector_norm(x, dim=1).max()) ** 2  # >= |K_ij|
+        sq = torch.linalg.vector_norm(x, dim=1) ** 2
+        self.scale = 1.0 if kernel == "rbf" else float(sq.max())  # >= |K_ij|, for the degeneracy check
         if kernel == "linear" and not unbiased:
             x = x - x.mean(dim=0, keepdim=True)  # then x x^T = H K H exactly
         self.x = x
@@ -188,17 +258,17 @@ class _CentredKernel:
             self.sigma = median_distance(x) if sigma is None else torch.as_tensor(sigma, dtype=x.dtype)
             if float(self.sigma) <= 0:
                 raise ValueError("RBF bandwidth is 0 (median pairwise distance is 0); pass sigma= explicitly")
-            self.sq = (x * x).sum(dim=1)
+            self.sq = sq
         self.left = self.right = x
         if kernel == "linear":
-            self.row_sums = x @ x.sum(dim=0) - ((x * x).sum(dim=1) if unbiased else 0.0)
+            self.row_sums = x @ x.sum(dim=0) - (sq if unbiased else 0.0)
             if unbiased:
-                # U_ij = x_i.x_j - (r_i + r_j)/(n-2) + s/((n-1)(n-2)) (i != j) is one matmul of
-                # augmented features: [x_i, -r_i/(n-2), 1] . [x_j, 1, -r_j/(n-2) + s/((n-1)(n-2))].
-                n, r = self.n, self.row_sums
-                shift = -r / (n - 2)
-                const = r.sum() / ((n - 1) * (n - 2))
-                ones = torch.ones_like(r)
+                # U_ij = x_i.x_j - (r_i + r_j)/(n-2) + s/((n-1)(n-2)) (i != j) as ONE matmul of augmented
+                # features [x_i, -r_i/(n-2), 1] . [x_j, 1, -r_j/(n-2) + s/((n-1)(n-2))]: no extra passes
+                # over the n x n block, which are memory-bound and cost as much as the matmul itself.
+                n, shift = self.n, -self.row_sums / (self.n - 2)
+                const = self.row_sums.sum() / ((n - 1) * (n - 2))
+                ones = torch.ones_like(shift)
                 self.left = torch.cat([x, shift[:, None], ones[:, None]], dim=1)
                 self.right = torch.cat([x, ones[:, None], (shift + const)[:, None]], dim=1)
         else:
@@ -210,28 +280,30 @@ class _CentredKernel:
             self.row_sums = torch.cat(sums)
         self.total = self.row_sums.sum()
 
-    def _raw_into(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``s:e`` of ``K`` written into ``out [e - s, n]`` (diagonal zeroed when unbiased)."""
-        torch.matmul(self.left[s:e], self.right.T, out=out)
-        diag = torch.arange(e - s, device=out.device)
+    def _raw_into(self, s: int, e: int, out: torch.Tensor, c0: int = 0) -> torch.Tensor:
+        """Block ``K[s:e, c0:]`` (linear unbiased: already ``U(K)``) written into ``out [e - s, n - c0]``;
+        diagonal zeroed when unbiased. Needs ``c0 <= s``."""
+        torch.matmul(self.left[s:e], self.right[c0:].T, out=out)
+        rows = torch.arange(e - s, device=out.device)
+        diag = (rows, rows + s - c0)
         if self.kernel == "rbf":  # exp(-(|x_i|^2 + |x_j|^2 - 2 x_i.x_j) / (2 sigma^2))
-            out.mul_(-2.0).add_(self.sq[s:e, None]).add_(self.sq[None, :]).clamp_min_(0.0)
+            out.mul_(-2.0).add_(self.sq[s:e, None]).add_(self.sq[None, c0:]).clamp_min_(0.0)
             out.mul_(-0.5 / float(self.sigma) ** 2).exp_()
-            out[diag, diag + s] = 1.0
+            out[diag] = 1.0
         if self.unbiased:
-            out[diag, diag + s] = 0.0
+            out[diag] = 0.0
         return out
 
-    def centred_into(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``s:e`` of the centred kernel written into ``out [e - s, n]``."""
-        self._raw_into(s, e, out)
+    def centred_into(self, s: int, e: int, out: torch.Tensor, c0: int = 0) -> torch.Tensor:
+        """Block ``C[s:e, c0:]`` of the centred kernel written into ``out [e - s, n - c0]``."""
+        self._raw_into(s, e, out, c0)
         n, r = self.n, self.row_sums
-        if self.unbiased and self.kernel == "rbf":
-            out.sub_(r[s:e, None] / (n - 2)).sub_(r[None, :] / (n - 2)).add_(self.total / ((n - 1) * (n - 2)))
-            diag = torch.arange(e - s, device=out.device)
-            out[diag, diag + s] = 0.0
-        elif self.kernel == "rbf":
-            out.sub_(r[s:e, None] / n).sub_(r[None, :] / n).add_(self.total / n**2)
+        if self.unbiased and self.kernel == "rbf":  # U_ij = K~_ij - (r_i + r_j)/(n-2) + s/((n-1)(n-2))
+            out.sub_(r[s:e, None] / (n - 2)).sub_(r[None, c0:] / (n - 2)).add_(self.total / ((n - 1) * (n - 2)))
+            rows = torch.arange(e - s, device=out.device)
+            out[rows, rows + s - c0] = 0.0
+        elif self.kernel == "rbf":  # H K H (linear kernels were centred through their features)
+            out.sub_(r[s:e, None] / n).sub_(r[None, c0:] / n).add_(self.total / n**2)
         return out
 
 
@@ -242,19 +314,25 @@ def _cka_matrix(xs, ys, kernel: str, unbiased: bool, sigma, eps: float, batch_si
     if unbiased:
         check_min_samples(n, 4, "unbiased CKA")
     layers = list(xs) + ([] if ys is None else list(ys))
-    rows = _rows_per_block(n, len(layers), batch_size)
+    # Centred kernels are symmetric, so only the upper triangle is computed, in blocks of rows
+    # s:e against columns s:n; about 8 blocks make that close to half the work of full Grams.
+    rows = batch_size if batch_size is not None else min(_rows_per_block(n, len(layers), None), -(-n // 8))
+    rows = _rows_per_block(n, len(layers), rows)
     kernels = [_CentredKernel(x, kernel, unbiased, sigma, rows) for x in layers]
     dtype, device = xs[0].dtype, xs[0].device
-    buf = torch.empty(len(kernels), min(rows, n), n, dtype=dtype, device=device)
+    buffer = torch.empty(len(kernels) * rows * n, dtype=dtype, device=device)
     inner = torch.zeros(len(kernels), len(kernels), dtype=torch.float64, device=device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        for block, k in zip(buf, kernels):
-            k.centred_into(s, e, block[: e - s])
-        flat = buf[:, : e - s].reshape(len(kernels), -1)
-        # <C_l, C_m> for every pair of layers of both models: one GEMM (a cross-only product of
-        # the two slices is several times slower on CPU BLAS; the diagonal is needed anyway).
-        inner += (flat @ flat.T).double()
+        block = buffer[: len(kernels) * (e - s) * (n - s)].view(len(kernels), e - s, n - s)
+        for out, k in zip(block, kernels):
+            k.centred_into(s, e, out, c0=s)
+        # <C_l, C_m> over rows s:e counts the square block C[s:e, s:e] once and C[s:e, e:] twice
+        # (it stands for its mirror C[e:, s:e] too). One GEMM for all layers of both models (a
+        # cross-only product of two slices is several times slower on CPU BLAS).
+        whole = block.view(len(kernels), -1)
+        square = block[:, :, : e - s].reshape(len(kernels), -1)
+        inner += 2.0 * (whole @ whole.T).double() - (square @ square.T).double()
     self_sims = inner.diagonal()
     for layer, (value, k) in enumerate(zip(self_sims, kernels)):
         what = f"xs layer {layer}" if layer < len(xs) else f"ys layer {layer - len(xs)}"

@@ -84,7 +84,7 @@ def _caption_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
     return -(logp * batch["caption_mask"][:, 1:]).sum(1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def language_features(loaded: LoadedModel, texts: list[str], pool: str = "avg", batch_size: int = 32,
                       max_length: int = 128) -> tuple[dict[str, torch.Tensor], float | None]:
     """Every hidden state of a Hugging Face LM, pooled: ``({"hidden_states.<i>": [n, d]}, bits per byte)``.
@@ -136,6 +136,10 @@ def vision_features(loaded: LoadedModel, images: list, pool: str = "none", batch
             hidden = loaded.model(pixel_values=x, output_hidden_states=True).hidden_states
             chunks.append([h[:, 0] if pool == "none" else h.mean(1) for h in hidden])
         return {f"hidden_states.{i}": torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))}
+    if loaded.family in ("efficientnet_lite", "torchvision"):
+        # depthwise/grouped convolutions run ~25% faster on CPU in channels-last layout
+        loaded.model.to(memory_format=torch.channels_last)
+        loader = (x.contiguous(memory_format=torch.channels_last) for x in loader)
     # "none": the class token where the model has one ("auto" decides for timm/torchvision);
     # CNNs have none, their blocks are averaged over positions for either pool
     reduce = "mean" if pool == "avg" or loaded.family == "efficientnet_lite" else "auto"

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ class Settings:
 
 QUICK = dict(n_samples=500, train_size=20000, epochs=2, resnet_epochs=1, resnet_train_size=5000,
              test_size=2000, permutations=1000, bootstraps=200, umap_points=500, umap_epochs=100,
-             probe_size=256, monitor_every=25)
+             probe_size=256, monitor_every=40)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--umap-points", type=int, help="points per UMAP panel (default N; quick 500)")
     p.add_argument("--umap-epochs", type=int, help="UMAP optimisation epochs (default: umap's; quick 100)")
     p.add_argument("--probe-size", type=int, help="AlignmentMonitor probe images (default 512; quick 256)")
-    p.add_argument("--monitor-every", type=int, help="AlignmentMonitor check every N steps (default 50; quick 25)")
+    p.add_argument("--monitor-every", type=int, help="AlignmentMonitor check every N steps (default 50; quick 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -193,39 +193,52 @@ def encode_labels(minilm, texts: list[list[str]]) -> torch.Tensor:
     return torch.stack([chunk.mean(0) for chunk in torch.split(emb, sizes)])
 
 
-def build_resnet(s: Settings) -> tuple[Any, dict[str, Any]]:
-    """Grayscale ResNet-18 and a description ``{weights, source, needs_training, input_size}``.
+def resnet_weights(s: Settings) -> tuple[str, dict[str, torch.Tensor] | None, str]:
+    """``(kind, state dict or None, note)`` for ``--resnet-weights``.
 
-    ``auto`` tries ImageNet (cache, then download) and falls back to training from scratch;
+    ``auto`` tries ImageNet (cache, then download) and falls back to ``scratch`` with a note;
     ``imagenet`` raises :class:`PretrainedUnavailable` when the weights cannot be had.
     """
-    from prh_lightning.models.resnet import GrayResNet18, imagenet_state_dict, load_state_file
+    from prh_lightning.models.resnet import imagenet_state_dict, load_state_file
 
-    choice, note = s.resnet_weights, ""
-    state = None
-    if choice in ("auto", "imagenet"):
+    choice = s.resnet_weights
+    if choice == "scratch":
+        return "scratch", None, ""
+    if choice not in ("auto", "imagenet"):
         try:
-            state = imagenet_state_dict()
-            choice = "imagenet"
-        except PretrainedUnavailable as err:
-            if s.resnet_weights == "imagenet":
-                raise
-            choice, note = "scratch", f"ImageNet weights unavailable ({err}); trained from scratch instead"
-    elif choice != "scratch":
-        try:
-            state = load_state_file(choice)
+            return f"file:{choice}", load_state_file(choice), ""
         except ValueError as err:
             raise RecipeInputError(f"--resnet-weights {choice}: {err}") from None
-    pretrained = choice != "scratch"
-    size = s.resnet_input_size or (64 if pretrained else None)
-    model = GrayResNet18(input_size=size, pretrained=pretrained, freeze_backbone=pretrained, lr=1e-3)
     try:
-        head_loaded = model.load_backbone(state) if state is not None else False
+        return "imagenet", imagenet_state_dict(), ""
+    except PretrainedUnavailable as err:
+        if choice == "imagenet":
+            raise
+        say(s, f"ResNet-18: {err}")
+        return "scratch", None, "the ImageNet weights could not be had (offline?), so it was trained from scratch"
+
+
+def build_resnet(s: Settings) -> tuple[Any, dict[str, Any]]:
+    """Grayscale ResNet-18 and ``{weights, note, input_size, needs_training, training}``.
+
+    Pretrained weights (ImageNet or a file) keep their backbone frozen and get a linear
+    probe, unless the file also holds a 10-class head; scratch trains the whole network.
+    """
+    from prh_lightning.models.resnet import GrayResNet18
+
+    kind, state, note = resnet_weights(s)
+    pretrained = state is not None
+    # RGB weights (ImageNet) expect ImageNet-normalised, larger images; gray ones are Fashion-MNIST's own.
+    rgb = pretrained and state.get("conv1.weight", torch.empty(0, 1)).shape[1] == 3
+    size = s.resnet_input_size or (64 if rgb else None)
+    model = GrayResNet18(input_size=size, pretrained=rgb, freeze_backbone=pretrained, lr=1e-3)
+    try:
+        head_loaded = model.load_backbone(state) if pretrained else False
     except ValueError as err:
         raise RecipeInputError(f"--resnet-weights {s.resnet_weights}: {err}") from None
-    info = {"weights": choice if choice in ("imagenet", "scratch") else f"file:{choice}", "note": note,
-            "input_size": size or 28, "needs_training": not head_loaded,
-            "training": "whole network" if choice == "scratch" else ("none" if head_loaded else "linear probe (fc)")}
+    training = "whole network" if not pretrained else ("none" if head_loaded else "linear probe (fc)")
+    info = {"weights": kind, "note": note, "input_size": size or 28, "needs_training": not head_loaded,
+            "training": training}
     return model, info
 
 
@@ -463,6 +476,20 @@ def scatter_figure(pairs: dict[str, tuple[np.ndarray, np.ndarray]], stats: dict[
     return fig
 
 
+def monitor_figure(history: dict[str, list[tuple[int, float]]]):
+    """CKA of each FashionCNN layer vs MiniLM and vs ResNet (best ResNet layer) over training steps."""
+    from prh_lightning.plotting import line_figure
+
+    series = {}
+    for reference, label in (("minilm", "vs MiniLM"), ("resnet", "vs ResNet")):
+        for layer in CNN_LAYERS:
+            points = history.get(f"alignment/cka/{reference}/{layer}", [])
+            if points:
+                steps, values = zip(*points)
+                series[f"{layer} {label}"] = (list(steps), list(values))
+    return line_figure(series, title="FashionCNN layers while training: linear CKA on the probe", ylabel="CKA")
+
+
 def save_heatmaps(matrices: dict[str, torch.Tensor], figures: Path) -> dict[str, str]:
     """One PNG per layer x layer matrix; returns ``{name: relative path}``."""
     from prh_lightning.plotting import heatmap_figure
@@ -515,6 +542,20 @@ def rsa_reading(model: str, st: dict[str, dict], layer_table: dict[str, dict]) -
             f"({layer_table[best_layer]['spearman']:.3f}).")
 
 
+def monitor_reading(s: Settings, history: dict[str, list[tuple[int, float]]]) -> str:
+    def change(tag: str) -> str:
+        points = history.get(tag, [])
+        return f"{points[0][1]:.3f} -> {points[-1][1]:.3f}" if points else "n/a"
+
+    return (f"The AlignmentMonitor checked FashionCNN every {s.monitor_every} steps and at each validation on a probe "
+            f"of {s.probe_size} test images (not used for training): CKA and mutual k-NN between each FashionCNN layer "
+            "and MiniLM (the embedding of each probe image's class name) and each ResNet-18 layer. From the first "
+            f"check (untrained) to the last, avgpool's CKA with MiniLM went {change('alignment/cka/minilm/avgpool')} and "
+            f"with its best ResNet layer {change('alignment/cka/resnet/avgpool')}. All scalars "
+            "(`alignment/<metric>/<reference>/<layer>`) and heatmap images are in TensorBoard: "
+            f"`tensorboard --logdir {s.out / 'tensorboard'}`.")
+
+
 def layer_rsa_table(study: dict[str, dict[str, dict]], layers: list[str]) -> str:
     from prh_lightning.reporting import markdown_table
 
@@ -535,7 +576,9 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
         f"Settings: {'quick' if s.quick else 'full (seed)'} mode, N = {summary['n_samples']} stratified test images, "
         f"seed {s.seed}, {s.permutations} permutations per test, {s.bootstraps} bootstrap resamples. "
         f"ResNet-18 weights: **{rn['weights']}** ({rn['training']}, input {rn['input_size']}x{rn['input_size']})"
-        f"{'. ' + rn['note'] if rn['note'] else ''}. Run time {summary['runtime_s']:.0f} s. "
+        f"{'; ' + rn['note'] if rn['note'] else ''}"
+        f"{'. At 28x28 input ResNet layer4 is already 1x1, so layer4 and avgpool coincide' if rn['input_size'] <= 32 else ''}"
+        f". Run time {summary['runtime_s']:.0f} s. "
         f"TensorBoard: `tensorboard --logdir {s.out / 'tensorboard'}`."))
     report.section("Test accuracy", table=markdown_table(
         ["model", "test accuracy", "test images"],
@@ -560,12 +603,8 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
         report.section(f"RSA: {label} class centroids vs MiniLM label embeddings", figure=summary["figures"][f"rsa_{model}"],
                        table=layer_rsa_table(studies[model], layers),
                        text=rsa_reading(label, {k: v["avgpool"] for k, v in studies[model].items()}, studies[model]["names"]))
-    report.section("Alignment while FashionCNN trains", text=(
-        "The AlignmentMonitor logged, every "
-        f"{s.monitor_every} steps, CKA and mutual k-NN between each FashionCNN layer and MiniLM (the class name of each "
-        "probe image) and ResNet-18 (each layer), as scalars `alignment/<metric>/<reference>/<layer>` and heatmap "
-        f"images. Final values: {', '.join(f'{k} = {v:.3f}' for k, v in summary['monitor_final'].items())}. "
-        f"See them with `tensorboard --logdir {s.out / 'tensorboard'}`."))
+    report.section("Alignment while FashionCNN trains", figure=summary["figures"]["monitor"],
+                   text=monitor_reading(s, summary["monitor_history"]))
     report.write(s.out / "report.md")
 
 
@@ -587,12 +626,10 @@ def say(s: Settings, text: str) -> None:
         print(f"[fashion-mnist {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def train_models(s: Settings, minilm) -> tuple[Any, Any, dict[str, Any]]:
-    """Train/load ResNet-18, then train FashionCNN with the AlignmentMonitor; returns both and facts."""
+def train_models(s: Settings, minilm, resnet, info: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """Train ResNet-18 if needed, then FashionCNN with the AlignmentMonitor; returns both and facts."""
     from prh_lightning.models.fashion_cnn import FashionCNN
 
-    torch.manual_seed(s.seed)
-    resnet, info = build_resnet(s)
     resnet_dm = data_module(s, s.resnet_train_size)
     say(s, f"ResNet-18: weights {info['weights']}, training: {info['training']}")
     resnet_acc = fit_and_test(make_trainer(s, "resnet", s.resnet_epochs), resnet, resnet_dm, train=info["needs_training"])
@@ -610,6 +647,7 @@ def train_models(s: Settings, minilm) -> tuple[Any, Any, dict[str, Any]]:
         "train_images": {"fashioncnn": len(cnn_dm.train_set),
                          "resnet": len(resnet_dm.train_set) if info["needs_training"] else 0},
         "monitor_final": {tag: points[-1][1] for tag, points in monitor.history.items() if tag.endswith("/best")},
+        "monitor_history": {tag: points for tag, points in monitor.history.items() if tag.startswith("alignment/cka/")},
         "analysis_set": cnn_dm.analysis_set(s.n_samples),
     }
     return cnn, resnet, facts
@@ -651,6 +689,8 @@ def analyse(s: Settings, cnn, resnet, minilm, facts: dict[str, Any]) -> tuple[di
         stats = {kind: studies[model][kind]["avgpool"] for kind in texts}
         save_figure(scatter_figure(pairs, stats, label), figures / f"rsa_{model}_minilm.png")
         paths[f"rsa_{model}"] = f"figures/rsa_{model}_minilm.png"
+    save_figure(monitor_figure(facts["monitor_history"]), figures / "monitor_cka.png")
+    paths["monitor"] = "figures/monitor_cka.png"
     say(s, "UMAP of every layer")
     for model, reps, label in (("resnet", resnet_reps, "ResNet-18"), ("fashioncnn", cnn_reps, "FashionCNN")):
         save_figure(umap_figure(reps, label, s), figures / f"umap_{model}.png")
@@ -695,9 +735,10 @@ def run(s: Settings) -> dict[str, Any]:
     quiet_libraries()
     torch.manual_seed(s.seed)
     data_module(s, 10)  # fail fast (exit 2) when the data is missing, before loading any model
+    resnet, info = build_resnet(s)
     say(s, "loading all-MiniLM-L6-v2")
     minilm = load_minilm()
-    cnn, resnet, facts = train_models(s, minilm)
+    cnn, resnet, facts = train_models(s, minilm, resnet, info)
     summary, matrices, studies, tests = analyse(s, cnn, resnet, minilm, facts)
     summary["runtime_s"] = time.perf_counter() - start
     write_report(s, summary, matrices, studies, tests)

@@ -32,7 +32,7 @@ from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 
 FULL = {"n_images": 250, "levels": 100, "image_size": 224, "bootstrap": 500, "permutations": 500}
-QUICK = {"n_images": 64, "levels": 12, "image_size": 128, "bootstrap": 200, "permutations": 200}
+QUICK = {"n_images": 64, "levels": 12, "image_size": 128, "bootstrap": 100, "permutations": 100}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -238,13 +238,15 @@ def run(args: argparse.Namespace) -> dict:
     """The whole recipe; returns the summary written to ``summary.json``."""
     start = time.time()
     names = check_args(args)
-    models = [vs.load_vision_model(name, seed=args.seed + i) for i, name in enumerate(names)]
     images = vs.flickr_images(args.n_images, args.image_size, args.seed)
+    models = [vs.load_vision_model(name, seed=args.seed + i) for i, name in enumerate(names)]
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(args.seed + 7))
     sigmas = np.linspace(0.0, args.max_sigma, args.levels)
     pairs = list(itertools.combinations(range(len(models)), 2))
     pair_names = [f"{names[i]} vs {names[j]}" for i, j in pairs]
+    vs.log(f"extracting {len(sigmas)} noise levels")
     feats = level_features(models, images, eps, sigmas, args.layer, args.batch_size)
+    vs.log("bootstrap and chance band")
     res = analyse(feats, pairs, args.k, sigmas, args)
     per_pair = per_pair_curves(feats, pairs, args.k)
     out = args.out

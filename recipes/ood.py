@@ -4,7 +4,7 @@ and do the alignment metrics still agree with each other?
 For each of three image sets (default: Flickr8k photos as in-distribution for the ImageNet
 EfficientNet-Lites, Fashion-MNIST as OOD, uniform pixel noise) every model embeds the images
 at a few depths; every metric scores every model pair (best layer pair, the PRH protocol).
-Reported per set, with percentile-bootstrap intervals over images (scipy.stats.bootstrap):
+Reported per set, with 95% intervals from a delete-a-group jackknife over images:
 
 - the metric x metric Spearman correlation of the pair scores (the seed's figures) at three
   granularities: model pairs, cross-model layer pairs, cross-model layer pairs of the
@@ -36,8 +36,10 @@ from prh_lightning.functional import METRICS
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 
-FULL = {"n_images": 250, "image_size": 224, "bootstrap": 200}
-QUICK = {"n_images": 96, "image_size": 160, "bootstrap": 40}
+FULL = {"n_images": 250, "image_size": 224, "jackknife_groups": 20, "blocks": 3,
+        "models": "lite0,lite1,lite2,lite0-random,lite1-random", "metrics": ",".join(METRICS)}
+QUICK = {"n_images": 96, "image_size": 128, "jackknife_groups": 10, "blocks": 1,
+         "models": "lite0,lite1,lite2,lite0-random", "metrics": "mutual_knn,cycle_knn,lcs_knn,cka,unbiased_cka,cknna"}
 SET_ROLES = ("in-distribution", "ood", "noise")
 GRANULARITIES = ("models", "layers", "layers_pretrained")
 
@@ -47,18 +49,18 @@ Scores = dict[str, dict[tuple[int, int], torch.Tensor]]  # metric -> (model i, m
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prh-lightning ood", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small settings (96 images, 160 px, 40 resamples)")
+    p.add_argument("--quick", action="store_true", help="small settings (96 images, 128 px, 4 models, 6 fast metrics, 10 jackknife groups)")
     p.add_argument("--in-dist", default="flickr", choices=vs.IMAGE_SETS, help="in-distribution set (default flickr)")
     p.add_argument("--ood", default="fashion-mnist", choices=vs.IMAGE_SETS, help="OOD set (default fashion-mnist)")
     p.add_argument("--noise-set", default="noise", choices=vs.IMAGE_SETS, help="noise set (default uniform pixel noise)")
-    p.add_argument("--models", default="lite0,lite1,lite2,lite0-random,lite1-random",
-                   help="comma-separated: lite0, lite1, lite2, with '-random' for random-init controls")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {', '.join(METRICS)}")
+    p.add_argument("--models", help="comma-separated: lite0, lite1, lite2, with '-random' for random-init controls "
+                   f"(default {FULL['models']}; quick {QUICK['models']})")
+    p.add_argument("--metrics", help=f"comma-separated subset of {', '.join(METRICS)} (default all; quick {QUICK['metrics']})")
     p.add_argument("--n-images", type=int, help=f"images per set (default {FULL['n_images']}, quick {QUICK['n_images']})")
     p.add_argument("--image-size", type=int, help=f"pixels (default {FULL['image_size']}, quick {QUICK['image_size']})")
-    p.add_argument("--blocks", type=int, default=3, help="blocks tapped per model, plus the pooled head (default 3)")
+    p.add_argument("--blocks", type=int, help="blocks tapped per model, plus the pooled head (default 3, quick 1)")
     p.add_argument("--k", type=int, default=10, help="neighbours for the k-NN metrics and CKNNA (default 10)")
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples over images")
+    p.add_argument("--jackknife-groups", type=int, help="image groups of the delete-a-group jackknife (default 20, quick 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
@@ -76,8 +78,10 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise vs.RecipeInputError(f"--metrics needs two or more of {', '.join(METRICS)}; got {args.metrics!r}")
     if not 1 <= args.k < args.n_images // 2:
         raise vs.RecipeInputError(f"--k must be in [1, n_images / 2) so resamples keep enough images; got {args.k}")
-    if args.bootstrap < 10:
-        raise vs.RecipeInputError(f"--bootstrap must be >= 10, got {args.bootstrap}")
+    if args.blocks < 1:
+        raise vs.RecipeInputError(f"--blocks must be >= 1, got {args.blocks}")
+    if not 5 <= args.jackknife_groups <= args.n_images // 2:
+        raise vs.RecipeInputError(f"--jackknife-groups must be in [5, n_images / 2], got {args.jackknife_groups}")
     names = vs.parse_model_names(args.models)
     if sum(not n.endswith(vs.RANDOM_SUFFIX) for n in names) < 2:
         raise vs.RecipeInputError("--models needs at least two pretrained models (lite0, lite1, lite2)")
@@ -92,7 +96,8 @@ def metric_kwargs(metric: str, k: int) -> dict:
 # -- scoring ------------------------------------------------------------------------------------
 def layer_scores(feats: list[dict[str, torch.Tensor]], metrics: list[str], k: int,
                  index: np.ndarray | None = None) -> Scores:
-    """Every metric on every layer pair of every model pair, on the images at ``index``."""
+    """Every metric on every layer pair of every model pair, on the images at ``index``
+    (distinct indices; all images when None)."""
     rows = None if index is None else torch.as_tensor(index, dtype=torch.long)
     sub = feats if rows is None else [{name: x[rows] for name, x in f.items()} for f in feats]
     pairs = list(itertools.combinations(range(len(feats)), 2))
@@ -163,7 +168,7 @@ def all_statistics(feats: dict[str, list[dict]], metrics: list[str], pretrained:
     return out
 
 
-# -- bootstrap ----------------------------------------------------------------------------------
+# -- uncertainty ---------------------------------------------------------------------------------
 def flatten(named: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=float).ravel() for v in named.values()])
 
@@ -177,21 +182,29 @@ def unflatten(flat: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-def bootstrap(feats, metrics, pretrained, k: int, point: dict, n: int, args) -> tuple[dict, dict]:
-    """Percentile intervals of every statistic. Each resample scores its *distinct* images
-    (copies of one image would be each other's nearest neighbours and inflate k-NN metrics),
-    so intervals describe image sets of about 0.63 n distinct images."""
-    def statistic(idx: np.ndarray) -> np.ndarray:
-        return flatten(all_statistics(feats, metrics, pretrained, k, np.unique(idx)))
+def jackknife(feats, metrics, pretrained, k: int, point: dict, n: int, args) -> tuple[dict, dict]:
+    """95% intervals of every statistic from a delete-a-group jackknife: the images are split
+    into G random groups, every statistic is recomputed G times leaving one group out, and
+    ``estimate +- t_{G-1} * se`` with ``se^2 = (G-1)/G * sum (theta_g - mean theta)^2``.
 
-    res = stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=args.bootstrap,
-                          method="percentile", rng=np.random.default_rng(args.seed))
-    return unflatten(res.confidence_interval.low, point), unflatten(res.confidence_interval.high, point)
+    Not the bootstrap: a bootstrap resample repeats images, and a repeated image is its own
+    nearest neighbour and doubles Gram entries, which inflates k-NN, CKNNA and CKA scores."""
+    blocks = np.array_split(np.random.default_rng(args.seed).permutation(n), args.jackknife_groups)
+    thetas = np.stack([flatten(all_statistics(feats, metrics, pretrained, k, np.setdiff1d(np.arange(n), block)))
+                       for block in blocks])
+    g = len(blocks)
+    se = np.sqrt((g - 1) / g * np.nansum((thetas - np.nanmean(thetas, axis=0)) ** 2, axis=0))
+    half = stats.t.ppf(0.975, g - 1) * se
+    low, high = unflatten(flatten(point) - half, point), unflatten(flatten(point) + half, point)
+    for key in point:  # correlations live in [-1, 1] (differences of them do not)
+        if "minus" not in key and ("corr" in key or "agreement" in key):
+            low[key], high[key] = np.clip(low[key], -1, 1), np.clip(high[key], -1, 1)
+    return low, high
 
 
 # -- figures and report ---------------------------------------------------------------------------
 def alignment_by_set_figure(point, low, high, metrics: list[str]):
-    """Mean pretrained-pair alignment per metric, one marker per set, with bootstrap intervals."""
+    """Mean pretrained-pair alignment per metric, one marker per set, with jackknife intervals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -206,7 +219,7 @@ def alignment_by_set_figure(point, low, high, metrics: list[str]):
         ax.errorbar(x + (s - 1) * 0.22, y, yerr=err, fmt="o", capsize=3, label=role)
     ax.set_xticks(x, metrics, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("mean score, pretrained model pairs")
-    ax.set_title("Alignment of pretrained pairs by input set (95% bootstrap CI)", fontsize=10)
+    ax.set_title("Alignment of pretrained pairs by input set (95% jackknife CI)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -261,14 +274,14 @@ def write_report(out: Path, point, low, high, metrics, names, set_names, args, s
         f"Models: {', '.join(names)} (EfficientNet-Lite; '-random' = random initialisation, a control). "
         f"Sets: in-distribution = {set_names['in-distribution']}, OOD = {set_names['ood']}, noise = "
         f"{set_names['noise']}; {args.n_images} images each at {args.image_size} px; taps: {args.blocks} blocks + pooled head, "
-        f"mean-pooled, rows L2-normalised; k = {args.k}. Intervals: 95% percentile bootstrap over images "
-        f"({args.bootstrap} resamples, distinct images of each resample). Run time {seconds:.0f} s.",
+        f"mean-pooled, rows L2-normalised; k = {args.k}. Intervals: 95%, delete-a-group jackknife over images "
+        f"({args.jackknife_groups} groups; a bootstrap would repeat images, which inflates k-NN, CKNNA and CKA). Run time {seconds:.0f} s.",
     )
     report.section(
         "How the correlations are computed",
         "For each metric, every model pair gets a score (the best of its layer pairs). The seed's figure "
         "is the Spearman correlation between two metrics' score vectors over pairs, averaged here over "
-        "metric pairs as *metric agreement*. With 5 models there are only 10 model pairs, and most of "
+        f"metric pairs as *metric agreement*. With {len(names)} models there are only {len(names) * (len(names) - 1) // 2} model pairs, and most of "
         "the spread is pretrained-vs-random, which any sensible metric ranks alike; so we also correlate "
         "over every cross-model layer pair, and over those of the pretrained models only, which is the "
         "column that tests agreement among trained models.",
@@ -309,6 +322,7 @@ def extract(names, set_names: dict[str, str], args) -> dict[str, list[dict[str, 
     images = {role: vs.image_set(name, args.n_images, args.image_size, args.seed) for role, name in set_names.items()}
     feats = {role: [] for role in SET_ROLES}
     for i, name in enumerate(names):
+        vs.log(f"extracting {name}")
         model = vs.load_vision_model(name, seed=args.seed + i)
         layers = model.taps(args.blocks)
         for role in SET_ROLES:
@@ -322,8 +336,10 @@ def run(args: argparse.Namespace) -> dict:
     set_names = {"in-distribution": args.in_dist, "ood": args.ood, "noise": args.noise_set}
     pretrained = [not n.endswith(vs.RANDOM_SUFFIX) for n in names]
     feats = extract(names, set_names, args)
+    vs.log("scoring")
     point = all_statistics(feats, metrics, pretrained, args.k)
-    low, high = bootstrap(feats, metrics, pretrained, args.k, point, args.n_images, args)
+    vs.log(f"jackknife ({args.jackknife_groups} groups)")
+    low, high = jackknife(feats, metrics, pretrained, args.k, point, args.n_images, args)
     figures = save_figures(args.out, point, low, high, metrics, names, set_names)
     seconds = time.time() - start
     pairs = [f"{names[i]} vs {names[j]}" for i, j in itertools.combinations(range(len(names)), 2)]

@@ -16,6 +16,8 @@ layer pair ``[L, V, 2]``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +66,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=None, help="the paper's --pool for the one --modality chosen (avg|last for "
                    "language, none|avg for vision)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", default="auto", help="torch CPU threads: a number, or auto = 1 when the machine is "
+                   "oversubscribed (load average above the core count; spinning threads then run ~5x slower), "
+                   "else torch's default (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-extract even if the feature file exists")
 
 
@@ -86,6 +91,27 @@ def _apply_pool(args: argparse.Namespace) -> None:
     setattr(args, f"pool_{args.modality}", args.pool)
 
 
+@contextlib.contextmanager
+def cpu_threads(spec: str | int):
+    """Set torch's CPU thread count for the block (``"auto"``: see ``--threads``), then restore it."""
+    before = torch.get_num_threads()
+    if spec == "auto":
+        cores = os.cpu_count() or 1
+        n = 1 if os.getloadavg()[0] > cores else before
+    else:
+        try:
+            n = int(spec)
+        except ValueError:
+            raise RecipeError(f"--threads must be a positive number or auto, got {spec!r}") from None
+        if n < 1:
+            raise RecipeError(f"--threads must be a positive number or auto, got {spec!r}")
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_extract(args: argparse.Namespace, log=print) -> dict:
     """Extract every model of ``args``; returns ``{"dataset", "files", "skipped", "unavailable"}``.
 
@@ -95,7 +121,7 @@ def run_extract(args: argparse.Namespace, log=print) -> dict:
     names = _model_list(args)
     _apply_pool(args)
     data = load_paired(args.data, args.subset, args.n)
-    log(f"data: {data.name}, {len(data)} pairs -> {data.slug}")
+    log(f"data: {data.name}, {len(data)} pairs -> {data.slug}; {torch.get_num_threads()} CPU thread(s)")
     files, skipped, unavailable, seconds = {}, [], {}, {}
     for name in names:
         pool = args.pool_language if modality_of(name) == "language" else args.pool_vision
@@ -119,7 +145,12 @@ def run_extract(args: argparse.Namespace, log=print) -> dict:
 def extract_main(argv: list[str] | None = None) -> int:
     """``prh-lightning extract``: see ``--help``."""
     args = _extract_parser().parse_args(argv)
-    return _guarded(lambda: run_extract(args))
+
+    def run() -> None:
+        with cpu_threads(args.threads):
+            run_extract(args)
+
+    return _guarded(run)
 
 
 # -- measure --------------------------------------------------------------------------------
@@ -334,7 +365,7 @@ def _report(result: dict, extract: dict, seconds: float, out: Path) -> None:
     report.section("Alignment vs vision model size", "Parameters: " + ", ".join(
         f"{v}: {result['num_params'][v] / 1e6:.1f}M" for v in vis), figure="figures/alignment_vs_vision_size.png")
     if extract["unavailable"]:
-        report.section("Models skipped", "\n".join(f"- {k}: {v[:300]}" for k, v in extract["unavailable"].items()))
+        report.section("Models skipped", "\n".join(f"- {k}: {' '.join(v.split())[:300]}" for k, v in extract["unavailable"].items()))
     report.write(out / "report.md")
 
 
@@ -346,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> dict:
         start = time.perf_counter()
-        extract = run_extract(args)
+        with cpu_threads(args.threads):
+            extract = run_extract(args)
         result = run_measure(args.out, extract["dataset"], args.pool_language, args.pool_vision, args.metric, args.k,
                              args.clip_quantile, not args.no_normalize, shuffle_control=True)
         figures = _figures(result, args.out / "figures")

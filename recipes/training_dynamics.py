@@ -116,7 +116,9 @@ def record_initial(model, probe: torch.Tensor, layers: list[str]) -> Representat
     model.eval()
     with torch.no_grad(), LayerTaps(model, layers=layers, reduce="mean") as taps:
         model(probe)
-        return taps.representations()
+        reps = taps.representations()
+    model.train()
+    return reps
 
 
 def train_run(arch: str, seed: int, train: tuple[torch.Tensor, torch.Tensor], probe: torch.Tensor,

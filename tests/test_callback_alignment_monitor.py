@@ -29,6 +29,7 @@ from prh_lightning.callbacks import AlignmentMonitor, Reference
 from prh_lightning.representations import Representations
 
 K = 5
+SNAPSHOTS = ("self_initial", "self_previous")
 LAYERS = ["conv1", "conv2", "fc"]
 
 
@@ -78,14 +79,10 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     fit(model, [mon], TensorBoardLogger(tmp_path, name="tb"))
 
     scalars = read_scalars(str(tmp_path))
-    expected = {
-        f"alignment/{m}/{t}/{s}"
-        for m in ("cka", "mutual_knn")
-        for t in ("twin", "fixed", "fn")
-        for s in ["best", *LAYERS]
-    }
-    expected |= {f"alignment/{m}/{t}/{s}" for m in ("cka", "mutual_knn") for t in ("self_initial", "self_previous") for s in ["mean", *LAYERS]}
-    expected |= {f"alignment/{m}/self/mean_offdiag" for m in ("cka", "mutual_knn")}
+    metrics = ("cka", "mutual_knn")
+    expected = {f"alignment/{m}/{t}/{s}" for m in metrics for t in ("twin", "fixed", "fn") for s in ["best", *LAYERS]}
+    expected |= {f"alignment/{m}/{t}/{s}" for m in metrics for t in SNAPSHOTS for s in ["mean", *LAYERS]}
+    expected |= {f"alignment/{m}/self/mean_offdiag" for m in metrics}
     assert set(scalars) == expected
     # checks at train start, every 2 steps; validation ends (steps 4, 8) coincide with step checks
     for tag, points in scalars.items():
@@ -100,7 +97,8 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     now, then, ref = tiny_features(model, x), tiny_features(start, x), tiny_features(twin, x)
     last = {tag: points[-1][1] for tag, points in scalars.items()}
     for layer in LAYERS:
-        assert last[f"alignment/cka/self_initial/{layer}"] == pytest.approx(brute_cka(now[layer], then[layer]), abs=1e-4)
+        cka_then = brute_cka(now[layer], then[layer])
+        assert last[f"alignment/cka/self_initial/{layer}"] == pytest.approx(cka_then, abs=1e-4)
         twin_best = max(brute_cka(now[layer], ref[r]) for r in ("conv1", "fc"))
         assert last[f"alignment/cka/twin/{layer}"] == pytest.approx(twin_best, abs=1e-4)
         knn_fixed = brute_mutual_knn(now[layer], fixed, K)
@@ -108,12 +106,12 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     assert last["alignment/cka/twin/best"] == pytest.approx(max(last[f"alignment/cka/twin/{l}"] for l in LAYERS))
 
     images = event_accumulator(str(tmp_path)).Tags()["images"]
-    heatmaps = {f"alignment_heatmap/{m}/{t}" for m in ("cka", "mutual_knn") for t in ("twin", "fixed", "fn", "self")}
-    curves = {f"alignment_curves/{m}/{t}" for m in ("cka", "mutual_knn") for t in ("twin", "fixed", "fn", "self_initial", "self_previous")}
+    heatmaps = {f"alignment_heatmap/{m}/{t}" for m in metrics for t in ("twin", "fixed", "fn", "self")}
+    curves = {f"alignment_curves/{m}/{t}" for m in metrics for t in ("twin", "fixed", "fn", *SNAPSHOTS)}
     assert set(images) == heatmaps | curves
     acc = event_accumulator(str(tmp_path))
     shots = acc.Images("alignment_heatmap/cka/twin")
-    assert [e.step for e in shots] == [0, 2, 4, 6, 8]
+    assert [e.step for e in shots] == [2, 4, 6, 8]  # every check but the one at train start
     assert shots[-1].width > 200 and shots[-1].height > 150
     assert len(acc.Images("alignment_curves/mutual_knn/self_initial")) == 1
 
@@ -127,9 +125,8 @@ def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
         callbacks = []
         if with_monitor:  # a shuffling probe loader: materialising it must not draw from training's RNG
             px, py = probe_data()
-            callbacks.append(
-                AlignmentMonitor(probe=loader(px, py, batch_size=8, shuffle=True), layers="*", k=K, every_n_train_steps=3)
-            )
+            probe = loader(px, py, batch_size=8, shuffle=True)
+            callbacks.append(AlignmentMonitor(probe=probe, layers="*", k=K, every_n_train_steps=3))
         model = TinyNet(dropout=0.3, batchnorm=True)
         x, y = synthetic_data(64)
         trainer = L.Trainer(max_steps=9, callbacks=callbacks, logger=CSVLogger(tmp_path), **TRAINER_KW)
@@ -185,7 +182,7 @@ def test_csv_logger_gets_scalars_and_bare_logger_does_not_crash(tmp_path):
     assert [s for s, _ in mine] == [s for s, _ in logged]
     assert [m[tag] for _, m in mine] == pytest.approx([v for _, v in logged], abs=1e-6)
     other_layers = ["conv1", "norm", "act1", "pool", "conv2", "act2", "drop", "fc"]  # every leaf, in call order
-    assert [name for name in mon._cache["other"]] == other_layers
+    assert mon.reference_layers == {"other": other_layers}
     for layer in LAYERS:
         assert f"alignment/mutual_knn/other/{layer}" in mine[-1][1]
 
@@ -242,11 +239,18 @@ def test_probe_smaller_than_k_plus_one():
         (dict(references={"a/b": TinyNet()}), ValueError, "without '/'"),
         (dict(references={"x": 3}), TypeError, "reference 'x' is a int"),
         (dict(metrics=()), ValueError, "metrics is empty"),
+        (dict(log_images=-1), ValueError, "log_images must be True, False or a positive int"),
+        (dict(k=0), ValueError, "k must be a positive int"),
     ],
 )
 def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         monitor(**kwargs)
+
+
+def test_reference_needs_a_module():
+    with pytest.raises(TypeError, match="Reference.model must be an nn.Module"):
+        Reference(lambda x: x)
 
 
 def test_bad_probe():

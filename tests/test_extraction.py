@@ -17,6 +17,15 @@ from prh_lightning.models.pretrained import minilm_path
 from prh_lightning.representations import Representations
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_when_oversubscribed():
+    """On a shared, oversubscribed CPU torch's spinning threads run ~5x slower than one thread."""
+    from prh_lightning.recipes.platonic import cpu_threads
+
+    with cpu_threads("auto"):
+        yield
 CAPTIONS = ["A black dog leaps over a log .", "Two children play in the sand at the beach with a red bucket .",
             "A man .", "A woman in a blue coat walks past a shop window at night ."]
 
@@ -107,3 +116,22 @@ def test_extract_is_resumable_and_force_redoes(pairs, minilm, tmp_path):
 def test_pool_not_defined_for_the_modality_is_refused(pairs, tmp_path):
     with pytest.raises(ValueError, match="--pool 'last' is not defined for vision"):
         extract_model("efficientnet-lite0", pairs, tmp_path, pool="last")
+
+
+def test_timm_vit_blocks_cls_and_token_mean_match_timm_intermediates():
+    import timm
+    from PIL import Image
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()  # random weights: shapes and pooling only
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    vit = zoo.LoadedModel("vit", "vision", "timm", model, preprocess=transform)
+    images = [Image.new("RGB", (300, 200), (60 * i, 100, 200 - 40 * i)) for i in range(3)]
+    cls = vision_features(vit, images, pool="none")
+    avg = vision_features(vit, images, pool="avg")
+    x = torch.stack([transform(im) for im in images])
+    with torch.no_grad():
+        blocks = model.forward_intermediates(x, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+    assert list(cls) == [f"blocks.{i}" for i in range(12)]
+    for i, (patches, prefix) in enumerate(blocks):
+        torch.testing.assert_close(cls[f"blocks.{i}"], prefix[:, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(avg[f"blocks.{i}"], torch.cat([prefix, patches], 1).mean(1), atol=1e-5, rtol=1e-4)

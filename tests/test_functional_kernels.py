@@ -12,6 +12,15 @@ from scipy.spatial.distance import pdist, squareform
 from prh_lightning.functional import center_gram, cka, cknna, hsic, median_distance, rbf_kernel, u_center, unbiased_cka
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rand(n, d, seed, dtype=torch.float64):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -188,3 +197,18 @@ def test_kernel_bad_inputs():
     nan[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         cknna(nan, _rand(10, 3, 2), k=3)
+
+
+def test_masked_hsic_from_neighbours_matches_dense_masked_hsic(pair):
+    from prh_lightning.functional import knn_indices, masked_hsic_from_neighbours
+
+    a, b = pair
+    K, L = (a @ a.T).numpy(), (b @ b.T).numpy()
+    ia, ib = knn_indices(a, 6), knn_indices(b, 6)
+    va, vb = torch.gather(a @ a.T, 1, ia), torch.gather(b @ b.T, 1, ib)
+    mask = np.zeros_like(K, dtype=bool)
+    for i in range(len(K)):
+        for j in set(ia[i].tolist()) & set(ib[i].tolist()):
+            mask[i, j] = True
+    expected = np_hsic_unbiased(K * mask, L * mask)
+    assert float(masked_hsic_from_neighbours(ia, va, ib, vb)) == pytest.approx(expected, rel=1e-10)

@@ -103,3 +103,15 @@ def test_measure_refuses_feature_files_with_different_samples(tmp_path, capsys):
     assert platonic.measure_main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "12 samples" in err and "10" in err and "same pairs" in err
+
+
+def test_paper_style_pool_needs_a_modality(tmp_path, capsys):
+    assert platonic.extract_main(["--out", str(tmp_path), "--pool", "avg"]) == 2
+    assert "--pool needs --modality" in capsys.readouterr().err
+    assert platonic.extract_main(["--out", str(tmp_path), "--modality", "vision", "--pool", "last"]) == 2
+    assert "not defined for vision" in capsys.readouterr().err
+
+
+def test_measure_before_extract_says_what_to_run(tmp_path, capsys):
+    assert platonic.measure_main(["--out", str(tmp_path)]) == 2
+    assert "run prh-lightning extract" in capsys.readouterr().err.lower()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_features, check_pair
+from ._validation import check_pair
 
 __all__ = ["canonical_correlations", "svcca", "top_singular_directions"]
 

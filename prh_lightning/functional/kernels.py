@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_centred_signal, check_choice, check_features, check_k, check_min_samples, check_pair, check_positive
+from ._validation import check_centred_signal, check_choice, check_k, check_min_samples, check_pair, check_positive
 from .knn import knn_from_gram
 
 __all__ = [

@@ -7,7 +7,8 @@ neighbour. Ties are broken deterministically: larger similarity first, then lowe
 
 Building blocks usable on their own (e.g. by streaming metrics): :func:`knn_indices`,
 :func:`knn_from_gram`, and the ``*_from_indices`` scorers, which broadcast over leading
-batch dimensions so many layer pairs can be scored at once.
+batch dimensions so many layer pairs can be scored at once and return exact float64 scores
+(the metrics cast them to the input dtype).
 """
 
 from __future__ import annotations
@@ -74,11 +75,15 @@ def knn_from_gram(
         redo = ambiguous.nonzero().flatten()
         index[redo] = torch.sort(g[redo], dim=1, descending=True, stable=True).indices[:, :k]
         values[redo] = torch.gather(g[redo], 1, index[redo])
-    # Order the chosen set by (similarity desc, index asc).
-    index, order = torch.sort(index, dim=1)
-    values = torch.gather(values, 1, order)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return torch.gather(index, 1, order)
+    # topk already orders by similarity; only rows with tied values need (value desc, index asc).
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        sub_index, order = torch.sort(index[rows], dim=1)
+        sub_values = torch.gather(values[rows], 1, order)
+        order = torch.sort(sub_values, dim=1, descending=True, stable=True).indices
+        index[rows] = torch.gather(sub_index, 1, order)
+    return index
 
 
 def _auto_rows(n: int, budget_elements: int = 2**25) -> int:
@@ -114,8 +119,8 @@ def _shared(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
 
 def mutual_knn_from_indices(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
     """``mean_i |N_a(i) ∩ N_b(i)| / k`` from ``[..., n, k]`` neighbour lists; returns ``[...]``."""
-    k = idx_a.shape[-1]
-    return _shared(idx_a, idx_b).sum(dim=-1).to(torch.float32).mean(dim=-1) / k
+    n, k = idx_a.shape[-2:]
+    return _shared(idx_a, idx_b).sum(dim=(-2, -1)).double() / (n * k)
 
 
 def cycle_knn_from_indices(
@@ -130,7 +135,7 @@ def cycle_knn_from_indices(
     target = torch.arange(n, device=idx_a.device) if groups is None else groups
     ids = hops if groups is None else groups[hops]
     hit = (ids == target.view(n, 1, 1)).flatten(-2).any(dim=-1)
-    return hit.to(torch.float32).mean(dim=-1)
+    return hit.sum(dim=-1).double() / n
 
 
 def _second_hop(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
@@ -171,13 +176,13 @@ def edit_distances(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
 
 def lcs_knn_from_indices(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
     """``mean_i LCS(N_a(i), N_b(i))`` (a length in ``[0, k]``) from ``[..., n, k]`` lists."""
-    return lcs_lengths(idx_a, idx_b).to(torch.float32).mean(dim=-1)
+    return lcs_lengths(idx_a, idx_b).sum(dim=-1).double() / idx_a.shape[-2]
 
 
 def edit_distance_knn_from_indices(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
     """``1 - mean_i Levenshtein(N_a(i), N_b(i)) / k`` from ``[..., n, k]`` lists."""
-    k = idx_a.shape[-1]
-    return 1.0 - edit_distances(idx_a, idx_b).to(torch.float32).mean(dim=-1) / k
+    n, k = idx_a.shape[-2:]
+    return 1.0 - edit_distances(idx_a, idx_b).sum(dim=-1).double() / (n * k)
 
 
 # -- metrics on features -------------------------------------------------------------------
@@ -196,7 +201,7 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
     ``x @ x.T`` (self excluded). 1 for identical neighbourhoods, about ``k/(n-1)`` by chance.
     Returns a 0-dim float32 tensor.
     """
-    return mutual_knn_from_indices(*_pair_indices(a, b, k))
+    return mutual_knn_from_indices(*_pair_indices(a, b, k)).to(a.dtype)
 
 
 def cycle_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -205,7 +210,7 @@ def cycle_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
     ``score = (1/n) Σ_i 1[i ∈ ∪_{j ∈ N_b(i)} N_a(j)]`` (platonic-rep ``knn_A[knn_B]``).
     """
     idx_a, idx_b = _pair_indices(a, b, k)
-    return cycle_knn_from_indices(idx_a, idx_b)
+    return cycle_knn_from_indices(idx_a, idx_b).to(a.dtype)
 
 
 def lcs_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -214,7 +219,7 @@ def lcs_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
     ``score = (1/n) Σ_i LCS(N_a(i), N_b(i))``, in ``[0, k]`` (not divided by ``k``, as in
     platonic-rep's ``longest_ordinal_sequence``).
     """
-    return lcs_knn_from_indices(*_pair_indices(a, b, k))
+    return lcs_knn_from_indices(*_pair_indices(a, b, k)).to(a.dtype)
 
 
 def edit_distance_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
@@ -222,4 +227,4 @@ def edit_distance_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Te
 
     ``score = 1 - (1/n) Σ_i lev(N_a(i), N_b(i)) / k``, in ``[0, 1]``.
     """
-    return edit_distance_knn_from_indices(*_pair_indices(a, b, k))
+    return edit_distance_knn_from_indices(*_pair_indices(a, b, k)).to(a.dtype)

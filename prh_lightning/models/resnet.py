@@ -152,13 +152,20 @@ class GrayResNet18(ClassifierModule):
             )
         return head_fits
 
-    def train(self, mode: bool = True) -> GrayResNet18:
-        """Like ``nn.Module.train``, but a frozen backbone stays in eval mode (fixed BatchNorm)."""
-        super().train(mode)
-        if mode and self.freeze_backbone:
+    def _keep_backbone_frozen(self) -> None:
+        """A frozen backbone stays in eval mode (fixed BatchNorm statistics) while ``fc`` trains."""
+        if self.freeze_backbone and self.training:
             for name in _PARTS:
                 getattr(self, name).eval()
+
+    def train(self, mode: bool = True) -> GrayResNet18:
+        super().train(mode)
+        self._keep_backbone_frozen()
         return self
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Lightning may set each module's training flag directly (e.g. after validation).
+        self._keep_backbone_frozen()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, 1, H, W]`` in ``[0, 1]`` -> logits ``[b, num_classes]``."""

@@ -1,0 +1,60 @@
+"""prh_lightning.plotting: the figures the callbacks log (and the recipes save)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prh_lightning.plotting import figure_to_array, heatmap_figure, line_figure
+
+
+def test_heatmap_draws_the_matrix_with_labels_and_limits():
+    matrix = torch.tensor([[0.1, 0.9, float("nan")], [0.5, 0.2, 0.7]])
+    fig = heatmap_figure(matrix, ["conv1", "fc"], ["a", "b", "c"], title="cka", vmin=0.0, vmax=1.0)
+    ax = fig.axes[0]
+    image = ax.images[0]
+    shown = image.get_array()
+    assert np.allclose(shown.filled(np.nan)[~np.isnan(matrix.numpy())], matrix.numpy()[~np.isnan(matrix.numpy())])
+    assert shown.mask[0, 2] and image.get_clim() == (0.0, 1.0)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["conv1", "fc"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert ax.get_title() == "cka"
+    assert sorted(t.get_text() for t in ax.texts) == ["0.10", "0.20", "0.50", "0.70", "0.90"]  # NaN cell left blank
+
+
+def test_figure_to_array_is_rgb_uint8_and_shows_the_colours():
+    fig = heatmap_figure(np.eye(2), ["x", "y"], ["x", "y"], vmin=0, vmax=1, cmap="gray", annotate=False)
+    array = figure_to_array(fig)
+    assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+    assert array.shape[0] > 100 and array.shape[1] > 100
+    # a gray colormap of the identity: both black (0) and white (1) cells appear
+    assert (array.sum(axis=2) == 0).any() and (array.min(axis=2) == 255).any()
+
+
+def test_many_labels_are_thinned_and_large_matrices_not_annotated():
+    fig = heatmap_figure(np.random.rand(100, 3), [f"l{i}" for i in range(100)], ["a", "b", "c"])
+    ax = fig.axes[0]
+    assert 10 <= len(ax.get_yticks()) <= 40 and not ax.texts
+
+
+def test_line_figure_one_line_per_series():
+    fig = line_figure({"conv1": ([0, 10, 20], [0.1, 0.2, 0.4]), "fc": ([0, 10, 20], [0.3, 0.3, 0.2])}, ylim=(0, 1))
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["conv1", "fc"]
+    assert list(ax.lines[0].get_ydata()) == [0.1, 0.2, 0.4] and ax.get_ylim() == (0, 1)
+    assert figure_to_array(fig).shape[2] == 3
+
+
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda: heatmap_figure(np.zeros((2, 3)), ["a"], ["a", "b", "c"]), "1 row labels"),
+        (lambda: heatmap_figure(np.zeros(3), ["a"], ["a"]), r"2-d \[Lx, Ly\] matrix"),
+        (lambda: line_figure({}), "at least one series"),
+        (lambda: line_figure({"a": ([0, 1], [0.5])}), "2 x values but 1 y values"),
+    ],
+)
+def test_bad_input(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()

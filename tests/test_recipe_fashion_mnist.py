@@ -1,0 +1,196 @@
+"""The Fashion-MNIST recipe end to end: one tiny real run (real Fashion-MNIST, real MiniLM,
+real Trainer runs), its outputs checked against independent references (scipy, numpy),
+TensorBoard files read back, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+from scipy.stats import spearmanr
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from prh_lightning import Representations
+from prh_lightning.functional import permutation_test
+from prh_lightning.recipes import fashion_mnist as recipe
+
+pytestmark = pytest.mark.slow
+
+CNN = ["conv1", "conv2", "avgpool"]
+RESNET = ["conv1", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+TINY = ["--n-samples", "100", "--train-size", "2000", "--epochs", "1", "--resnet-weights", "scratch",
+        "--resnet-epochs", "1", "--resnet-train-size", "400", "--val-size", "100", "--test-size", "200",
+        "--batch-size", "64", "--permutations", "99", "--bootstraps", "20", "--umap-points", "100",
+        "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fashion") / "out"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = recipe.main(["--out", str(out), *TINY])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    return out, summary, stdout.getvalue()
+
+
+def _reps(out: Path, name: str) -> Representations:
+    return Representations.load(out / "representations" / f"{name}.safetensors")
+
+
+def test_every_output_exists_and_the_report_shows_every_figure(run):
+    out, summary, stdout = run
+    report = (out / "report.md").read_text()
+    figures = sorted((out / "figures").glob("*.png"))
+    names = {p.stem for p in figures}
+    assert {"umap_resnet", "umap_fashioncnn", "rsa_fashioncnn_minilm", "rsa_resnet_minilm",
+            "heatmap_rsa_euclidean", "heatmap_rsa_cosine", "heatmap_cka", "heatmap_mutual_knn"} <= names
+    for png in figures:
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100
+        assert f"(figures/{png.name})" in report
+    for path in summary["heatmaps"].values():
+        assert (out / path).is_file()
+    assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in stdout
+    assert summary["resnet_weights"] == "scratch"
+
+
+def test_matrices_match_the_layer_lists_and_independent_references(run):
+    out, summary, _ = run
+    cnn, resnet = _reps(out, "fashioncnn"), _reps(out, "resnet")
+    assert cnn.layers == CNN and resnet.layers == RESNET and cnn.n == resnet.n == 100
+    assert torch.equal(cnn.labels, resnet.labels)
+    for name, entry in summary["heatmap_matrices"].items():
+        values = np.array(entry["values"])
+        assert entry["rows"] == CNN and entry["cols"] == RESNET and values.shape == (3, 6), name
+        assert np.all(np.isfinite(values)) and np.all(np.abs(values) <= 1 + 1e-6), name
+    # RSA with Euclidean RDMs: scipy's pdist + spearmanr, cell by cell.
+    euclid = np.array(summary["heatmap_matrices"]["rsa_euclidean"]["values"])
+    for i, a in enumerate(CNN):
+        for j, b in enumerate(RESNET):
+            ref = spearmanr(pdist(cnn[a].double().numpy()), pdist(resnet[b].double().numpy())).statistic
+            assert euclid[i, j] == pytest.approx(ref, abs=1e-4)
+    # Linear CKA of L2-normalised rows, from its textbook formula in numpy.
+    cka = np.array(summary["heatmap_matrices"]["cka"]["values"])
+    x = cnn["avgpool"].double().numpy()
+    y = resnet["layer2"].double().numpy()
+    x, y = x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
+    x, y = x - x.mean(0), y - y.mean(0)
+    ref = np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    assert cka[2, 2] == pytest.approx(ref, abs=1e-4)
+
+
+def test_centroid_rsa_against_scipy_and_its_statistics(run):
+    out, summary, _ = run
+    text = _reps(out, "minilm_labels")
+    assert text.layers == ["names", "templates"] and tuple(text["names"].shape) == (10, 384)
+    for model, key in (("fashioncnn", "rsa_fashioncnn_minilm"), ("resnet", "rsa_resnet_minilm")):
+        reps = _reps(out, model)
+        feats, labels = reps["avgpool"].double().numpy(), reps.labels.numpy()
+        centroids = np.stack([feats[labels == c].mean(0) for c in range(10)])
+        ref = spearmanr(pdist(centroids, "cosine"), pdist(text["names"].double().numpy(), "cosine")).statistic
+        assert summary[key] == pytest.approx(ref, abs=1e-6)
+        assert -1.0 <= summary[key] <= 1.0
+        assert 1 / 100 <= summary[f"{key}_p"] <= 1.0  # 99 permutations: p is a multiple of 1/100
+        assert summary[f"{key}_p"] * 100 == pytest.approx(round(summary[f"{key}_p"] * 100))
+        stats = summary["centroid_rsa"][model]["names"]["avgpool"]
+        low, high = stats["spearman_ci95"]
+        assert -1.0 <= low <= high <= 1.0
+        assert -1.0 <= stats["pearson"] <= 1.0
+        assert -1.0 <= summary[f"{key}_templates"] <= 1.0
+
+
+def test_test_accuracies_are_above_chance(run):
+    _, summary, _ = run
+    # 200 test images: chance is 0.10 with a standard deviation of 0.021.
+    assert summary["test_images"] == 200
+    assert summary["test_accuracy"]["fashioncnn"] > 0.2
+    assert summary["test_accuracy"]["resnet"] > 0.2
+
+
+def test_tensorboard_holds_the_alignment_scalars(run):
+    out, summary, _ = run
+    events = EventAccumulator(str(out / "tensorboard" / "fashion_cnn"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for metric in ("cka", "mutual_knn"):
+        for reference in ("minilm", "resnet"):
+            assert f"alignment/{metric}/{reference}/best" in tags
+            for layer in CNN:
+                assert f"alignment/{metric}/{reference}/{layer}" in tags
+    values = [e.value for e in events.Scalars("alignment/cka/resnet/best")]
+    assert len(values) >= 3  # start, every 5 steps of 31, validation end
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in values)
+    assert summary["monitor_final"]["alignment/cka/resnet/best"] == pytest.approx(values[-1], abs=1e-6)
+    assert "test_acc" in EventAccumulator(str(out / "tensorboard" / "resnet")).Reload().Tags()["scalars"]
+
+
+def test_mantel_test_matches_the_library_permutation_test():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 32, generator=gen, dtype=torch.float64)
+    b = a @ torch.randn(32, 48, generator=gen, dtype=torch.float64) + torch.randn(10, 48, generator=gen, dtype=torch.float64)
+    for compare in ("spearman", "pearson"):
+        ours = recipe.mantel_test(a, b, compare, n_permutations=30, seed=5)
+        ref = permutation_test(a, b, metric="rsa", n_permutations=30, seed=5, distance="cosine", compare=compare)
+        assert ours["score"] == pytest.approx(ref.score, abs=1e-9)
+        assert ours["p_value"] == pytest.approx(ref.p_value)
+        assert ours["z_score"] == pytest.approx(ref.z_score, rel=1e-6)
+
+
+def _hide_fashion_mnist(tmp_path: Path, monkeypatch) -> Path:
+    import prh_lightning.data.fashion_mnist as fm
+
+    monkeypatch.setenv("PRH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("PRH_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "no-debian")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return empty
+
+
+def test_missing_data_gives_instructions_and_exit_2(tmp_path, monkeypatch, capsys):
+    empty = _hide_fashion_mnist(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    status = recipe.main(["--out", str(out), "--data-dir", str(empty), *TINY])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "apt-get install dataset-fashion-mnist" in err and "--download" in err
+    assert "Traceback" not in err
+    assert not (out / "summary.json").exists() and not (out / "report.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-samples", "5"], "--n-samples must be at least 30"),
+    (["--resnet-weights", "/no/such/file.pth"], "--resnet-weights must be auto, imagenet, scratch"),
+    (["--permutations", "0"], "--permutations must be positive"),
+])
+def test_bad_options_give_a_message_and_exit_2(tmp_path, capsys, args, message):
+    status = recipe.main(["--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_resnet_weights_auto_falls_back_to_scratch_and_imagenet_fails_clearly(tmp_path, monkeypatch, capsys):
+    import prh_lightning.models.resnet as resnet
+    from prh_lightning.models.pretrained import PretrainedUnavailable
+
+    def unavailable(allow_download: bool = True):
+        raise PretrainedUnavailable("could not get the ResNet-18 ImageNet weights (offline)")
+
+    monkeypatch.setattr(resnet, "imagenet_state_dict", unavailable)
+    model, info = recipe.build_resnet(recipe.Settings(out=tmp_path, resnet_weights="auto"))
+    assert info["weights"] == "scratch" and "trained from scratch" in info["note"] and info["needs_training"]
+    status = recipe.main(["--out", str(tmp_path / "out"), *TINY, "--resnet-weights", "imagenet"])
+    err = capsys.readouterr().err
+    assert status == 2 and "could not get the ResNet-18 ImageNet weights (offline)" in err
+    assert "Traceback" not in err

@@ -1,0 +1,79 @@
+"""The progressive-noise recipe: a tiny end-to-end run and the chance-level machinery."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from prh_lightning.recipes import _vision_set as vs
+from prh_lightning.recipes import noise
+
+FLICKR = vs.flickr_dir()
+needs_flickr = pytest.mark.skipif(not FLICKR.is_dir(), reason=f"Flickr8k photos not at {FLICKR} (set PRH_FLICKR_DIR)")
+TINY = ["--n-images", "16", "--levels", "3", "--image-size", "32", "--models", "lite0,lite1",
+        "--k", "3", "--bootstrap", "10", "--permutations", "20", "--max-sigma", "3"]
+
+
+@pytest.mark.slow
+@needs_flickr
+def test_tiny_run_writes_consistent_outputs(tmp_path):
+    assert noise.main(["--out", str(tmp_path), *TINY]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sigmas"] == pytest.approx([0.0, 1.5, 3.0])
+    curve = np.array(summary["mean_alignment"])
+    assert curve.shape == (3,) and np.all((curve >= 0) & (curve <= 1))
+    assert summary["chance_analytic"] == pytest.approx(3 / 15)
+    # with one pair the mean over pairs is that pair's curve
+    assert summary["per_pair_alignment"]["lite0 vs lite1"] == pytest.approx(curve.tolist())
+    # clean photos: two ImageNet models agree far above shuffled pairing
+    assert curve[0] > summary["chance_band_high"][0]
+    assert (tmp_path / "figures" / "noise_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Against the seed" in (tmp_path / "report.md").read_text()
+
+
+def test_shuffled_null_matches_analytic_chance():
+    """Independent random features: the row-shuffle null averages k/(n-1)."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 60, 5
+    feats = [[torch.randn(n, 8, generator=gen) for _ in range(3)]]
+    null = noise.chance_null(feats, [(0, 1), (0, 2), (1, 2)], k, n_perm=300, seed=0)
+    assert null.shape == (300, 1)
+    assert null.mean() == pytest.approx(k / (n - 1), abs=0.01)
+
+
+def test_shuffling_rows_relabels_identical_features_to_chance():
+    """Identical features score 1 unshuffled; the null of the same features sits near chance."""
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
+    feats = [[x, x.clone()]]
+    assert noise.curve(feats, [(0, 1)], k=4)[0] == pytest.approx(1.0)
+    assert noise.chance_null(feats, [(0, 1)], 4, n_perm=200, seed=0).mean() < 0.2
+
+
+def test_first_crossing():
+    upper = np.array([0.2, 0.2, 0.2, 0.2])
+    assert noise.first_crossing(np.array([0.9, 0.5, 0.19, 0.3]), upper) == 2
+    assert noise.first_crossing(np.array([0.9, 0.5, 0.4, 0.3]), upper) is None
+    batch = noise.first_crossing(np.array([[0.9, 0.1, 0.1, 0.1], [0.9, 0.9, 0.9, 0.9]]), upper)
+    assert batch[0] == 1 and np.isnan(batch[1])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--models", "lite0"], "at least two"), (["--models", "lite0,vit"], "unknown model"),
+     (["--k", "40"], "--k"), (["--levels", "1"], "--levels")],
+)
+def test_bad_input_gives_a_message(tmp_path, capsys, extra, message):
+    assert noise.main(["--out", str(tmp_path), *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_missing_photos_give_a_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRH_FLICKR_DIR", str(tmp_path / "nowhere"))
+    assert noise.main(["--out", str(tmp_path / "out"), *TINY]) == 2
+    assert "PRH_FLICKR_DIR" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
