@@ -46,6 +46,7 @@ from prh_lightning.callbacks._probe import (
 Features = dict[str, torch.Tensor]
 SNAPSHOTS = ("self_initial", "self_previous")
 _RESERVED = ("self", *SNAPSHOTS)
+_IMAGE_DPI = 80  # TensorBoard images: readable, and cheap enough to render at every check
 _UNIT_RANGE = {"cka", "mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn"}  # scores in [0, 1]
 
 
@@ -89,7 +90,8 @@ class Reference:
     def features(self, probe: Probe) -> Features:
         """Ordered ``{layer: Tensor[n, d]}`` of the reference on the probe."""
         inputs = self._inputs(probe)
-        chunks = [slice_inputs(inputs, i, i + self.batch_size) for i in range(0, num_rows(inputs), self.batch_size)]
+        size = num_rows(inputs) if _is_text(inputs) and self.layers is None else self.batch_size  # encode batches
+        chunks = [slice_inputs(inputs, i, i + size) for i in range(0, num_rows(inputs), size)]
         if self.layers is not None:
             forward = self.forward_fn or _call_reference
             return probe_features(self.model, chunks, layers=self.layers, reduce=self.reduce, forward_fn=forward)
@@ -108,7 +110,7 @@ class Reference:
     def _output(self, chunk: Any) -> Any:
         if self.forward_fn is not None:
             return self.forward_fn(self.model, chunk)
-        if isinstance(chunk, list) and chunk and isinstance(chunk[0], str) and hasattr(self.model, "encode"):
+        if _is_text(chunk) and hasattr(self.model, "encode"):
             return _encode_unique(self.model, chunk)
         return _call_reference(self.model, chunk)
 
@@ -116,9 +118,13 @@ class Reference:
 def _call_reference(model: nn.Module, chunk: Any) -> Any:
     """``model.encode`` for a list of strings (sentence-transformers), ``model(**x)`` for a
     mapping, else ``model(x)``."""
-    if isinstance(chunk, list) and chunk and isinstance(chunk[0], str) and hasattr(model, "encode"):
-        return model.encode(chunk, batch_size=len(chunk), convert_to_tensor=True, show_progress_bar=False)
+    if _is_text(chunk) and hasattr(model, "encode"):
+        return model.encode(chunk, convert_to_tensor=True, show_progress_bar=False)
     return model(**chunk) if isinstance(chunk, Mapping) else model(chunk)
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and isinstance(x[0], str)
 
 
 def _encode_unique(model: nn.Module, texts: list[str]) -> torch.Tensor:
@@ -226,7 +232,8 @@ class AlignmentMonitor(Callback):
         self._previous: Features | None = None
         self._last_step: int | None = None
         self._n_checks = 0
-        self._cache: dict[str, Features] = {}
+        self._cache: dict[str, Features] = {}  # frozen references' features
+        self._reference_layers: dict[str, list[str]] = {}
 
     @property
     def state_key(self) -> str:
@@ -261,7 +268,9 @@ class AlignmentMonitor(Callback):
         if self._initial is None:  # not restored from a checkpoint
             self._initial = self._previous = self._model_features(pl_module)
             self._check(trainer, pl_module, features=self._initial)
-        else:
+        else:  # restored from a checkpoint (on the CPU): snapshots go where the probe pass runs
+            self._initial = {k: v.to(pl_module.device) for k, v in self._initial.items()}
+            self._previous = {k: v.to(pl_module.device) for k, v in (self._previous or self._initial).items()}
             self._check(trainer, pl_module)
 
     def on_train_batch_end(
@@ -306,6 +315,7 @@ class AlignmentMonitor(Callback):
                 continue
             feats = {k: v.to(device=device, dtype=torch.float32) for k, v in _run_reference(spec, self.probe).items()}
             _check_samples(name, feats, self.probe.n)
+            self._reference_layers[name] = list(feats)
             if not (isinstance(spec, Reference) and not spec.frozen):
                 self._cache[name] = feats
             out[name] = feats
@@ -367,20 +377,24 @@ class AlignmentMonitor(Callback):
             metric, target = key.split("/", 1)
             if target in SNAPSHOTS:
                 continue
-            cols = rows if target == "self" else self._column_labels(target, matrix.shape[1])
+            cols = rows if target == "self" else self._reference_layers[target]
             limits = (0.0, 1.0) if metric in _UNIT_RANGE else (None, None)  # same colours at every step
             figures[f"alignment_heatmap/{key}"] = heatmap_figure(
-                matrix, rows, cols, f"{metric}: model vs {target}", *limits, xlabel=target, ylabel="model layer"
+                matrix, rows, cols, f"{metric}: model vs {target}", *limits, xlabel=target, ylabel="model layer",
+                dpi=_IMAGE_DPI,
             )
         return figures
 
     def _curves(self) -> dict[str, Any]:
-        """``{"alignment_curves/<metric>/<target>": Figure}``: each model layer's score over steps."""
+        """``{"alignment_curves/<metric>/<target>": Figure}``: each model layer's score over steps,
+        for each reference and ``self_initial``."""
         from prh_lightning.plotting import line_figure
 
         figures = {}
         for key in dict.fromkeys("/".join(tag.split("/")[1:3]) for tag in self.history):
             metric, target = key.split("/", 1)
+            if target == "self_previous":  # step-to-step change: its scalars say enough
+                continue
             series = {
                 layer: tuple(zip(*self.history[tag]))
                 for layer in self.model_layers
@@ -388,23 +402,19 @@ class AlignmentMonitor(Callback):
             }
             if series:
                 figures[f"alignment_curves/{key}"] = line_figure(
-                    series, title=f"{metric}: each model layer vs {target}", ylabel=metric
+                    series, title=f"{metric}: each model layer vs {target}", ylabel=metric, dpi=_IMAGE_DPI
                 )
         return figures
 
     @property
     def reference_layers(self) -> dict[str, list[str]]:
         """Layer names (matrix columns) of each reference computed so far."""
-        return {name: list(feats) for name, feats in self._cache.items()}
+        return dict(self._reference_layers)
 
     @property
     def model_layers(self) -> list[str]:
         """Names of the model's tapped layers (rows of every matrix); empty before the first check."""
         return list(self._previous or {})
-
-    def _column_labels(self, reference: str, n: int) -> list[str]:
-        cached = self._cache.get(reference)
-        return list(cached) if cached is not None and len(cached) == n else [str(i) for i in range(n)]
 
     # -- checkpointing -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

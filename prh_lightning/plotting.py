@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 _MAX_TICK_LABELS = 40  # beyond this, label every k-th row/column only
 _ANNOTATE_MAX_CELLS = 144  # write the value in each cell up to 12 x 12
-LAYOUT = "constrained"
+_LAYOUT = "constrained"  # matplotlib layout engine: labels never clipped
 
 
 def _as_matrix(matrix: torch.Tensor | np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -36,7 +36,7 @@ def _tick_positions(n: int) -> np.ndarray:
 
 
 def _new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
-    fig = Figure(figsize=figsize, dpi=dpi, layout=LAYOUT)
+    fig = Figure(figsize=figsize, dpi=dpi, layout=_LAYOUT)
     FigureCanvasAgg(fig)
     return fig
 

@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from prh_lightning.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule, FashionMNISTNotFound
+from prh_lightning.data.fashion_mnist import (
+    CLASS_NAMES,
+    FashionMNISTDataModule,
+    FashionMNISTNotFound,
+    fashion_mnist_root,
+)
 from prh_lightning.models.pretrained import PretrainedUnavailable
 
 PROG = "prh-lightning fashion-mnist"
@@ -90,7 +95,7 @@ class Settings:
     quick: bool = False
 
 
-QUICK = dict(n_samples=500, train_size=20000, epochs=2, resnet_epochs=1, resnet_train_size=5000,
+QUICK = dict(n_samples=500, train_size=20000, epochs=2, resnet_epochs=1, resnet_train_size=4000, val_size=500,
              test_size=2000, permutations=1000, bootstraps=200, umap_points=500, umap_epochs=100,
              probe_size=256, monitor_every=40)
 
@@ -109,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resnet-weights", default="auto",
                    help="auto (ImageNet if obtainable, else scratch), imagenet, scratch, or a weights file")
     p.add_argument("--resnet-epochs", type=int, help="ResNet epochs (scratch: whole net; ImageNet: linear probe)")
-    p.add_argument("--resnet-train-size", type=int, help="ResNet training images (default all; quick 5000)")
+    p.add_argument("--resnet-train-size", type=int, help="ResNet training images (default all; quick 4000)")
     p.add_argument("--resnet-input-size", type=int, help="resize for ResNet (default 28 scratch, 64 ImageNet)")
     p.add_argument("--test-size", type=int, help="stratified test images for accuracy (default all 10k; quick 2000)")
-    p.add_argument("--val-size", type=int, default=1000, help="training images held out for validation")
+    p.add_argument("--val-size", type=int, help="training images held out for validation (default 1000; quick 500)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--permutations", type=int, help="permutations per Mantel test (default 10000; quick 1000)")
     p.add_argument("--bootstraps", type=int, help="bootstrap resamples per interval (default 1000; quick 200)")
@@ -317,9 +322,18 @@ def best_cell_tests(cnn, resnet, matrices: dict[str, torch.Tensor], s: Settings)
     return out
 
 
-def class_centroids(x: torch.Tensor, labels: torch.Tensor, classes: int = 10) -> torch.Tensor:
-    """Mean feature per class: ``x [n, d]``, ``labels [n]`` -> ``[classes, d]``."""
-    return torch.stack([x[labels == c].mean(0) for c in range(classes)])
+def class_centroids(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                    classes: int = 10) -> torch.Tensor:
+    """Mean feature per class: ``x [n, d]``, ``labels [n]`` -> ``[classes, d]``.
+
+    With ``weights [B, n]`` (how often each sample is counted, e.g. bootstrap counts) returns
+    the ``B`` weighted centroid sets ``[B, classes, d]`` in one batched product.
+    """
+    onehot = torch.nn.functional.one_hot(labels, classes).to(x.dtype)  # [n, classes]
+    if weights is None:
+        return (onehot.T @ x) / onehot.sum(0)[:, None]
+    member = weights.to(x.dtype)[:, :, None] * onehot  # [B, n, classes]
+    return (member.transpose(1, 2) @ x) / member.sum(1)[:, :, None]
 
 
 def condensed_cosine_rdms(x: torch.Tensor) -> torch.Tensor:
@@ -377,8 +391,9 @@ def stratified_bootstrap(labels: torch.Tensor, gen: torch.Generator) -> torch.Te
 def bootstrap_centroid_rsa(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, s: Settings) -> list[float]:
     """95% interval of centroid RSA (Spearman) over images resampled within class ``[low, high]``."""
     gen = torch.Generator().manual_seed(s.seed)
-    centroids = torch.stack([class_centroids(x[idx], labels[idx]) for idx in
-                             (stratified_bootstrap(labels, gen) for _ in range(s.bootstraps))])
+    counts = torch.stack([torch.bincount(stratified_bootstrap(labels, gen), minlength=len(labels))
+                          for _ in range(s.bootstraps)])  # [B, n]
+    centroids = class_centroids(x, labels, weights=counts)
     scores = correlate_rows(condensed_cosine_rdms(centroids), condensed_cosine_rdms(text[None])[0], "spearman")
     return [float(torch.quantile(scores, 0.025)), float(torch.quantile(scores, 0.975))]
 
@@ -734,7 +749,7 @@ def run(s: Settings) -> dict[str, Any]:
     start = time.perf_counter()
     quiet_libraries()
     torch.manual_seed(s.seed)
-    data_module(s, 10)  # fail fast (exit 2) when the data is missing, before loading any model
+    fashion_mnist_root(s.data_dir, download=s.download)  # fail fast (exit 2) when the data is missing
     resnet, info = build_resnet(s)
     say(s, "loading all-MiniLM-L6-v2")
     minilm = load_minilm()

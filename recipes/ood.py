@@ -196,9 +196,10 @@ def jackknife(feats, metrics, pretrained, k: int, point: dict, n: int, args) -> 
     se = np.sqrt((g - 1) / g * np.nansum((thetas - np.nanmean(thetas, axis=0)) ** 2, axis=0))
     half = stats.t.ppf(0.975, g - 1) * se
     low, high = unflatten(flatten(point) - half, point), unflatten(flatten(point) + half, point)
-    for key in point:  # correlations live in [-1, 1] (differences of them do not)
-        if "minus" not in key and ("corr" in key or "agreement" in key):
-            low[key], high[key] = np.clip(low[key], -1, 1), np.clip(high[key], -1, 1)
+    for key in point:  # correlations live in [-1, 1], their differences in [-2, 2]
+        if "corr" in key or "agreement" in key:
+            bound = 2 if "minus" in key else 1
+            low[key], high[key] = np.clip(low[key], -bound, bound), np.clip(high[key], -bound, bound)
     return low, high
 
 
@@ -259,6 +260,19 @@ def verdict(point, low, high, key: str) -> str:
     return "holds" if lo > 0 else "does not hold" if hi < 0 else "cannot tell"
 
 
+def ood_verdict(point, low, high) -> str:
+    """Seed claim 1 (metrics still agree on OOD data): 'holds' if the OOD agreement among
+    pretrained layer pairs is positive (CI above 0) and not below in-distribution (difference CI
+    not above 0); 'does not hold' if the OOD CI reaches 0 while the difference CI is above 0."""
+    ood_low = float(low["ood/metric_agreement_layers_pretrained"])
+    diff_low = float(low["in-distribution_minus_ood/metric_agreement_layers_pretrained"])
+    if ood_low > 0 and diff_low <= 0:
+        return "holds"
+    if ood_low <= 0 and diff_low > 0:
+        return "does not hold"
+    return "cannot tell"
+
+
 def write_report(out: Path, point, low, high, metrics, names, set_names, args, seconds: float) -> None:
     rows = []
     for role in SET_ROLES:
@@ -305,7 +319,7 @@ def write_report(out: Path, point, low, high, metrics, names, set_names, args, s
         f"Seed claim 1, metrics agree (high correlation) on OOD data as on in-distribution data: "
         f"agreement among pretrained layer pairs, in-distribution minus OOD = "
         f"{_ci(point, low, high, 'in-distribution_minus_ood/metric_agreement_layers_pretrained')}; OOD agreement "
-        f"{_ci(point, low, high, 'ood/metric_agreement_layers_pretrained')}.\n\n"
+        f"{_ci(point, low, high, 'ood/metric_agreement_layers_pretrained')} -> **{ood_verdict(point, low, high)}**.\n\n"
         f"Seed claim 2, agreement is lower on random noise: in-distribution minus noise = "
         f"{_ci(point, low, high, key_agree)} -> **{verdict(point, low, high, key_agree)}** "
         f"(model-pair granularity: {_ci(point, low, high, 'in-distribution_minus_noise/metric_agreement_models')}, "

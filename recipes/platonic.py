@@ -154,15 +154,16 @@ def extract_main(argv: list[str] | None = None) -> int:
 
 
 # -- measure --------------------------------------------------------------------------------
-def _add_measure_args(p: argparse.ArgumentParser) -> None:
+def _add_measure_args(p: argparse.ArgumentParser, control_flag: bool = True) -> None:
     p.add_argument("--metric", default="mutual_knn", choices=METRICS, help="alignment metric (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="neighbours for the k-NN metrics (default: %(default)s)")
     p.add_argument("--clip-quantile", type=float, default=0.95,
                    help="clip each layer at the mean per-sample |x| quantile before normalising, as the paper "
                         "(default: %(default)s; 1 = no clipping)")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise rows (the paper normalises)")
-    p.add_argument("--shuffle-control", action="store_true",
-                   help="also score with the captions permuted (seed 0): k-NN alignment should fall to k/(n-1)")
+    if control_flag:  # the recipe always runs the control
+        p.add_argument("--shuffle-control", action="store_true",
+                       help="also score with the captions permuted (seed 0): k-NN alignment should fall to k/(n-1)")
 
 
 def _measure_parser() -> argparse.ArgumentParser:
@@ -315,7 +316,7 @@ def measure_main(argv: list[str] | None = None) -> int:
 def _recipe_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prh-lightning platonic", description="Extract + measure + shuffled control + figures + report.")
     _add_extract_args(p)
-    _add_measure_args(p)
+    _add_measure_args(p, control_flag=False)
     p.add_argument("--quick", action="store_true", help=f"first {QUICK_SAMPLES} pairs (unless --n), about 5 minutes on a CPU")
     return p
 

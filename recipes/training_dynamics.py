@@ -322,6 +322,12 @@ def write_report(out: Path, between: dict, drifts: dict, change: dict, runs: lis
         f"({change['last_ci'][0]:.3f}-{change['last_ci'][1]:.3f}) at step {change['last_step']}, peaking at "
         f"{change['peak']:.3f} at step {change['peak_step']}; chance k/(n-1) = {change['chance']:.3f}."
     )
+    best = np.mean(list(between["best_layer_pair"].values()), axis=0)
+    diff_text += (f" At the best layer pair the mean goes from {best[0]:.3f} to {best[-1]:.3f}.")
+    if change["peak_step"] == change["first_step"]:
+        diff_text += (" The untrained runs agree most (a likely reason: mean-pooled features of random "
+                      "convolutions mostly follow simple image statistics such as brightness and contrast, "
+                      "which every run sees alike).")
     rows = [[s, float(m), float(lo), float(hi)] for s, m, lo, hi in zip(between["steps"], between["mean"], between["ci_low"], between["ci_high"])]
     source = (f"Hugging Face models {args.hf_models} at revisions {args.revisions}, on {args.texts} Flickr8k captions"
               if args.hf_models else

@@ -17,6 +17,7 @@ TRAINER_KW = dict(
     enable_progress_bar=False,
     enable_model_summary=False,
     num_sanity_val_steps=0,
+    enable_checkpointing=False,  # nothing written to the working directory
 )
 
 

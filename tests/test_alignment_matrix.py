@@ -169,3 +169,12 @@ def test_bad_inputs():
         alignment_matrix(xs, [torch.empty(48, 3, device="meta", dtype=torch.float64)], normalize=False)
     with pytest.raises(ValueError, match="clip_quantile"):
         alignment_matrix(xs, ys, clip_quantile=1.5)
+
+
+def test_rbf_bandwidth_errors():
+    xs, ys = _layers(15), _layers(16)
+    with pytest.raises(ValueError, match="sigma must be a positive"):
+        alignment_matrix(xs, ys, metric="cka", kernel="rbf", sigma=-1.0)
+    dup = [torch.ones(48, 3, dtype=torch.float64)] + xs
+    with pytest.raises(ValueError, match="median"):
+        alignment_matrix(dup, ys, metric="cka", kernel="rbf")

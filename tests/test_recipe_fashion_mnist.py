@@ -26,7 +26,7 @@ RESNET = ["conv1", "layer1", "layer2", "layer3", "layer4", "avgpool"]
 TINY = ["--n-samples", "100", "--train-size", "2000", "--epochs", "1", "--resnet-weights", "scratch",
         "--resnet-epochs", "1", "--resnet-train-size", "400", "--val-size", "100", "--test-size", "200",
         "--batch-size", "64", "--permutations", "99", "--bootstraps", "20", "--umap-points", "100",
-        "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "5", "--no-progress"]
+        "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "10", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_tensorboard_holds_the_alignment_scalars(run):
             for layer in CNN:
                 assert f"alignment/{metric}/{reference}/{layer}" in tags
     values = [e.value for e in events.Scalars("alignment/cka/resnet/best")]
-    assert len(values) >= 3  # start, every 5 steps of 31, validation end
+    assert len(values) >= 3  # start, every 10 of 32 steps, validation end
     assert all(0.0 <= v <= 1.0 + 1e-6 for v in values)
     assert summary["monitor_final"]["alignment/cka/resnet/best"] == pytest.approx(values[-1], abs=1e-6)
     assert "test_acc" in EventAccumulator(str(out / "tensorboard" / "resnet")).Reload().Tags()["scalars"]
@@ -194,3 +194,29 @@ def test_resnet_weights_auto_falls_back_to_scratch_and_imagenet_fails_clearly(tm
     err = capsys.readouterr().err
     assert status == 2 and "could not get the ResNet-18 ImageNet weights (offline)" in err
     assert "Traceback" not in err
+
+
+def test_resnet_weights_from_a_file_get_a_frozen_backbone_and_a_linear_probe(tmp_path):
+    from torchvision.models import resnet18
+
+    rgb = resnet18(weights=None)  # RGB weights with a 1000-class head, as ImageNet's file holds
+    path = tmp_path / "resnet18-rgb.pth"
+    torch.save(rgb.state_dict(), path)
+    model, info = recipe.build_resnet(recipe.Settings(out=tmp_path, resnet_weights=str(path), progress=False))
+    assert info == {"weights": f"file:{path}", "note": "", "input_size": 64, "needs_training": True,
+                    "training": "linear probe (fc)"}
+    assert torch.equal(model.conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.layer3[1].conv2.weight, rgb.layer3[1].conv2.weight)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+
+
+def test_weighted_class_centroids_equal_centroids_of_the_resampled_rows():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    labels = torch.arange(40) % 10
+    idx = recipe.stratified_bootstrap(labels, gen)
+    assert torch.equal(torch.bincount(labels[idx], minlength=10), torch.bincount(labels, minlength=10))
+    counts = torch.bincount(idx, minlength=40)[None]
+    expected = torch.stack([x[idx][labels[idx] == c].mean(0) for c in range(10)])
+    torch.testing.assert_close(recipe.class_centroids(x, labels, weights=counts)[0], expected)

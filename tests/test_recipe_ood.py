@@ -91,7 +91,7 @@ def test_pair_vectors_granularities():
     scores = {"m": {(0, 1): torch.tensor([[0.1, 0.5], [0.2, 0.3]]), (0, 2): torch.tensor([[0.4, 0.0], [0.0, 0.0]]),
                     (1, 2): torch.tensor([[0.9, 0.0], [0.0, 0.1]])}}
     vectors = ood.pair_vectors(scores, pretrained=[True, True, False])
-    assert vectors["models"].tolist() == pytest.approx([[0.5, 0.4, 0.9]])
+    assert vectors["models"][0].tolist() == pytest.approx([0.5, 0.4, 0.9])
     assert vectors["layers"].shape == (1, 12)
-    assert vectors["layers_pretrained"].tolist() == pytest.approx([[0.1, 0.5, 0.2, 0.3]])
+    assert vectors["layers_pretrained"][0].tolist() == pytest.approx([0.1, 0.5, 0.2, 0.3])
     assert vectors["layers"][0, 4:8].tolist() == pytest.approx([0.4, 0.0, 0.0, 0.0])

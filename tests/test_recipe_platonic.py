@@ -94,6 +94,11 @@ def test_dataset_without_text_column(tmp_path):
         load_paired(tmp_path)
 
 
+def test_hub_dataset_offline_points_to_the_local_folder():
+    with pytest.raises(PairedDataError, match="needs internet.*metadata.csv"):
+        load_paired("minhuh/prh", "wit_1024")
+
+
 def test_measure_refuses_feature_files_with_different_samples(tmp_path, capsys):
     folder = tmp_path / "features" / "some-data_n10"
     meta = {"pool": "avg", "modality": "language", "model": "lm"}

@@ -1,0 +1,75 @@
+"""The training-dynamics recipe: tiny real Lightning runs with RepresentationRecorder, and the
+online (Hugging Face revisions) path failing offline with a message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prh_lightning.recipes import training_dynamics as td
+from prh_lightning.representations import Representations
+
+TINY = ["--archs", "fashion_cnn", "--seeds", "2", "--max-steps", "20", "--every", "2",
+        "--probe-size", "64", "--bootstrap", "10", "--k", "5", "--batch-size", "32"]
+
+
+@pytest.mark.slow
+def test_tiny_runs_record_and_compare_checkpoints(tmp_path):
+    assert td.main(["--out", str(tmp_path), *TINY]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = list(range(0, 21, 2))  # step 0 (initial state) + every 2 steps
+    assert summary["runs"] == ["fashion_cnn-seed0", "fashion_cnn-seed1"]
+    between = summary["between_runs"]
+    assert between["steps"] == steps
+    values = np.array(between["per_pair"]["fashion_cnn-seed0 vs fashion_cnn-seed1"])
+    assert values.shape == (11,) and np.all((values >= 0) & (values <= 1))
+    assert between["mean"] == pytest.approx(values.tolist())  # one pair: the mean is that pair
+    # best layer pair is at least the compared (avgpool) layer pair
+    assert np.all(np.array(between["best_layer_pair"]["fashion_cnn-seed0 vs fashion_cnn-seed1"]) >= values - 1e-6)
+    for name in summary["runs"]:
+        drift = summary["drift"][name]
+        assert drift["steps"] == steps
+        assert drift["vs_final"][-1] == pytest.approx(1.0)  # the final checkpoint against itself
+        files = sorted((tmp_path / "representations" / name).glob("*.safetensors"))
+        assert len(files) == 10
+        reps = Representations.load(files[-1])
+        assert reps.layers == ["conv1", "conv2", "avgpool"] and reps.n == 64
+    # the two seeds start from different random weights: their initial features differ
+    first = [Representations.load(sorted((tmp_path / "representations" / n).glob("*"))[0])["avgpool"] for n in summary["runs"]]
+    assert not torch.allclose(first[0], first[1])
+    for fig in ("between_runs.png", "drift.png"):
+        assert (tmp_path / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert "cannot be checked" in (tmp_path / "report.md").read_text()
+
+
+def test_hf_revisions_offline_fail_with_a_message(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    code = td.main(["--out", str(tmp_path / "out"), "--hf-models", "EleutherAI/pythia-70m",
+                    "--revisions", "step1000,step2000", "--texts", "8"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "EleutherAI/pythia-70m" in err and "internet" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--archs", "vit"], "--archs"), (["--seeds", "1"], "two runs"), (["--every", "15"], "--max-steps"),
+     (["--revisions", "step1"], "go together")],
+)
+def test_bad_input_gives_a_message(tmp_path, capsys, extra, message):
+    assert td.main(["--out", str(tmp_path), *TINY, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_revision_step():
+    assert td.revision_step("step143000") == 143000
+    with pytest.raises(ValueError, match="step number"):
+        td.revision_step("main")
