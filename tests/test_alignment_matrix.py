@@ -11,15 +11,6 @@ from prh_lightning.alignment import layer_names
 from prh_lightning.functional import METRICS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layers(seed: int, n: int = 48, count: int = 3, dtype=torch.float64) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, 5, generator=g, dtype=dtype)

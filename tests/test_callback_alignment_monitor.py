@@ -33,15 +33,6 @@ SNAPSHOTS = ("self_initial", "self_previous")
 LAYERS = ["conv1", "conv2", "fc"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine are far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def probe_data(n: int = 40):
     return synthetic_data(n, seed=123)
 

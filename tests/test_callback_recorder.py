@@ -15,14 +15,6 @@ from prh_lightning.representations import Representations
 LAYERS = ["conv1", "conv2", "fc"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_validation_files_per_epoch_match_hand_computed_features(tmp_path):
     L.seed_everything(0)

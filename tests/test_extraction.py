@@ -19,13 +19,6 @@ from prh_lightning.representations import Representations
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_when_oversubscribed():
-    """On a shared, oversubscribed CPU torch's spinning threads run ~5x slower than one thread."""
-    from prh_lightning.recipes.platonic import cpu_threads
-
-    with cpu_threads("auto"):
-        yield
 CAPTIONS = ["A black dog leaps over a log .", "Two children play in the sand at the beach with a red bucket .",
             "A man .", "A woman in a blue coat walks past a shop window at night ."]
 

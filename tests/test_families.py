@@ -19,15 +19,6 @@ from prh_lightning.families import default_layers, default_reduce, model_family
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: small models run far faster on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def masked_mean_loop(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sample mean over the positions where mask is 1 (left or right padding)."""
     return torch.stack([hidden[i][mask[i].bool()].mean(0) for i in range(hidden.shape[0])])

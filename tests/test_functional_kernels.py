@@ -12,15 +12,6 @@ from scipy.spatial.distance import pdist, squareform
 from prh_lightning.functional import center_gram, cka, cknna, hsic, median_distance, rbf_kernel, u_center, unbiased_cka
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rand(n, d, seed, dtype=torch.float64):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

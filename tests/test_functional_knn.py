@@ -16,15 +16,6 @@ from prh_lightning.functional import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def brute_neighbours(x: np.ndarray, k: int) -> list[list[int]]:
     """Top-k by inner product, self excluded, ties by lower index (sorted on (-sim, j))."""
     sim = x @ x.T

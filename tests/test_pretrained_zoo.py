@@ -16,13 +16,6 @@ from prh_lightning.models.pretrained import PretrainedUnavailable, load_efficien
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_when_oversubscribed():
-    """On a shared, oversubscribed CPU torch's spinning threads run ~5x slower than one thread."""
-    from prh_lightning.recipes.platonic import cpu_threads
-
-    with cpu_threads("auto"):
-        yield
 CATEGORIES = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
 

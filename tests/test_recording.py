@@ -10,15 +10,6 @@ from prh_lightning import record_representations
 from prh_lightning.taps import TapBudgetExceeded
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: small models run far faster on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -23,15 +23,6 @@ HOOK_DICTS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: small models run far faster on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hook_count(model: nn.Module) -> int:
     return sum(len(getattr(m, attr)) for m in model.modules() for attr in HOOK_DICTS)
 

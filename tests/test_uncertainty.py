@@ -9,15 +9,6 @@ import torch
 from prh_lightning.functional import METRICS, bootstrap_ci, knn_indices, mutual_knn, permutation_test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(n=120, noise=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, 8, generator=g, dtype=torch.float64)
