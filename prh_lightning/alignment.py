@@ -36,6 +36,7 @@ __all__ = ["alignment_matrix", "best_alignment", "layer_names", "clip_outliers",
 
 Layers = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 _BUDGET = 2**26  # elements per streamed block (256 MB in float32)
+_WHOLE_GRAM = 2**27  # up to this many elements (512 MB in float32, n <= 11,585) a whole Gram is kept
 
 
 def layer_names(xs: Layers) -> list[str]:
@@ -125,14 +126,48 @@ _KNN_SCORERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 }
 
 
-def _neighbours(x: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n, k]`` neighbour indices of ``x`` (self excluded) and their inner products."""
+def _gram_buffer(n: int, batch_size: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    """One ``[n, n]`` buffer reused for every layer's whole Gram matrix, or ``None`` to stream
+    row blocks instead (when ``batch_size`` asks for streaming or ``n^2`` exceeds ``_WHOLE_GRAM``)."""
+    if batch_size is not None or n * n > _WHOLE_GRAM:
+        return None
+    return torch.empty(n, n, dtype=like.dtype, device=like.device)
+
+
+def _symmetric_gram_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [n, n] = x x^T`` for ``x [n, d]``, multiplying only the upper triangle.
+
+    Row block ``s:e`` is multiplied against columns ``s:n`` only and then mirrored into the
+    lower triangle, so 8 blocks cost 9/16 of a full product (plus a memory-bound transposed
+    copy); the result is exactly symmetric.
+    """
+    n = x.shape[0]
+    rows = max(64, -(-n // 8))
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        torch.mm(x[s:e], x[s:].T, out=out[s:e, s:])
+        out[e:, s:e].copy_(out[s:e, e:].T)
+    return out
+
+
+def _neighbours(
+    x: torch.Tensor, k: int, rows: int, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, k]`` neighbour indices of ``x [n, d]`` (self excluded) and their inner products.
+
+    With ``gram`` (an ``[n, n]`` scratch buffer, overwritten) the whole Gram matrix is built
+    once from its upper triangle; otherwise it is streamed in blocks of ``rows`` rows.
+    """
+    if gram is not None:
+        _symmetric_gram_into(x, gram)
+        i = knn_from_gram(gram, k, overwrite=True)  # only the diagonal is overwritten
+        return i, torch.gather(gram, 1, i)
     idx, val = [], []
     for s in range(0, x.shape[0], rows):
-        gram = x[s : s + rows] @ x.T
-        i = knn_from_gram(gram, k, row_offset=s, overwrite=True)  # only the diagonal is overwritten
+        block = x[s : s + rows] @ x.T
+        i = knn_from_gram(block, k, row_offset=s, overwrite=True)  # only the diagonal is overwritten
         idx.append(i)
-        val.append(torch.gather(gram, 1, i))
+        val.append(torch.gather(block, 1, i))
     return torch.cat(idx), torch.cat(val)
 
 
@@ -168,11 +203,11 @@ def _mutual_knn_matrix(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> 
     return torch.stack(out)
 
 
-def _knn_matrix(xs, ys, metric: str, k: int, rows: int) -> torch.Tensor:
+def _knn_matrix(xs, ys, metric: str, k: int, rows: int, gram: torch.Tensor | None = None) -> torch.Tensor:
     n = xs[0].shape[0]
     check_k(k, n)
-    idx_x = [_neighbours(x, k, rows)[0] for x in xs]
-    idx_y = idx_x if ys is None else [_neighbours(y, k, rows)[0] for y in ys]
+    idx_x = [_neighbours(x, k, rows, gram)[0] for x in xs]
+    idx_y = idx_x if ys is None else [_neighbours(y, k, rows, gram)[0] for y in ys]
     if metric == "mutual_knn":
         return _mutual_knn_matrix(idx_x, idx_y).to(xs[0].dtype)
     scorer = _KNN_SCORERS[metric]
@@ -185,8 +220,10 @@ class _CknnaLayer:
     ``val``, back links ``back[i, t] = K[j, i]`` if ``i`` is among the neighbours of
     ``j = idx[i, t]`` (else 0), and the self-similarity ``sim(K, K)``."""
 
-    def __init__(self, x: torch.Tensor, k: int, rows: int, mask: torch.Tensor, value: torch.Tensor):
-        self.idx, self.val = _neighbours(x, k, rows)
+    def __init__(
+        self, x: torch.Tensor, k: int, rows: int, mask: torch.Tensor, value: torch.Tensor, gram: torch.Tensor | None
+    ):
+        self.idx, self.val = _neighbours(x, k, rows, gram)
         _fill_maps(self, mask, value)
         self.back = value[self.idx, torch.arange(x.shape[0], device=x.device)[:, None]]
         self.self_sim = _masked_hsic_against(self, [self], mask, value)[0]
@@ -222,14 +259,15 @@ def _masked_hsic_against(a: _CknnaLayer, bs: list[_CknnaLayer], mask: torch.Tens
     return (trace + sums - 2.0 / (n - 2) * cross) / (n * (n - 3))
 
 
-def _cknna_matrix(xs, ys, k: int, eps: float, rows: int) -> torch.Tensor:
+def _cknna_matrix(xs, ys, k: int, eps: float, rows: int, gram: torch.Tensor | None = None) -> torch.Tensor:
     n = xs[0].shape[0]
     check_k(k, n, minimum=2)
     check_min_samples(n, 4, "unbiased CKNNA")
     mask = torch.empty(n, n, dtype=torch.bool, device=xs[0].device)
-    value = torch.empty(n, n, dtype=xs[0].dtype, device=xs[0].device)
-    lx = [_CknnaLayer(x, k, rows, mask, value) for x in xs]
-    ly = lx if ys is None else [_CknnaLayer(y, k, rows, mask, value) for y in ys]
+    # the Gram scratch buffer doubles as the value map (each layer's lists are taken from it first)
+    value = gram if gram is not None else torch.empty(n, n, dtype=xs[0].dtype, device=xs[0].device)
+    lx = [_CknnaLayer(x, k, rows, mask, value, gram) for x in xs]
+    ly = lx if ys is None else [_CknnaLayer(y, k, rows, mask, value, gram) for y in ys]
     cross = []
     for a in lx:
         _fill_maps(a, mask, value)
@@ -406,12 +444,12 @@ def alignment_matrix(
     n = px[0].shape[0]
     rows = _rows_per_block(n, 1, batch_size)
     if metric in _KNN_SCORERS:
-        return _knn_matrix(px, py, metric, kwargs["k"], rows)
+        return _knn_matrix(px, py, metric, kwargs["k"], rows, _gram_buffer(n, batch_size, px[0]))
     if metric in ("cka", "unbiased_cka"):
         unbiased = True if metric == "unbiased_cka" else kwargs["unbiased"]
         return _cka_matrix(px, py, kwargs["kernel"], unbiased, kwargs["sigma"], kwargs["eps"], batch_size)
     if metric == "cknna" and kwargs["unbiased"]:
-        return _cknna_matrix(px, py, kwargs["k"], kwargs["eps"], rows)
+        return _cknna_matrix(px, py, kwargs["k"], kwargs["eps"], rows, _gram_buffer(n, batch_size, px[0]))
     return _slow_matrix(px, py, fn, kwargs)
 
 

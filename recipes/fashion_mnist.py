@@ -59,6 +59,15 @@ HEATMAPS = {  # name -> (metric, options, title)
     "mutual_knn": ("mutual_knn", {"k": 10}, "mutual k-NN (k=10)"),
 }
 
+NOTES = {  # a caveat appended to a heatmap's reading
+    "rsa_euclidean": (
+        " Caveat on conv1 / conv1: a convolution is linear and the tapped outputs are averaged over space, "
+        "so on Fashion-MNIST's black-bordered images each conv1 feature is almost exactly a bias plus a multiple "
+        "of the image's mean brightness; both models' Euclidean RDMs then rank image pairs by brightness difference, "
+        "which gives RSA near 1 without any shared edge detectors (the seed read its 1.0 as shared edge detection)."
+    ),
+}
+
 
 class RecipeInputError(ValueError):
     """Bad command-line input; the message says what to change."""
@@ -101,31 +110,30 @@ QUICK = dict(n_samples=500, train_size=20000, epochs=2, resnet_epochs=1, resnet_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/fashion-mnist", help="output folder")
-    p.add_argument("--quick", action="store_true", help="small settings: about 5 minutes on a 2-core CPU")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/fashion-mnist", help="output folder (default runs/fashion-mnist)")
+    p.add_argument("--quick", action="store_true", help="small settings: 2-5 minutes on a 2-core CPU, no GPU")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (torchvision root or the four files)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST when no local copy exists")
     p.add_argument("--n-samples", type=int, help="stratified test images analysed (seed: 1000; quick: 500)")
     p.add_argument("--train-size", type=int, help="FashionCNN training images (default: all 59k; quick: 20000)")
     p.add_argument("--epochs", type=int, help="FashionCNN epochs (default 10; quick 2)")
-    p.add_argument("--lr", type=float, default=1e-2, help="FashionCNN Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="FashionCNN Adam learning rate (default 0.01)")
     p.add_argument("--resnet-weights", default="auto",
-                   help="auto (ImageNet if obtainable, else scratch), imagenet, scratch, or a weights file")
-    p.add_argument("--resnet-epochs", type=int, help="ResNet epochs (scratch: whole net; ImageNet: linear probe)")
+                   help="auto (default: ImageNet if obtainable, else scratch), imagenet, scratch, or a weights file")
+    p.add_argument("--resnet-epochs", type=int, help="ResNet epochs, whole net (scratch) or linear probe (ImageNet) (default 3; quick 1)")
     p.add_argument("--resnet-train-size", type=int, help="ResNet training images (default all; quick 4000)")
     p.add_argument("--resnet-input-size", type=int, help="resize for ResNet (default 28 scratch, 64 ImageNet)")
     p.add_argument("--test-size", type=int, help="stratified test images for accuracy (default all 10k; quick 2000)")
     p.add_argument("--val-size", type=int, help="training images held out for validation (default 1000; quick 500)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     p.add_argument("--permutations", type=int, help="permutations per Mantel test (default 10000; quick 1000)")
     p.add_argument("--bootstraps", type=int, help="bootstrap resamples per interval (default 1000; quick 200)")
     p.add_argument("--umap-points", type=int, help="points per UMAP panel (default N; quick 500)")
     p.add_argument("--umap-epochs", type=int, help="UMAP optimisation epochs (default: umap's; quick 100)")
     p.add_argument("--probe-size", type=int, help="AlignmentMonitor probe images (default 512; quick 256)")
     p.add_argument("--monitor-every", type=int, help="AlignmentMonitor check every N steps (default 50; quick 40)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds subsets, training and tests (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -549,8 +557,8 @@ def rsa_reading(model: str, st: dict[str, dict], layer_table: dict[str, dict]) -
     verdict = "is" if names["spearman_p"] < 0.05 else "is not"
     return (f"Each point is one of the 45 pairs of classes: how far apart {model} puts the two class centroids "
             f"(avgpool, cosine) against how far apart MiniLM puts the two class names. Spearman RSA is "
-            f"{names['spearman']:.3f} (95% bootstrap interval over images {lo:.3f} to {hi:.3f}; the seed reported 0.347 "
-            f"for FashionCNN), Pearson {names['pearson']:.3f}. Against a Mantel null (class labels of one side shuffled, "
+            f"{names['spearman']:.3f} (95% bootstrap interval over images {lo:.3f} to {hi:.3f}, which covers only the choice "
+            f"of images, not the small number of classes; the seed reported 0.347 for FashionCNN), Pearson {names['pearson']:.3f}. Against a Mantel null (class labels of one side shuffled, "
             f"p = {names['spearman_p']:.3g}) the agreement {verdict} significant at 5%. With sentence "
             f"templates instead of bare words (the seed's limitation 3) Spearman is {tmpl['spearman']:.3f} "
             f"(p = {tmpl['spearman_p']:.3g}). Over {model}'s layers, centroid RSA with the names peaks at {best_layer} "
@@ -612,7 +620,7 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
         report.section(f"FashionCNN x ResNet-18: {HEATMAPS[name][2]}", figure=summary["heatmaps"][name],
                        table=markdown_table(["FashionCNN \\ ResNet"] + RESNET_LAYERS,
                                             [[CNN_LAYERS[i]] + [float(v) for v in matrix[i]] for i in range(len(CNN_LAYERS))]),
-                       text=heatmap_reading(name, matrix, tests.get(name)))
+                       text=heatmap_reading(name, matrix, tests.get(name)) + NOTES.get(name, ""))
     for model, label in (("fashioncnn", "FashionCNN"), ("resnet", "ResNet-18")):
         layers = CNN_LAYERS if model == "fashioncnn" else RESNET_LAYERS
         report.section(f"RSA: {label} class centroids vs MiniLM label embeddings", figure=summary["figures"][f"rsa_{model}"],

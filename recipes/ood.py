@@ -205,7 +205,8 @@ def jackknife(feats, metrics, pretrained, k: int, point: dict, n: int, args) -> 
 
 # -- figures and report ---------------------------------------------------------------------------
 def alignment_by_set_figure(point, low, high, metrics: list[str]):
-    """Mean pretrained-pair alignment per metric, one marker per set, with jackknife intervals."""
+    """Mean pretrained-pair alignment per metric relative to in-distribution, one marker per set,
+    with jackknife intervals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -213,13 +214,14 @@ def alignment_by_set_figure(point, low, high, metrics: list[str]):
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(len(metrics))
+    ref = np.abs(point["in-distribution/pretrained_mean"])  # metrics have different scales
     for s, role in enumerate(SET_ROLES):
         key = f"{role}/pretrained_mean"
-        y = point[key]
-        err = np.stack([y - low[key], high[key] - y]).clip(min=0)
+        y = point[key] / ref
+        err = np.stack([y - low[key] / ref, high[key] / ref - y]).clip(min=0)
         ax.errorbar(x + (s - 1) * 0.22, y, yerr=err, fmt="o", capsize=3, label=role)
     ax.set_xticks(x, metrics, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("mean score, pretrained model pairs")
+    ax.set_ylabel("mean score of pretrained pairs\n/ in-distribution score")
     ax.set_title("Alignment of pretrained pairs by input set (95% jackknife CI)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -306,7 +308,7 @@ def write_report(out: Path, point, low, high, metrics, names, set_names, args, s
         "Alignment level by input set",
         "Mean score of the pretrained model pairs (best layer pair) per metric. Pretrained pairs score "
         f"higher on in-distribution than on noise images (CI of the difference above 0) for: "
-        f"{', '.join(lower) or 'no metric'}.",
+        f"{', '.join(lower) or 'no metric'}. Chance level of mutual k-NN: k/(n-1) = {args.k / (args.n_images - 1):.3f}.",
         table=alignment,
         figure="figures/alignment_by_set.png",
     )

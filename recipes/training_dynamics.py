@@ -36,7 +36,7 @@ from prh_lightning.reporting import Report, markdown_table, save_figure, write_j
 from prh_lightning.representations import Representations
 
 FULL = {"seeds": 3, "max_steps": 940, "every": 40, "probe_size": 1000, "bootstrap": 300, "archs": "fashion_cnn,resnet18"}
-QUICK = {"seeds": 3, "max_steps": 240, "every": 20, "probe_size": 500, "bootstrap": 100, "archs": "fashion_cnn"}
+QUICK = {"seeds": 3, "max_steps": 200, "every": 20, "probe_size": 300, "bootstrap": 50, "archs": "fashion_cnn"}
 ARCHS = ("fashion_cnn", "resnet18")
 COMPARED_LAYER = "avgpool"  # present in both FashionCNN and GrayResNet18
 
@@ -46,7 +46,7 @@ Checkpoints = dict[str, dict[int, Representations]]  # run name -> step -> probe
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prh-lightning training-dynamics", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small settings (3 FashionCNN seeds, 240 steps, every 20)")
+    p.add_argument("--quick", action="store_true", help="small settings (3 FashionCNN seeds, 200 steps, every 20, 300 probe images)")
     p.add_argument("--archs", help=f"comma-separated of {', '.join(ARCHS)} (default {FULL['archs']}, quick {QUICK['archs']})")
     p.add_argument("--seeds", type=int, help="runs per architecture")
     p.add_argument("--max-steps", type=int, help="optimiser steps per run")

@@ -57,12 +57,12 @@ def test_metric_correlation_is_spearman():
 def test_noise_images_align_less_than_photos():
     """The seed's central claim, on the offline ImageNet EfficientNet-Lites: for every pair and
     two image draws, mutual k-NN of the pooled head is higher on photos than on pixel noise.
-    Checked beforehand at n = 32..128 and three draws; the gap was >= 0.3 every time."""
+    Checked beforehand (n = 24..96 photos, 64..128 px): gaps of 0.35..0.6 in mutual k-NN."""
     models = [vs.load_vision_model(name) for name in ("lite0", "lite1")]
     for seed in (0, 1):
         scores = {}
         for name in ("flickr", "noise"):
-            images = vs.image_set(name, 48, 64, seed)
+            images = vs.image_set(name, 32, 64, seed)
             a, b = (vs.embed(m, images, ["_avg_pooling"])["_avg_pooling"] for m in models)
             scores[name] = float(mutual_knn(a, b, k=5))
         assert scores["flickr"] > scores["noise"] + 0.2, scores
