@@ -4,7 +4,10 @@ Per-layer work (normalisation, Gram, centring, neighbour search) is done once pe
 then every layer pair is scored from those prepared pieces in batches. Kernels are streamed
 in row blocks of at most 256 MB, and only one ``[n, n]`` mask / value map is alive at a time,
 so 13 x 13 layers at ``n = 10,000``, ``d = 768`` peak at about 2-3.3 GB (0.74 GB of it the
-inputs). Only torch ops are used, so everything runs where the inputs live (CPU or GPU).
+inputs). Neighbour search keeps one reusable ``[n, n]`` Gram buffer (at most 512 MB, i.e.
+``n <= 11,585``, and only when ``batch_size`` is not given; beyond that it streams row blocks)
+so each layer's Gram is multiplied from its upper triangle only and mirrored. Only torch ops
+are used, so everything runs where the inputs live (CPU or GPU).
 
 Fast paths: ``mutual_knn``, ``cycle_knn``, ``lcs_knn``, ``edit_distance_knn`` (neighbour lists,
 computed once per layer); ``cka`` / ``unbiased_cka`` (linear or RBF; the upper triangle of each

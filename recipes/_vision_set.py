@@ -186,12 +186,20 @@ def log(message: str) -> None:
     print(f"[{now - _START[0]:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def resampled_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int, index: np.ndarray | None = None) -> float:
-    """Mutual k-NN of ``a [n, d_a]`` and ``b [n, d_b]`` on the rows at ``index`` (a bootstrap
-    resample; copies of one row are never each other's neighbours), or on all rows."""
-    from prh_lightning.functional.knn import knn_indices, mutual_knn_from_indices
+def neighbour_lists(x: torch.Tensor, k: int, index: np.ndarray | None = None) -> torch.Tensor:
+    """``[n, k]`` neighbours of the rows of ``x [n, d]`` at ``index`` (a bootstrap resample:
+    copies of one row are never each other's neighbours), or of all rows when None."""
+    from prh_lightning.functional.knn import knn_indices
 
     if index is None:
-        return float(mutual_knn_from_indices(knn_indices(a, k), knn_indices(b, k)))
+        return knn_indices(x, k)
     ids = torch.as_tensor(index, dtype=torch.long)
-    return float(mutual_knn_from_indices(knn_indices(a[ids], k, groups=ids), knn_indices(b[ids], k, groups=ids)))
+    return knn_indices(x[ids], k, groups=ids)
+
+
+def resampled_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int, index: np.ndarray | None = None) -> float:
+    """Mutual k-NN of ``a [n, d_a]`` and ``b [n, d_b]`` on the rows at ``index`` (see
+    :func:`neighbour_lists`), or on all rows."""
+    from prh_lightning.functional.knn import mutual_knn_from_indices
+
+    return float(mutual_knn_from_indices(neighbour_lists(a, k, index), neighbour_lists(b, k, index)))

@@ -368,25 +368,6 @@ def correlate_rows(u: torch.Tensor, v: torch.Tensor, compare: str) -> torch.Tens
     return (u @ v) / (u.norm(dim=1) * v.norm())
 
 
-def mantel_test(a: torch.Tensor, b: torch.Tensor, compare: str, n_permutations: int, seed: int) -> dict[str, float]:
-    """RSA of ``a [k, d_a]`` and ``b [k, d_b]`` (cosine RDMs) with a Mantel permutation null.
-
-    The null relabels the ``k`` items of ``b`` (its RDM's rows and columns permuted together),
-    vectorised over permutations; the permutations are drawn exactly as
-    :func:`prh_lightning.functional.permutation_test` draws them, so both give the same p-value.
-    """
-    from prh_lightning.functional import rsa
-
-    k = a.shape[0]
-    gen = torch.Generator().manual_seed(int(seed))
-    perms = torch.stack([torch.randperm(k, generator=gen) for _ in range(n_permutations)])
-    score = float(rsa(a, b, distance="cosine", compare=compare))
-    null = correlate_rows(condensed_cosine_rdms(b[perms]), condensed_cosine_rdms(a[None])[0], compare)
-    p_value = (1 + int((null >= score).sum())) / (1 + n_permutations)
-    z = (score - float(null.mean())) / float(null.std()) if n_permutations > 1 and float(null.std()) > 0 else float("nan")
-    return {"score": score, "p_value": p_value, "z_score": z}
-
-
 def stratified_bootstrap(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Indices ``[n]`` resampled with replacement within each class (class sizes kept)."""
     parts = []
@@ -412,14 +393,17 @@ def centroid_rsa(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, s: S
     Spearman and Pearson scores, Mantel p-values (class labels permuted), and a bootstrap
     interval over the images (resampled within class, centroids recomputed).
     """
+    from prh_lightning.functional import permutation_test
+
     x, text = x.double(), text.double()
     centroids = class_centroids(x, labels)
     result: dict[str, Any] = {}
-    for compare in ("spearman", "pearson"):
-        test = mantel_test(centroids, text, compare, s.permutations, s.seed)
-        result[compare] = test["score"]
-        result[f"{compare}_p"] = test["p_value"]
-        result[f"{compare}_z"] = test["z_score"]
+    for compare in ("spearman", "pearson"):  # Mantel test: the library's fast RSA null
+        test = permutation_test(centroids, text, metric="rsa", distance="cosine", compare=compare,
+                                n_permutations=s.permutations, seed=s.seed)
+        result[compare] = test.score
+        result[f"{compare}_p"] = test.p_value
+        result[f"{compare}_z"] = test.z_score
     result["spearman_ci95"] = bootstrap_centroid_rsa(x, labels, text, s)
     return result
 

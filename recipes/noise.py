@@ -89,15 +89,7 @@ def curve(feats: list[list[torch.Tensor]], pairs: list[tuple[int, int]], k: int,
           index: np.ndarray | None = None) -> np.ndarray:
     """``[levels]`` mean pairwise mutual k-NN on the images at ``index`` (all when None).
     Copies of one image in a bootstrap resample are never each other's neighbours."""
-    out = []
-    for level in feats:
-        if index is None:
-            lists = [knn_indices(f, k) for f in level]
-        else:
-            ids = torch.as_tensor(index, dtype=torch.long)
-            lists = [knn_indices(f[ids], k, groups=ids) for f in level]
-        out.append(mean_pairwise_mutual(lists, pairs))
-    return np.array(out)
+    return np.array([mean_pairwise_mutual([vs.neighbour_lists(f, k, index) for f in level], pairs) for level in feats])
 
 
 def per_pair_curves(feats: list[list[torch.Tensor]], pairs: list[tuple[int, int]], k: int) -> np.ndarray:
@@ -240,6 +232,9 @@ def run(args: argparse.Namespace) -> dict:
     names = check_args(args)
     images = vs.flickr_images(args.n_images, args.image_size, args.seed)
     models = [vs.load_vision_model(name, seed=args.seed + i) for i, name in enumerate(names)]
+    if args.layer not in dict(models[0].module.named_modules()):
+        raise vs.RecipeInputError(f"--layer {args.layer!r} is not a module of the EfficientNets "
+                                  f"(e.g. _avg_pooling, _blocks.15, _conv_head)")
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(args.seed + 7))
     sigmas = np.linspace(0.0, args.max_sigma, args.levels)
     pairs = list(itertools.combinations(range(len(models)), 2))

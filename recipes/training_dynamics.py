@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: python recipes/training_dynami
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prh_lightning.alignment import alignment_matrix
+from prh_lightning.functional.knn import mutual_knn_from_indices
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 from prh_lightning.representations import Representations
@@ -241,7 +242,8 @@ def between_runs(runs: Checkpoints, k: int, n_boot: int, seed: int) -> dict:
             best[f"{a} vs {b}"].append(float(alignment_matrix(runs[a][step], runs[b][step], metric="mutual_knn", k=k).max()))
 
         def statistic(idx: np.ndarray) -> float:
-            return float(np.mean([vs.resampled_mutual_knn(feats[a], feats[b], k, idx) for a, b in pairs]))
+            lists = {name: vs.neighbour_lists(x, k, idx) for name, x in feats.items()}
+            return float(np.mean([mutual_knn_from_indices(lists[a], lists[b]) for a, b in pairs]))
 
         n = next(iter(feats.values())).shape[0]
         res = stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=n_boot,
@@ -275,6 +277,8 @@ def change_over_training(between: dict, k: int, n: int) -> dict:
         "first": mean[0], "first_ci": [between["ci_low"][0], between["ci_high"][0]],
         "last": mean[-1], "last_ci": [between["ci_low"][-1], between["ci_high"][-1]],
         "peak_step": between["steps"][int(np.argmax(mean))], "peak": float(mean.max()),
+        "trough_step": between["steps"][int(np.argmin(mean))], "trough": float(mean.min()),
+        "trough_ci": [between["ci_low"][int(np.argmin(mean))], between["ci_high"][int(np.argmin(mean))]],
         "chance": k / (n - 1),
     }
 
@@ -349,12 +353,17 @@ def write_report(out: Path, between: dict, drifts: dict, change: dict, runs: lis
         figure="figures/drift.png",
     )
     grew = change["last_ci"][0] > change["first_ci"][1]
+    rebound = change["last_ci"][0] > change["trough_ci"][1]
+    phases = (f" Phases: lowest {change['trough']:.3f} ({change['trough_ci'][0]:.3f}-{change['trough_ci'][1]:.3f}) at "
+              f"step {change['trough_step']}; " + ("the runs then grow more alike again (end CI above trough CI)."
+                                                   if rebound else "no clear rise after it."))
     report.section(
         "Against the seed",
         "The seed tracked six LLMs over 100 checkpoints but reported no result, only the aim of finding "
         "phases of rising or falling similarity, so its claim **cannot be checked** (cannot tell). What our "
         "runs show: " + ("runs become more aligned with training (end CI above start CI)." if grew else
                          "no clear rise of between-run alignment from start to end (the intervals overlap or fall).")
+        + phases
         + " Pythia revisions run through the same code with --hf-models/--revisions when online.",
     )
     report.write(out / "report.md")

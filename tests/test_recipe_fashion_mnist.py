@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import pdist
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from prh_lightning import Representations
-from prh_lightning.functional import permutation_test
 from prh_lightning.recipes import fashion_mnist as recipe
 
 pytestmark = pytest.mark.slow
@@ -100,6 +99,7 @@ def test_centroid_rsa_against_scipy_and_its_statistics(run):
         centroids = np.stack([feats[labels == c].mean(0) for c in range(10)])
         ref = spearmanr(pdist(centroids, "cosine"), pdist(text["names"].double().numpy(), "cosine")).statistic
         assert summary[key] == pytest.approx(ref, abs=1e-6)
+        assert summary[f"{key}_p"] == _brute_force_mantel_p(centroids, text["names"].double().numpy(), 99, 0, spearmanr)
         assert -1.0 <= summary[key] <= 1.0
         assert 1 / 100 <= summary[f"{key}_p"] <= 1.0  # 99 permutations: p is a multiple of 1/100
         assert summary[f"{key}_p"] * 100 == pytest.approx(round(summary[f"{key}_p"] * 100))
@@ -135,16 +135,33 @@ def test_tensorboard_holds_the_alignment_scalars(run):
     assert "test_acc" in EventAccumulator(str(out / "tensorboard" / "resnet")).Reload().Tags()["scalars"]
 
 
-def test_mantel_test_matches_the_library_permutation_test():
+def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, seed: int, correlation) -> float:
+    """Mantel p-value from scratch: relabel the items of ``y`` (orderings drawn as the library draws
+    them), recompute its cosine pdist and correlate with ``x``'s each time."""
+    gen = torch.Generator().manual_seed(seed)
+    dx = pdist(x, "cosine")
+    score = correlation(dx, pdist(y, "cosine")).statistic
+    null = [correlation(dx, pdist(y[torch.randperm(len(y), generator=gen).numpy()], "cosine")).statistic
+            for _ in range(n_permutations)]
+    return (1 + sum(v >= score for v in null)) / (1 + n_permutations)
+
+
+def test_centroid_rsa_p_values_equal_a_brute_force_mantel_test(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(10, 32, generator=gen, dtype=torch.float64)
-    b = a @ torch.randn(32, 48, generator=gen, dtype=torch.float64) + torch.randn(10, 48, generator=gen, dtype=torch.float64)
-    for compare in ("spearman", "pearson"):
-        ours = recipe.mantel_test(a, b, compare, n_permutations=30, seed=5)
-        ref = permutation_test(a, b, metric="rsa", n_permutations=30, seed=5, distance="cosine", compare=compare)
-        assert ours["score"] == pytest.approx(ref.score, abs=1e-9)
-        assert ours["p_value"] == pytest.approx(ref.p_value)
-        assert ours["z_score"] == pytest.approx(ref.z_score, rel=1e-6)
+    labels = torch.arange(60) % 10
+    text = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    mix = torch.randn(16, 24, generator=gen, dtype=torch.float64)
+    x = 0.01 * text[labels] @ mix + torch.randn(60, 24, generator=gen, dtype=torch.float64)  # weakly text-like images
+    s = recipe.Settings(out=tmp_path, permutations=200, bootstraps=20, seed=5)
+    result = recipe.centroid_rsa(x, labels, text, s)
+    centroids = np.stack([x[labels == c].mean(0).numpy() for c in range(10)])
+    for compare, correlation in (("spearman", spearmanr), ("pearson", pearsonr)):
+        score = correlation(pdist(centroids, "cosine"), pdist(text.numpy(), "cosine")).statistic
+        assert result[compare] == pytest.approx(score)
+        expected = _brute_force_mantel_p(centroids, text.numpy(), 200, 5, correlation)
+        assert result[f"{compare}_p"] == expected
+        assert 1 / 201 < expected < 0.9  # some permutations reach the score: not the floor 1/201
+        assert np.isfinite(result[f"{compare}_z"])
 
 
 def _hide_fashion_mnist(tmp_path: Path, monkeypatch) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.distance import pdist
+from scipy.stats import kendalltau, pearsonr, spearmanr
 
 from prh_lightning.functional import METRICS, bootstrap_ci, knn_indices, mutual_knn, permutation_test
 
@@ -31,6 +33,70 @@ def test_null_equals_rescoring_shuffled_pairs(metric, kw):
     explicit = [float(METRICS[metric](a, b[p], **kw)) for p in _same_perms(a.shape[0], 12, 3)]
     np.testing.assert_allclose(result.null.numpy(), explicit, rtol=1e-9, atol=1e-12)
     assert result.score == pytest.approx(float(METRICS[metric](a, b, **kw)))
+
+
+def _brute_force_mantel(a, b, perms, distance, compare):
+    """Score and null of RSA recomputed from scratch per permutation: scipy pdist + correlation."""
+    corr = {"spearman": spearmanr, "pearson": pearsonr, "kendall": kendalltau}[compare]
+    x, y = a.double().numpy(), b.double().numpy()
+    da = pdist(x, distance)
+    score = corr(da, pdist(y, distance)).statistic
+    null = np.array([corr(da, pdist(y[p.numpy()], distance)).statistic for p in perms])
+    return score, null
+
+
+@pytest.mark.parametrize("compare", ["spearman", "pearson", "kendall"])
+@pytest.mark.parametrize("distance", ["correlation", "cosine", "euclidean"])
+def test_rsa_null_equals_a_brute_force_mantel_test(distance, compare):
+    # Weakly related features, so the p-value lands well inside (1/201, 1) and the test has teeth.
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(14, 6, generator=g, dtype=torch.float64)
+    b = 0.35 * a + torch.randn(14, 6, generator=g, dtype=torch.float64)
+    r = permutation_test(a, b, "rsa", n_permutations=200, seed=9, distance=distance, compare=compare)
+    score, null = _brute_force_mantel(a, b, _same_perms(14, 200, 9), distance, compare)
+    assert r.score == pytest.approx(score, abs=1e-12)
+    np.testing.assert_allclose(r.null.numpy(), null, rtol=0, atol=1e-12)
+    assert r.p_value == (1 + np.sum(null >= score)) / 201
+    assert 0.02 < r.p_value < 0.9
+    assert r.z_score == pytest.approx((score - null.mean()) / null.std(ddof=1), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("compare", ["spearman", "pearson"])
+def test_fast_rsa_p_value_equals_the_recomputing_loop_with_ties(compare, dtype):
+    # n = 5 (120 orderings): 400 draws repeat the identity and tie with the score often, and
+    # samples 3, 4 of b are identical, so swapping them leaves b's RDM unchanged. A callable
+    # metric takes the library's slow path (recompute per permutation) with the same draws.
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 4, generator=g, dtype=dtype)
+    b = a + torch.randn(5, 4, generator=g, dtype=dtype)
+    b[4] = b[3]
+    kw = {"distance": "euclidean", "compare": compare}
+    fast = permutation_test(a, b, "rsa", n_permutations=400, seed=1, **kw)
+    slow = permutation_test(a, b, lambda x, y: METRICS["rsa"](x, y, **kw), n_permutations=400, seed=1)
+    assert fast.score == slow.score
+    assert fast.p_value == slow.p_value
+    ties = int((slow.null == slow.score).sum())
+    unchanged = sum(p.tolist() in ([0, 1, 2, 3, 4], [0, 1, 2, 4, 3]) for p in _same_perms(5, 400, 1))
+    assert unchanged >= 3 and ties >= unchanged  # Spearman also ties on other orderings
+    assert int((fast.null == fast.score).sum()) == ties
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fast.null, slow.null, rtol=0, atol=8 * eps)
+    if compare == "spearman":  # ranks are small integers: every null value is bitwise equal
+        assert torch.equal(fast.null, slow.null)
+
+
+def test_fast_rsa_null_spans_several_chunks():
+    # 200 samples: 19,900 pairs, so 1,000 permutations are gathered in several chunks.
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    b = a + 4 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    r = permutation_test(a, b, "rsa", n_permutations=1000, seed=2, distance="euclidean", compare="spearman")
+    assert r.null.shape == (1000,) and r.null.dtype == torch.float64
+    perms = _same_perms(200, 1000, 2)
+    for i in (0, 209, 210, 999):  # chunks of 2**22 // 19,900 = 210 permutations
+        ref = spearmanr(pdist(a.numpy()), pdist(b[perms[i]].numpy())).statistic
+        assert float(r.null[i]) == pytest.approx(ref, abs=1e-12)
 
 
 def test_p_value_and_z_score_formulas():

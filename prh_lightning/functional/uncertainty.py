@@ -5,6 +5,11 @@ neighbour lists are computed once and permuted (``N_{b∘π}(i) = π^{-1}(N_b(π
 ``cka`` / ``unbiased_cka`` the centred kernels are computed once and permuted (the
 denominator does not change), so 1,000 permutations at ``n = 1,000`` take seconds. (With
 exactly tied similarities the permuted lists may break ties differently from a recomputation.)
+For ``rsa`` with ``compare="spearman"`` or ``"pearson"`` (a Mantel test) both RDMs are
+computed once and their condensed upper triangles ranked once; shuffling the pairing permutes
+rows and columns of ``b``'s RDM together, which only gathers entries of its condensed vector
+(ranks included), so each permutation costs one gather and one dot product.
+``compare="kendall"`` recomputes the score per permutation.
 
 Bootstrap: resample paired rows with replacement. Copies of one sample would be each other's
 nearest neighbours and inflate k-NN scores, so for ``mutual_knn``, ``cycle_knn``, ``lcs_knn``
@@ -28,6 +33,7 @@ from .knn import (
     lcs_knn_from_indices,
     mutual_knn_from_indices,
 )
+from .rsa import condensed, rankdata, rdm
 
 __all__ = ["PermutationResult", "permutation_test", "bootstrap_ci"]
 
@@ -101,6 +107,44 @@ def _cka_null(a, b, perms, kernel="linear", unbiased=False, sigma=None, eps=0.0)
     return torch.stack(null).double().cpu()
 
 
+def _condensed_positions(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(iu [2, m], pos [n * n])``: the ``m = n(n-1)/2`` pairs ``i < j`` and, for any ``(i, j)``,
+    ``pos[i * n + j]`` = index of the unordered pair in the condensed vector (diagonal unused)."""
+    iu = torch.triu_indices(n, n, offset=1, device=device)
+    slot = torch.arange(iu.shape[1], device=device)
+    pos = torch.zeros(n, n, dtype=torch.long, device=device)
+    pos[iu[0], iu[1]] = slot
+    pos[iu[1], iu[0]] = slot
+    return iu, pos.flatten()
+
+
+def _rsa_null(a, b, perms, distance="correlation", compare="spearman") -> torch.Tensor:
+    """Mantel null ``[P]`` of ``rsa(a, b[π], distance, compare)`` for ``compare`` spearman / pearson.
+
+    ``condensed(rdm(b[π]))[(i, j)] = rdm(b)[π(i), π(j)]``: a gather of ``b``'s condensed vector,
+    whose mean and norm do not change; Spearman ranks move with their entries (average-tie
+    ranks included), so the ranks are taken once. Arithmetic mirrors :func:`rsa` (same dtype,
+    centring and denominator); a permutation that leaves ``b``'s condensed RDM unchanged (the
+    identity, or swapping identical samples) scores exactly as the observed pairing.
+    """
+    n = a.shape[0]
+    u, v = condensed(rdm(a, distance)), condensed(rdm(b, distance))  # [m], [m]
+    if compare == "spearman":
+        u, v = rankdata(u), rankdata(v)
+    u, v = u - u.mean(), v - v.mean()
+    denom = u.norm() * v.norm()
+    observed = (u @ v) / denom
+    iu, pos = _condensed_positions(n, v.device)
+    step = max(1, 2**22 // iu.shape[1])  # keeps each [P, m] gather at ~4M entries
+    out = []
+    for s in range(0, len(perms), step):
+        perm = torch.stack(perms[s : s + step])  # [P, n]
+        moved = v[pos[perm[:, iu[0]] * n + perm[:, iu[1]]]]  # [P, m]: condensed(rdm(b[π])), centred
+        null = (moved @ u) / denom
+        out.append(torch.where((moved == v).all(dim=1), observed, null))
+    return torch.cat(out).double()
+
+
 def permutation_test(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -127,6 +171,8 @@ def permutation_test(
     elif metric in ("cka", "unbiased_cka"):
         kw = dict(metric_kwargs, unbiased=True) if metric == "unbiased_cka" else metric_kwargs
         null = _cka_null(a, b, perms, **kw)
+    elif metric == "rsa" and metric_kwargs.get("compare", "spearman") in ("spearman", "pearson"):
+        null = _rsa_null(a, b, perms, **metric_kwargs)
     else:
         null = torch.tensor([float(fn(a, b[p], **metric_kwargs)) for p in perms], dtype=torch.float64)
     return _summarise(score, null.cpu())
