@@ -123,26 +123,27 @@ def _rsa_null(a, b, perms, distance="correlation", compare="spearman") -> torch.
 
     ``condensed(rdm(b[π]))[(i, j)] = rdm(b)[π(i), π(j)]``: a gather of ``b``'s condensed vector,
     whose mean and norm do not change; Spearman ranks move with their entries (average-tie
-    ranks included), so the ranks are taken once. Arithmetic mirrors :func:`rsa` (same dtype,
-    centring and denominator); a permutation that leaves ``b``'s condensed RDM unchanged (the
-    identity, or swapping identical samples) scores exactly as the observed pairing.
+    ranks included), so the ranks are taken once. Arithmetic mirrors :func:`rsa` (float64,
+    same centring and denominator, rounded to the input dtype); a permutation that leaves
+    ``b``'s condensed RDM unchanged (the identity, or swapping identical samples) scores
+    exactly as the observed pairing.
     """
     n = a.shape[0]
-    u, v = condensed(rdm(a, distance)), condensed(rdm(b, distance))  # [m], [m]
+    u, v = condensed(rdm(a, distance)).double(), condensed(rdm(b, distance)).double()  # [m], [m]
     if compare == "spearman":
         u, v = rankdata(u), rankdata(v)
     u, v = u - u.mean(), v - v.mean()
     denom = u.norm() * v.norm()
-    observed = (u @ v) / denom
+    observed = ((u @ v) / denom).clamp(-1.0, 1.0)
     iu, pos = _condensed_positions(n, v.device)
     step = max(1, 2**22 // iu.shape[1])  # keeps each [P, m] gather at ~4M entries
     out = []
     for s in range(0, len(perms), step):
         perm = torch.stack(perms[s : s + step])  # [P, n]
         moved = v[pos[perm[:, iu[0]] * n + perm[:, iu[1]]]]  # [P, m]: condensed(rdm(b[π])), centred
-        null = (moved @ u) / denom
+        null = ((moved @ u) / denom).clamp(-1.0, 1.0)
         out.append(torch.where((moved == v).all(dim=1), observed, null))
-    return torch.cat(out).double()
+    return torch.cat(out).to(a.dtype).double()  # rounded like rsa's score, so ties compare equal
 
 
 def permutation_test(
