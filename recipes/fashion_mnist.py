@@ -104,35 +104,37 @@ class Settings:
     quick: bool = False
 
 
-QUICK = dict(n_samples=500, train_size=20000, epochs=2, resnet_epochs=1, resnet_train_size=4000, val_size=500,
-             test_size=2000, permutations=1000, bootstraps=200, umap_points=500, umap_epochs=100,
-             probe_size=256, monitor_every=40)
+# Quick mode keeps the seed's N = 1,000 and every training image, and cuts epochs and resamples:
+# about 1.5 minutes on an idle 2-core CPU (the README's main job must stay under 10).
+QUICK = dict(n_samples=1000, epochs=3, resnet_epochs=1, resnet_train_size=12000, val_size=1000,
+             permutations=1000, bootstraps=200, umap_points=1000, umap_epochs=100,
+             probe_size=256, monitor_every=100)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/fashion-mnist", help="output folder (default runs/fashion-mnist)")
-    p.add_argument("--quick", action="store_true", help="small settings: 2-5 minutes on a 2-core CPU, no GPU")
+    p.add_argument("--quick", action="store_true", help="small settings: about 2 minutes on a 2-core CPU, no GPU")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (torchvision root or the four files)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST when no local copy exists")
-    p.add_argument("--n-samples", type=int, help="stratified test images analysed (seed: 1000; quick: 500)")
-    p.add_argument("--train-size", type=int, help="FashionCNN training images (default: all 59k; quick: 20000)")
-    p.add_argument("--epochs", type=int, help="FashionCNN epochs (default 10; quick 2)")
+    p.add_argument("--n-samples", type=int, help="stratified test images analysed (seed and quick: 1000)")
+    p.add_argument("--train-size", type=int, help="FashionCNN training images (default: all 59k)")
+    p.add_argument("--epochs", type=int, help="FashionCNN epochs (default 10; quick 3)")
     p.add_argument("--lr", type=float, default=1e-2, help="FashionCNN Adam learning rate (default 0.01)")
     p.add_argument("--resnet-weights", default="auto",
                    help="auto (default: ImageNet if obtainable, else scratch), imagenet, scratch, or a weights file")
     p.add_argument("--resnet-epochs", type=int, help="ResNet epochs, whole net (scratch) or linear probe (ImageNet) (default 3; quick 1)")
-    p.add_argument("--resnet-train-size", type=int, help="ResNet training images (default all; quick 4000)")
+    p.add_argument("--resnet-train-size", type=int, help="ResNet training images (default all; quick 12000)")
     p.add_argument("--resnet-input-size", type=int, help="resize for ResNet (default 28 scratch, 64 ImageNet)")
-    p.add_argument("--test-size", type=int, help="stratified test images for accuracy (default all 10k; quick 2000)")
-    p.add_argument("--val-size", type=int, help="training images held out for validation (default 1000; quick 500)")
+    p.add_argument("--test-size", type=int, help="stratified test images for accuracy (default all 10k)")
+    p.add_argument("--val-size", type=int, help="training images held out for validation (default 1000)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     p.add_argument("--permutations", type=int, help="permutations per Mantel test (default 10000; quick 1000)")
     p.add_argument("--bootstraps", type=int, help="bootstrap resamples per interval (default 1000; quick 200)")
-    p.add_argument("--umap-points", type=int, help="points per UMAP panel (default N; quick 500)")
+    p.add_argument("--umap-points", type=int, help="points per UMAP panel (default N)")
     p.add_argument("--umap-epochs", type=int, help="UMAP optimisation epochs (default: umap's; quick 100)")
     p.add_argument("--probe-size", type=int, help="AlignmentMonitor probe images (default 512; quick 256)")
-    p.add_argument("--monitor-every", type=int, help="AlignmentMonitor check every N steps (default 50; quick 40)")
+    p.add_argument("--monitor-every", type=int, help="AlignmentMonitor check every N steps (default 50; quick 100)")
     p.add_argument("--seed", type=int, default=0, help="seeds subsets, training and tests (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
