@@ -9,7 +9,6 @@ to ``[-1, 1]`` itself (mean = std = 0.5, how the EfficientNet-Lite weights were 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_FLICKR_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k-1024" / "images"
+from prh_lightning.data.paired import default_flickr_dir
+
 IMAGE_SETS = ("flickr", "fashion-mnist", "noise", "gaussian-noise")
 PRETRAINED = ("lite0", "lite1", "lite2")
 RANDOM_SUFFIX = "-random"
@@ -31,8 +31,10 @@ class RecipeInputError(ValueError):
 
 # -- image sets ---------------------------------------------------------------------------------
 def flickr_dir() -> Path:
-    """Folder of Flickr8k photos: ``$PRH_FLICKR_DIR`` or ``../shared/data/flickr8k-1024/images``."""
-    return Path(os.environ.get("PRH_FLICKR_DIR", DEFAULT_FLICKR_DIR))
+    """Folder of Flickr8k photos: ``images/`` of the paired dataset (``$PRH_FLICKR_DIR`` or
+    ``../shared/data/flickr8k-1024``), or the folder itself when it holds the photos directly."""
+    root = default_flickr_dir()
+    return root / "images" if (root / "images").is_dir() else root
 
 
 def _pick(count: int, n: int, seed: int, what: str) -> np.ndarray:
@@ -59,8 +61,8 @@ def flickr_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     files = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
     if not files:
         raise RecipeInputError(
-            f"no Flickr8k photos (*.jpg) in {folder}; set PRH_FLICKR_DIR to a folder of photos "
-            "(offline copy: ../shared/data/flickr8k-1024/images)"
+            f"no Flickr8k photos (*.jpg) in {folder}; set PRH_FLICKR_DIR to the dataset folder "
+            "(offline copy: ../shared/data/flickr8k-1024) or to a folder of photos"
         )
     chosen = [files[i] for i in _pick(len(files), n, seed, "Flickr")]
     tensors = []

@@ -79,7 +79,8 @@ def test_torchvision_defaults():
 
 
 def test_efficientnet_lite_blocks_and_pooled_head():
-    EfficientNet = pytest.importorskip("efficientnet_lite_pytorch", reason="optional asset: pip install efficientnet-lite-pytorch").EfficientNet
+    from efficientnet_lite_pytorch import EfficientNet  # installed by scripts/setup.sh (the "assets" extra)
+
     torch.manual_seed(0)
     net = EfficientNet.from_name("efficientnet-lite0").eval()  # random init, same architecture
     layers = default_layers(net)

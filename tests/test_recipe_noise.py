@@ -12,14 +12,11 @@ import torch
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.recipes import noise
 
-FLICKR = vs.flickr_dir()
-needs_flickr = pytest.mark.skipif(not FLICKR.is_dir(), reason=f"Flickr8k photos not at {FLICKR} (set PRH_FLICKR_DIR)")
 TINY = ["--n-images", "24", "--levels", "3", "--image-size", "64", "--models", "lite0,lite1",
         "--k", "3", "--bootstrap", "10", "--permutations", "20", "--max-sigma", "3"]
 
 
 @pytest.mark.slow
-@needs_flickr
 def test_tiny_run_writes_consistent_outputs(tmp_path):
     assert noise.main(["--out", str(tmp_path), *TINY]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

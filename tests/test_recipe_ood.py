@@ -13,15 +13,12 @@ from prh_lightning.functional import mutual_knn
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.recipes import ood
 
-FLICKR = vs.flickr_dir()
-needs_flickr = pytest.mark.skipif(not FLICKR.is_dir(), reason=f"Flickr8k photos not at {FLICKR} (set PRH_FLICKR_DIR)")
 TINY = ["--n-images", "20", "--image-size", "32", "--models", "lite0,lite1,lite0-random",
         "--metrics", "mutual_knn,cka,cknna", "--k", "3", "--blocks", "1", "--jackknife-groups", "5",
         "--ood", "noise", "--noise-set", "gaussian-noise", "--in-dist", "flickr"]
 
 
 @pytest.mark.slow
-@needs_flickr
 def test_tiny_run_writes_consistent_outputs(tmp_path):
     assert ood.main(["--out", str(tmp_path), *TINY]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -53,7 +50,6 @@ def test_metric_correlation_is_spearman():
 
 
 @pytest.mark.slow
-@needs_flickr
 def test_noise_images_align_less_than_photos():
     """The seed's central claim, on the offline ImageNet EfficientNet-Lites: for every pair and
     two image draws, mutual k-NN of the pooled head is higher on photos than on pixel noise.
