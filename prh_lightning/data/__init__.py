@@ -1,0 +1,1 @@
+"""Datasets used by the recipes, found locally first (Debian package, shared folders)."""
