@@ -11,6 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import prh_lightning.functional as F
 from prh_lightning.metrics import CKA, RSA, AlignmentMatrix, MutualKNN
+from reference_formulas import ref_linear_cka, ref_mutual_knn
 
 N, WORLD, BATCH = 45, 2, 8  # 45 samples over 2 ranks: the sampler repeats one sample as padding
 
@@ -47,23 +48,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def ref_linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
-    n = a.shape[0]
-    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k = h @ a.double() @ a.double().T @ h
-    l = h @ b.double() @ b.double().T @ h
-    return float((k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum()))
-
-
-def ref_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    def neighbours(x):
-        sims = x.double() @ x.double().T
-        sims.fill_diagonal_(-float("inf"))
-        return [set(row.tolist()) for row in sims.topk(k, dim=1).indices]
-
-    return sum(len(p & q) for p, q in zip(neighbours(a), neighbours(b))) / (k * a.shape[0])
 
 
 @pytest.mark.ddp

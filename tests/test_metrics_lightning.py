@@ -11,23 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
 from prh_lightning.metrics import CKA, MutualKNN
-
-
-def ref_linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
-    n = a.shape[0]
-    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k = h @ a.double() @ a.double().T @ h
-    l = h @ b.double() @ b.double().T @ h
-    return float((k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum()))
-
-
-def ref_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    def neighbours(x):
-        sims = x.double() @ x.double().T
-        sims.fill_diagonal_(-float("inf"))
-        return [set(row.tolist()) for row in sims.topk(k, dim=1).indices]
-
-    return sum(len(p & q) for p, q in zip(neighbours(a), neighbours(b))) / (k * a.shape[0])
+from reference_formulas import ref_linear_cka, ref_mutual_knn
 
 
 class TwoLayerNet(L.LightningModule):
