@@ -23,6 +23,7 @@ if (_checkout_root / "setup.py").is_file() and (_checkout_root / "callbacks" / "
 _EXPORTS = {
     "Representations": "prh_lightning.representations",
     "LayerTaps": "prh_lightning.taps",
+    "TapBudgetExceeded": "prh_lightning.taps",
     "record_representations": "prh_lightning.recording",
     "alignment_matrix": "prh_lightning.alignment",
     "best_alignment": "prh_lightning.alignment",
