@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prh-lightning: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except SystemExit as stop:  # argparse inside a recipe: --help (0) or a usage error (2)
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
 
 
 if __name__ == "__main__":
