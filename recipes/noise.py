@@ -32,13 +32,13 @@ from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 
 FULL = {"n_images": 250, "levels": 100, "image_size": 224, "bootstrap": 500, "permutations": 500}
-QUICK = {"n_images": 64, "levels": 12, "image_size": 128, "bootstrap": 100, "permutations": 100}
+QUICK = {"n_images": 128, "levels": 20, "image_size": 128, "bootstrap": 200, "permutations": 200}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prh-lightning noise", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small settings (64 images, 12 levels, 128 px)")
+    p.add_argument("--quick", action="store_true", help="small settings (128 images, 20 levels, 128 px)")
     p.add_argument("--models", default="lite0,lite1,lite2", help="comma-separated: lite0, lite1, lite2 (+ '-random')")
     p.add_argument("--n-images", type=int, help=f"photos (default {FULL['n_images']}, quick {QUICK['n_images']})")
     p.add_argument("--levels", type=int, help=f"noise levels incl. sigma=0 (default {FULL['levels']}, quick {QUICK['levels']})")

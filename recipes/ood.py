@@ -38,7 +38,7 @@ from prh_lightning.reporting import Report, markdown_table, save_figure, write_j
 
 FULL = {"n_images": 250, "image_size": 224, "jackknife_groups": 20, "blocks": 3,
         "models": "lite0,lite1,lite2,lite0-random,lite1-random", "metrics": ",".join(METRICS)}
-QUICK = {"n_images": 96, "image_size": 128, "jackknife_groups": 10, "blocks": 1,
+QUICK = {"n_images": 192, "image_size": 128, "jackknife_groups": 12, "blocks": 1,
          "models": "lite0,lite1,lite2,lite0-random", "metrics": "mutual_knn,cycle_knn,lcs_knn,cka,unbiased_cka,cknna"}
 SET_ROLES = ("in-distribution", "ood", "noise")
 GRANULARITIES = ("models", "layers", "layers_pretrained")
@@ -49,7 +49,7 @@ Scores = dict[str, dict[tuple[int, int], torch.Tensor]]  # metric -> (model i, m
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prh-lightning ood", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small settings (96 images, 128 px, 4 models, 6 fast metrics, 10 jackknife groups)")
+    p.add_argument("--quick", action="store_true", help="small settings (192 images, 128 px, 4 models, 6 fast metrics, 12 jackknife groups)")
     p.add_argument("--in-dist", default="flickr", choices=vs.IMAGE_SETS, help="in-distribution set (default flickr)")
     p.add_argument("--ood", default="fashion-mnist", choices=vs.IMAGE_SETS, help="OOD set (default fashion-mnist)")
     p.add_argument("--noise-set", default="noise", choices=vs.IMAGE_SETS, help="noise set (default uniform pixel noise)")
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help=f"pixels (default {FULL['image_size']}, quick {QUICK['image_size']})")
     p.add_argument("--blocks", type=int, help="blocks tapped per model, plus the pooled head (default 3, quick 1)")
     p.add_argument("--k", type=int, default=10, help="neighbours for the k-NN metrics and CKNNA (default 10)")
-    p.add_argument("--jackknife-groups", type=int, help="image groups of the delete-a-group jackknife (default 20, quick 10)")
+    p.add_argument("--jackknife-groups", type=int, help="image groups of the delete-a-group jackknife (default 20, quick 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
