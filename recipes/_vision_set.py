@@ -177,6 +177,20 @@ def embed(model: VisionModel, images: torch.Tensor, layers: Sequence[str], batch
 _START = [0.0]
 
 
+def run_cli(prog: str, run, args, describe) -> int:
+    """Run ``run(args)``; bad input prints one line on stderr and returns 2, else prints
+    ``describe(summary)`` and returns 0 (the ``main`` of every recipe here)."""
+    import sys
+
+    try:
+        summary = run(args)
+    except RecipeInputError as err:
+        print(f"prh-lightning {prog}: {err}", file=sys.stderr)
+        return 2
+    print(describe(summary))
+    return 0
+
+
 def log(message: str) -> None:
     """Print ``[  12.3 s] message`` to stderr (time since the first call)."""
     import sys

@@ -265,16 +265,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = run(args)
-    except vs.RecipeInputError as err:
-        print(f"prh-lightning noise: {err}", file=sys.stderr)
-        return 2
-    cross = summary["first_chance_sigma"]
-    print(f"noise: clean alignment {summary['mean_alignment'][0]:.3f}, "
-          f"reaches chance at sigma = {cross if cross is not None else 'never'}; wrote {args.out}")
-    return 0
 
+    def describe(summary: dict) -> str:
+        cross = summary["first_chance_sigma"]
+        return (f"noise: clean alignment {summary['mean_alignment'][0]:.3f}, reaches chance at "
+                f"sigma = {cross if cross is not None else 'never'}; wrote {args.out}")
+
+    return vs.run_cli("noise", run, args, describe)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -373,18 +373,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = run(args)
-    except vs.RecipeInputError as err:
-        print(f"prh-lightning ood: {err}", file=sys.stderr)
-        return 2
-    s = summary["statistics"]
-    for role in SET_ROLES:
-        print(f"{role}: metric agreement (pretrained layer pairs) "
-              f"{s[f'{role}/metric_agreement_layers_pretrained']['value']:.3f}")
-    print(f"wrote {args.out}")
-    return 0
 
+    def describe(summary: dict) -> str:
+        s = summary["statistics"]
+        lines = [f"{role}: metric agreement (pretrained layer pairs) "
+                 f"{s[f'{role}/metric_agreement_layers_pretrained']['value']:.3f}" for role in SET_ROLES]
+        return "\n".join(lines + [f"wrote {args.out}"])
+
+    return vs.run_cli("ood", run, args, describe)
 
 if __name__ == "__main__":
     sys.exit(main())

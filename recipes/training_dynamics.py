@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: python recipes/training_dynami
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prh_lightning.alignment import alignment_matrix
+from prh_lightning.data.paired import default_flickr_dir
 from prh_lightning.functional.knn import mutual_knn_from_indices
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
@@ -163,12 +164,12 @@ def own_runs(archs: list[str], args: argparse.Namespace) -> tuple[Checkpoints, t
 
 # -- online: Hugging Face revisions -------------------------------------------------------------------
 def flickr_captions(n: int) -> list[str]:
-    """The first ``n`` captions of Flickr8k's ``metadata.csv`` (next to the images folder)."""
+    """The first ``n`` captions of Flickr8k's ``metadata.csv`` (``$PRH_FLICKR_DIR`` or the shared copy)."""
     import csv
 
-    path = vs.flickr_dir().parent / "metadata.csv"
+    path = default_flickr_dir() / "metadata.csv"
     if not path.is_file():
-        raise vs.RecipeInputError(f"no captions file at {path}; set PRH_FLICKR_DIR to the images folder of Flickr8k")
+        raise vs.RecipeInputError(f"no captions file at {path}; set PRH_FLICKR_DIR to the Flickr8k folder holding metadata.csv")
     with open(path, newline="") as f:
         return [row["text"] for row in csv.DictReader(f)][:n]
 
@@ -398,16 +399,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = run(args)
-    except vs.RecipeInputError as err:
-        print(f"prh-lightning training-dynamics: {err}", file=sys.stderr)
-        return 2
-    c = summary["change"]
-    print(f"training-dynamics: between-run alignment {c['first']:.3f} at step {c['first_step']} -> "
-          f"{c['last']:.3f} at step {c['last_step']}; wrote {args.out}")
-    return 0
 
+    def describe(summary: dict) -> str:
+        c = summary["change"]
+        return (f"training-dynamics: between-run alignment {c['first']:.3f} at step {c['first_step']} -> "
+                f"{c['last']:.3f} at step {c['last_step']}; wrote {args.out}")
+
+    return vs.run_cli("training-dynamics", run, args, describe)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,13 @@ def check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     """Check two paired feature matrices: both valid, same ``n``, same device."""
     check_features(a, "a", finite=False)
     check_features(b, "b", finite=False)
+    check_paired(a, b)
+    check_features(a, "a")
+    check_features(b, "b")
+
+
+def check_paired(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise unless ``a`` and ``b`` hold the same number of rows (samples) on the same device."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(
             f"a and b must hold the same samples (row i = sample i) but a has {a.shape[0]} rows and b has "
@@ -34,8 +41,6 @@ def check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         )
     if a.device != b.device:
         raise ValueError(f"a is on {a.device} but b is on {b.device}; move both to the same device")
-    check_features(a, "a")
-    check_features(b, "b")
 
 
 def check_k(k: int, n: int, minimum: int = 1) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prh_lightning.functional._validation import check_paired
+
 
 def check_features_batch(x: Tensor, name: str) -> None:
     """Raise unless ``x`` is a finite floating ``[batch, d]`` tensor with ``batch, d >= 1``."""
@@ -46,13 +48,7 @@ def check_pair_batch(a: Tensor, b: Tensor, index: Tensor | None = None) -> Tenso
     """Check one paired batch ``a [batch, d_a]``, ``b [batch, d_b]``; return the checked ids or None."""
     check_features_batch(a, "a")
     check_features_batch(b, "b")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"a and b must hold the same samples (row i = sample i) but a has {a.shape[0]} rows and b has "
-            f"{b.shape[0]}"
-        )
-    if a.device != b.device:
-        raise ValueError(f"a is on {a.device} but b is on {b.device}; move both to the same device")
+    check_paired(a, b)
     check_finite(a, "a")
     check_finite(b, "b")
     return check_index(index, a.shape[0], a.device)
