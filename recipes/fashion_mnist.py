@@ -81,7 +81,7 @@ class Settings:
 
     out: Path
     data_dir: str | None = None
-    download: bool = False
+    download: bool = True
     n_samples: int = 1000
     train_size: int | None = None
     epochs: int = 10
@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/fashion-mnist", help="output folder (default runs/fashion-mnist)")
     p.add_argument("--quick", action="store_true", help="small settings: about 2 minutes on a 2-core CPU, no GPU")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (torchvision root or the four files)")
-    p.add_argument("--download", action="store_true", help="download Fashion-MNIST when no local copy exists")
+    p.add_argument("--no-download", dest="download", action="store_false", default=True,
+                   help="never download Fashion-MNIST (default: download it when no local copy is found)")
+    p.add_argument("--download", dest="download", action="store_true", default=True, help=argparse.SUPPRESS)
     p.add_argument("--n-samples", type=int, help="stratified test images analysed (seed and quick: 1000)")
     p.add_argument("--train-size", type=int, help="FashionCNN training images (default: all 59k)")
     p.add_argument("--epochs", type=int, help="FashionCNN epochs (default 10; quick 3)")
@@ -743,7 +745,7 @@ def run(s: Settings) -> dict[str, Any]:
     start = time.perf_counter()
     quiet_libraries()
     torch.manual_seed(s.seed)
-    fashion_mnist_root(s.data_dir, download=s.download)  # fail fast (exit 2) when the data is missing
+    fashion_mnist_root(s.data_dir, download=s.download, progress=s.progress)  # fail fast (exit 2) when the data is missing
     resnet, info = build_resnet(s)
     say(s, "loading all-MiniLM-L6-v2")
     minilm = load_minilm()
