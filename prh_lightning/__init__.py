@@ -8,17 +8,9 @@ Public API (imported lazily, so ``import prh_lightning`` stays cheap):
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
-
-# In a source checkout the sub-packages prh_lightning.callbacks and prh_lightning.recipes
-# live in the top-level folders callbacks/ and recipes/ (an installed wheel holds them
-# inside the package, see setup.py); let the import system find them there too.
-_checkout_root = Path(__file__).resolve().parent.parent
-if (_checkout_root / "setup.py").is_file() and (_checkout_root / "callbacks" / "__init__.py").is_file():
-    __path__.append(str(_checkout_root))  # type: ignore[name-defined]  # noqa: F821
 
 _EXPORTS = {
     "Representations": "prh_lightning.representations",
