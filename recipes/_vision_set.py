@@ -1,42 +1,30 @@
-"""Shared pieces of the ``ood``, ``noise`` and ``training_dynamics`` recipes: image sets
-(Flickr8k photos, Fashion-MNIST as 3-channel images, pixel noise), the offline vision model
-set (EfficientNet-Lite0/1/2 with ImageNet weights, plus randomly initialised copies as a
-control), feature extraction, and bootstrap resampling of paired features.
+"""Shared pieces of the ``ood`` and ``noise`` recipes: image sets (Flickr8k photos,
+Fashion-MNIST as 3-channel images, pixel noise) and the offline vision model set
+(EfficientNet-Lite0/1/2 from the model zoo, plus randomly re-initialised copies as a control).
 
-Images are always ``Tensor[n, 3, S, S]`` with pixels in ``[0, 1]``; each model scales them
-to ``[-1, 1]`` itself (mean = std = 0.5, how the EfficientNet-Lite weights were trained).
+Images are ``Tensor[n, 3, S, S]`` with pixels in ``[0, 1]``. Models load through
+:func:`prh_lightning.models.zoo.load_model`; features come from
+:func:`prh_lightning.extraction.vision_features` (spatial mean of each tapped block), with the
+zoo's EfficientNet-Lite scaling to ``[-1, 1]`` applied to the already-sized images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from prh_lightning.data.paired import default_flickr_dir
+from prh_lightning.recipes._common import RecipeInputError, fingerprint
 
 IMAGE_SETS = ("flickr", "fashion-mnist", "noise", "gaussian-noise")
 PRETRAINED = ("lite0", "lite1", "lite2")
 RANDOM_SUFFIX = "-random"
 
 
-class RecipeInputError(ValueError):
-    """Bad recipe input (missing data, unknown name, impossible setting); the message says what to do."""
-
-
 # -- image sets ---------------------------------------------------------------------------------
-def flickr_dir() -> Path:
-    """Folder of Flickr8k photos: ``images/`` of the paired dataset (``$PRH_FLICKR_DIR`` or
-    ``../shared/data/flickr8k-1024``), or the folder itself when it holds the photos directly."""
-    root = default_flickr_dir()
-    return root / "images" if (root / "images").is_dir() else root
-
-
 def _pick(count: int, n: int, seed: int, what: str) -> np.ndarray:
     """``n`` distinct sorted indices out of ``count``, drawn with ``seed``."""
     if n > count:
@@ -44,45 +32,46 @@ def _pick(count: int, n: int, seed: int, what: str) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))
 
 
-def _square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """``[c, h, w]`` -> ``[c, size, size]``: resize the short side to ``size``, centre crop."""
-    from torchvision.transforms.v2 import functional as TF
+def flickr_files(folder: Path) -> list[Path]:
+    """The photos of a Flickr8k folder (directly, or under ``images/``), sorted."""
+    photos = folder / "images" if (folder / "images").is_dir() else folder
+    files = sorted(photos.glob("*.jpg"))
+    if not files:
+        raise RecipeInputError(f"no Flickr8k photos (*.jpg) in {photos}")
+    return files
 
-    image = TF.resize(image, size, antialias=True)
-    return TF.center_crop(image, [size, size])
 
-
-def flickr_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``n`` Flickr8k photos as ``[n, 3, size, size]`` in ``[0, 1]``."""
+def flickr_images(folder: Path, n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """``n`` photos of ``folder`` as ``[n, 3, size, size]`` in ``[0, 1]`` (short side resized,
+    centre crop), and the fingerprint of the files used."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
-    folder = flickr_dir()
-    files = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
-    if not files:
-        raise RecipeInputError(
-            f"no Flickr8k photos (*.jpg) in {folder}; set PRH_FLICKR_DIR to the dataset folder "
-            "(offline copy: ../shared/data/flickr8k-1024) or to a folder of photos"
-        )
+    files = flickr_files(folder)
     chosen = [files[i] for i in _pick(len(files), n, seed, "Flickr")]
     tensors = []
     for path in chosen:
         with Image.open(path) as im:
-            tensors.append(_square(TF.pil_to_tensor(im.convert("RGB")), size))
-    return torch.stack(tensors).float() / 255.0
+            image = TF.resize(TF.pil_to_tensor(im.convert("RGB")), size, antialias=True)
+            tensors.append(TF.center_crop(image, [size, size]))
+    return torch.stack(tensors).float() / 255.0, fingerprint(chosen, folder)
 
 
-def fashion_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+def fashion_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """``n`` Fashion-MNIST test images, grey copied to 3 channels: ``[n, 3, size, size]`` in ``[0, 1]``."""
-    from prh_lightning.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
+    from prh_lightning.data.fashion_mnist import FashionMNISTNotFound, fashion_mnist_root, load_fashion_mnist
 
     try:
         data = load_fashion_mnist(train=False).data  # [10000, 28, 28] uint8
+        root = Path(fashion_mnist_root())
     except FashionMNISTNotFound as err:
         raise RecipeInputError(str(err)) from None
-    grey = data[torch.from_numpy(_pick(len(data), n, seed, "Fashion-MNIST"))].float().div(255.0)
-    grey = F.interpolate(grey[:, None], size=(size, size), mode="bilinear", align_corners=False)
-    return grey.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+    index = _pick(len(data), n, seed, "Fashion-MNIST")
+    grey = data[torch.from_numpy(index)].float().div(255.0)
+    grey = torch.nn.functional.interpolate(grey[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    files = sorted((root / "FashionMNIST" / "raw").glob("t10k-*-ubyte"))
+    info = {**fingerprint(files, root), "n_items": n, "drawn_from": "test split", "seed": seed}
+    return grey.clamp(0, 1).expand(-1, 3, -1, -1).contiguous(), info
 
 
 def noise_images(n: int, size: int, seed: int = 0, kind: str = "uniform") -> torch.Tensor:
@@ -94,16 +83,20 @@ def noise_images(n: int, size: int, seed: int = 0, kind: str = "uniform") -> tor
     return (0.5 + 0.25 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
 
 
-def image_set(name: str, n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Images of set ``name`` (one of :data:`IMAGE_SETS`) as ``[n, 3, size, size]`` in ``[0, 1]``."""
+def image_set(name: str, n: int, size: int, seed: int = 0, flickr_dir: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """Images of set ``name`` (one of :data:`IMAGE_SETS`) as ``[n, 3, size, size]`` in ``[0, 1]``,
+    and a record of the data used (path, count, checksum; generated noise: its seed)."""
     if n < 4:
         raise RecipeInputError(f"need at least 4 images per set, got {n}")
     if name == "flickr":
-        return flickr_images(n, size, seed)
+        if flickr_dir is None:
+            raise RecipeInputError("the flickr image set needs a data folder")
+        return flickr_images(flickr_dir, n, size, seed)
     if name == "fashion-mnist":
         return fashion_images(n, size, seed)
     if name in ("noise", "gaussian-noise"):
-        return noise_images(n, size, seed, kind="uniform" if name == "noise" else "gaussian")
+        kind = "uniform" if name == "noise" else "gaussian"
+        return noise_images(n, size, seed, kind), {"path": None, "n_items": n, "generated": f"{kind} noise, seed {seed}"}
     raise RecipeInputError(f"unknown image set {name!r}; choose from {', '.join(IMAGE_SETS)}")
 
 
@@ -113,22 +106,6 @@ def add_gaussian_noise(images: torch.Tensor, noise: torch.Tensor, sigma: float) 
 
 
 # -- the vision model set -----------------------------------------------------------------------
-@dataclass
-class VisionModel:
-    """One model of the set: ``module`` maps ``[b, 3, S, S]`` in ``[-1, 1]`` to logits."""
-
-    name: str
-    module: nn.Module
-    pretrained: bool
-
-    def taps(self, n_blocks: int = 3) -> list[str]:
-        """Layer names: ``n_blocks`` blocks evenly spread over depth (the last included) and the
-        pooled head ``_avg_pooling`` (the 1280-d embedding)."""
-        depth = len(self.module._blocks)
-        picks = sorted({round(depth * (j + 1) / n_blocks) - 1 for j in range(n_blocks)})
-        return [f"_blocks.{i}" for i in picks] + ["_avg_pooling"]
-
-
 def parse_model_names(text: str) -> list[str]:
     """``"lite0,lite1,lite0-random"`` -> names, checked against the known variants."""
     names = [s.strip() for s in text.split(",") if s.strip()]
@@ -143,79 +120,46 @@ def parse_model_names(text: str) -> list[str]:
     return names
 
 
-def load_vision_model(name: str, seed: int = 0) -> VisionModel:
-    """``"lite0"`` (ImageNet weights) or ``"lite0-random"`` (random init from ``seed``), in eval mode."""
-    from efficientnet_lite_pytorch import EfficientNet
+def _reinitialise(model: torch.nn.Module, seed: int) -> None:
+    """Random weights from ``seed``: every submodule's own ``reset_parameters`` (PyTorch's default init)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
 
-    from prh_lightning.models.pretrained import PretrainedUnavailable, load_efficientnet_lite
+
+def load_vision_model(name: str, seed: int = 0):
+    """``"lite0"`` (ImageNet weights, from the zoo) or ``"lite0-random"`` (the same architecture
+    re-initialised from ``seed``); a zoo ``LoadedModel`` in eval mode with ``pretrained`` in ``extra``."""
+    from prh_lightning.models.zoo import load_model
 
     variant = name.removesuffix(RANDOM_SUFFIX)
-    if name.endswith(RANDOM_SUFFIX):
-        torch.manual_seed(seed)
-        return VisionModel(name, EfficientNet.from_name(f"efficientnet-{variant}").eval(), False)
-    try:
-        module, _ = load_efficientnet_lite(variant)
-    except PretrainedUnavailable as err:
-        raise RecipeInputError(str(err)) from None
-    return VisionModel(name, module, True)
+    loaded = load_model(f"efficientnet-{variant}")
+    random = name.endswith(RANDOM_SUFFIX)
+    if random:
+        _reinitialise(loaded.model, seed)
+    return dataclasses.replace(loaded, name=name, extra={**loaded.extra, "pretrained": not random})
 
 
-@torch.no_grad()
-def embed(model: VisionModel, images: torch.Tensor, layers: Sequence[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Spatially mean-pooled, row-L2-normalised features of ``layers``: ``{layer: [n, d]}``
-    for ``images [n, 3, S, S]`` in ``[0, 1]``."""
-    from prh_lightning.taps import LayerTaps
-
-    with LayerTaps(model.module, layers=list(layers), reduce="mean") as taps:
-        for start in range(0, len(images), batch_size):
-            model.module((images[start : start + batch_size] - 0.5) / 0.5)
-        feats = taps.features()
-    return {name: F.normalize(feats[name].float(), dim=1) for name in layers}
+def tap_layers(loaded, n_blocks: int = 3) -> list[str]:
+    """``n_blocks`` blocks evenly spread over depth (the last included) and the pooled head."""
+    blocks = [layer for layer in loaded.layers if layer.startswith("_blocks.")]
+    picks = sorted({round(len(blocks) * (j + 1) / n_blocks) - 1 for j in range(n_blocks)})
+    return [blocks[i] for i in picks] + ["_avg_pooling"]
 
 
-# -- progress ---------------------------------------------------------------------------------------
-_START = [0.0]
+def _to_model_input(image: torch.Tensor) -> torch.Tensor:
+    """``[3, S, S]`` in ``[0, 1]`` -> ``[-1, 1]`` (mean = std = 0.5, how EfficientNet-Lite was trained)."""
+    return (image - 0.5) / 0.5
 
 
-def run_cli(prog: str, run, args, describe) -> int:
-    """Run ``run(args)``; bad input prints one line on stderr and returns 2, else prints
-    ``describe(summary)`` and returns 0 (the ``main`` of every recipe here)."""
-    import sys
+def embed(loaded, images: torch.Tensor, layers: Sequence[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Spatially mean-pooled features ``{layer: [n, d]}`` of ``images [n, 3, S, S]`` in ``[0, 1]``
+    (rows not normalised: the metrics' ``normalize=True`` does that)."""
+    from prh_lightning.extraction import vision_features
 
-    try:
-        summary = run(args)
-    except RecipeInputError as err:
-        print(f"prh-lightning {prog}: {err}", file=sys.stderr)
-        return 2
-    print(describe(summary))
-    return 0
-
-
-def log(message: str) -> None:
-    """Print ``[  12.3 s] message`` to stderr (time since the first call)."""
-    import sys
-    import time
-
-    now = time.time()
-    if not _START[0]:
-        _START[0] = now
-    print(f"[{now - _START[0]:7.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def neighbour_lists(x: torch.Tensor, k: int, index: np.ndarray | None = None) -> torch.Tensor:
-    """``[n, k]`` neighbours of the rows of ``x [n, d]`` at ``index`` (a bootstrap resample:
-    copies of one row are never each other's neighbours), or of all rows when None."""
-    from prh_lightning.functional.knn import knn_indices
-
-    if index is None:
-        return knn_indices(x, k)
-    ids = torch.as_tensor(index, dtype=torch.long)
-    return knn_indices(x[ids], k, groups=ids)
-
-
-def resampled_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int, index: np.ndarray | None = None) -> float:
-    """Mutual k-NN of ``a [n, d_a]`` and ``b [n, d_b]`` on the rows at ``index`` (see
-    :func:`neighbour_lists`), or on all rows."""
-    from prh_lightning.functional.knn import mutual_knn_from_indices
-
-    return float(mutual_knn_from_indices(neighbour_lists(a, k, index), neighbour_lists(b, k, index)))
+    model = dataclasses.replace(loaded, preprocess=_to_model_input, layers=list(layers))
+    feats = vision_features(model, list(images), pool="avg", batch_size=batch_size)
+    return {layer: feats[layer].float() for layer in layers}

@@ -37,7 +37,23 @@ def test_tiny_run_writes_consistent_outputs(tmp_path):
         assert ok.all(), key
     for rel in summary["figures"]:
         assert (tmp_path / rel).read_bytes()[:4] == b"\x89PNG"
-    assert "Against the seed" in (tmp_path / "report.md").read_text()
+    # every interval stays inside its statistic's range
+    for m, metric in enumerate(summary["metrics"]):
+        for role in ood.SET_ROLES:
+            entry = s[f"{role}/pretrained_mean"]
+            assert 0.0 <= entry["ci_low"][m] <= entry["ci_high"][m] <= 1.0 or metric == "cknna"
+    for key in (k for k in s if "agreement" in k and "minus" not in k):
+        assert -1.0 <= s[key]["ci_low"] <= s[key]["ci_high"] <= 1.0
+    # the data actually used is recorded
+    flickr = summary["data"]["in-distribution"]
+    assert flickr["n_items"] == 20 and len(flickr["sha256"]) == 64 and flickr["path"]
+    # claims: one per comparison, Bonferroni-corrected, each with a verdict of the rule
+    claims = summary["claims"]
+    assert len(claims) == 3 + 2 * 3
+    assert all(c["confidence"] == pytest.approx(1 - 0.05 / len(claims)) for c in claims)
+    assert {c["verdict"] for c in claims} <= {"holds", "does not hold", "cannot tell"}
+    report = (tmp_path / "report.md").read_text()
+    assert "Seed claim 1" in report and "Bonferroni" in report
 
 
 def test_metric_correlation_is_spearman():
@@ -54,11 +70,13 @@ def test_noise_images_align_less_than_photos():
     """The seed's central claim, on the offline ImageNet EfficientNet-Lites: for every pair and
     two image draws, mutual k-NN of the pooled head is higher on photos than on pixel noise.
     Checked beforehand (n = 24..96 photos, 64..128 px): gaps of 0.35..0.6 in mutual k-NN."""
+    from prh_lightning.recipes._common import resolve_flickr_dir
+
     models = [vs.load_vision_model(name) for name in ("lite0", "lite1")]
     for seed in (0, 1):
         scores = {}
         for name in ("flickr", "noise"):
-            images = vs.image_set(name, 32, 64, seed)
+            images, _ = vs.image_set(name, 32, 64, seed, flickr_dir=resolve_flickr_dir())
             a, b = (vs.embed(m, images, ["_avg_pooling"])["_avg_pooling"] for m in models)
             scores[name] = float(mutual_knn(a, b, k=5))
         assert scores["flickr"] > scores["noise"] + 0.2, scores
@@ -72,6 +90,21 @@ def test_noise_images_align_less_than_photos():
 def test_bad_input_gives_a_message(tmp_path, capsys, extra, message):
     assert ood.main(["--out", str(tmp_path), *TINY, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert ood.main(["--out", str(blocker / "out"), *TINY]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+
+
+def test_empty_data_dir_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert ood.main(["--out", str(tmp_path / "out"), *TINY, "--data-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no photos" in err and "PRH_FLICKR_DIR" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_image_set_is_refused(tmp_path, capsys):
