@@ -1,13 +1,14 @@
 """Progressive noise injection: how fast does alignment between vision models fall as Gaussian
-noise is added to the images, and when does it reach the shuffled-pairing chance level?
+noise is added to the images, and does it reach the shuffled-pairing chance level?
 
 N Flickr8k photos are corrupted as ``clip(x + sigma * eps, 0, 1)`` with one fixed
 ``eps ~ N(0, 1)`` per image and ``sigma`` on a linear grid from 0 to ``--max-sigma``. At
 each level every model embeds the images (pooled head features by default) and the mutual
 k-NN alignment of every model pair is averaged. Intervals: percentile bootstrap over images
-(scipy.stats.bootstrap; duplicated images are never each other's neighbours). Chance band:
-the 2.5-97.5% quantiles of the same mean when each model's rows are shuffled independently
-(analytic mean ``k / (n - 1)``).
+(scipy.stats.bootstrap; duplicated images are never each other's neighbours), the same
+resamples at every level so differences between levels are paired. Chance: the same mean when
+each model's rows are shuffled independently (analytic mean ``k / (n - 1)``); per level a
+permutation p-value, Holm-corrected over the levels.
 
     python recipes/noise.py --out runs/noise --quick
 """
@@ -24,10 +25,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-if __package__ in (None, ""):  # run as a script: python recipes/noise.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from prh_lightning.analysis.claims import RULE, corrected_confidence, holm, verdict, verdict_from_p
+from prh_lightning.analysis.dynamics import resampled_mutual_knn
 from prh_lightning.functional.knn import knn_indices, mutual_knn_from_indices
+from prh_lightning.recipes import _common as common
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prh-lightning noise", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="small settings (128 images, 20 levels, 128 px)")
+    p.add_argument("--data-dir", help=f"Flickr8k folder (default ${common.FLICKR_ENV}, else ../shared/data/flickr8k-1024)")
+    p.add_argument("--threads", default="auto", help=common.THREADS_HELP)
     p.add_argument("--models", default="lite0,lite1,lite2", help="comma-separated: lite0, lite1, lite2 (+ '-random')")
     p.add_argument("--n-images", type=int, help=f"photos (default {FULL['n_images']}, quick {QUICK['n_images']})")
     p.add_argument("--levels", type=int, help=f"noise levels incl. sigma=0 (default {FULL['levels']}, quick {QUICK['levels']})")
@@ -60,23 +63,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> list[str]:
     """Validated model names; raises :class:`RecipeInputError` on impossible settings."""
     if args.levels < 2:
-        raise vs.RecipeInputError(f"--levels must be >= 2, got {args.levels}")
+        raise common.RecipeInputError(f"--levels must be >= 2, got {args.levels}")
     if args.max_sigma <= 0:
-        raise vs.RecipeInputError(f"--max-sigma must be > 0, got {args.max_sigma}")
+        raise common.RecipeInputError(f"--max-sigma must be > 0, got {args.max_sigma}")
     if not 1 <= args.k < args.n_images - 1:
-        raise vs.RecipeInputError(f"--k must be in [1, n_images - 2], got k={args.k}, n_images={args.n_images}")
+        raise common.RecipeInputError(f"--k must be in [1, n_images - 2], got k={args.k}, n_images={args.n_images}")
     if args.bootstrap < 10 or args.permutations < 10:
-        raise vs.RecipeInputError("--bootstrap and --permutations must be >= 10")
+        raise common.RecipeInputError("--bootstrap and --permutations must be >= 10")
     return vs.parse_model_names(args.models)
 
 
-def level_features(models: list[vs.VisionModel], images: torch.Tensor, eps: torch.Tensor,
+def level_features(models: list, images: torch.Tensor, eps: torch.Tensor,
                    sigmas: np.ndarray, layer: str, batch_size: int) -> list[list[torch.Tensor]]:
     """``feats[level][model]``: ``[n, d]`` features of the noisy images at each sigma."""
     feats = []
     for sigma in sigmas:
         noisy = vs.add_gaussian_noise(images, eps, float(sigma))
-        feats.append([vs.embed(m, noisy, [layer], batch_size)[layer] for m in models])
+        feats.append([torch.nn.functional.normalize(vs.embed(m, noisy, [layer], batch_size)[layer], dim=1) for m in models])
     return feats
 
 
@@ -89,7 +92,8 @@ def curve(feats: list[list[torch.Tensor]], pairs: list[tuple[int, int]], k: int,
           index: np.ndarray | None = None) -> np.ndarray:
     """``[levels]`` mean pairwise mutual k-NN on the images at ``index`` (all when None).
     Copies of one image in a bootstrap resample are never each other's neighbours."""
-    return np.array([mean_pairwise_mutual([vs.neighbour_lists(f, k, index) for f in level], pairs) for level in feats])
+    idx = None if index is None else torch.as_tensor(index, dtype=torch.long)
+    return np.array([np.mean([resampled_mutual_knn(level[i], level[j], k, idx) for i, j in pairs]) for level in feats])
 
 
 def per_pair_curves(feats: list[list[torch.Tensor]], pairs: list[tuple[int, int]], k: int) -> np.ndarray:
@@ -118,17 +122,14 @@ def chance_null(feats: list[list[torch.Tensor]], pairs: list[tuple[int, int]], k
     return out
 
 
-def first_crossing(values: np.ndarray, upper: np.ndarray) -> int | None:
-    """First index ``j`` with ``values[..., j] <= upper[j]`` (None where it never happens);
-    for ``values [B, L]`` returns ``[B]`` floats with NaN for never."""
-    below = values <= upper
-    if values.ndim == 1:
-        return int(np.argmax(below)) if below.any() else None
-    return np.where(below.any(axis=1), np.argmax(below, axis=1), np.nan)
+def first_at_chance(p_adjusted: np.ndarray, alpha: float = 0.05) -> int | None:
+    """First level whose alignment is not distinguishable from chance (Holm-adjusted p >= alpha), or None."""
+    at = np.flatnonzero(np.asarray(p_adjusted) >= alpha)
+    return int(at[0]) if at.size else None
 
 
 def analyse(feats, pairs, k: int, sigmas: np.ndarray, args: argparse.Namespace) -> dict:
-    """Point curve, bootstrap interval, chance band and crossing level."""
+    """Point curve, bootstrap interval, chance band, Holm-corrected p-values, and the two claims."""
     n = feats[0][0].shape[0]
     point = curve(feats, pairs, k)
     boot = stats.bootstrap(
@@ -137,10 +138,14 @@ def analyse(feats, pairs, k: int, sigmas: np.ndarray, args: argparse.Namespace) 
     )
     null = chance_null(feats, pairs, k, args.permutations, args.seed + 1)
     band_low, band_high = np.percentile(null, [2.5, 97.5], axis=0)
-    cross = first_crossing(point, band_high)
-    boot_cross = first_crossing(boot.bootstrap_distribution.T, band_high)
-    never = float(np.isnan(boot_cross).mean())
-    cross_ci = np.nanpercentile(boot_cross, [2.5, 97.5]) if never < 1 else [np.nan, np.nan]
+    p_raw = (1 + (null >= point).sum(axis=0)) / (1 + len(null))
+    p_holm = holm(p_raw)
+    at_chance = first_at_chance(p_holm)
+    # claim "alignment falls from clean to the largest sigma": paired bootstrap of the difference,
+    # Bonferroni over the two claims judged (falls; still above chance at the largest sigma)
+    conf = corrected_confidence(0.95, 2)
+    diff = boot.bootstrap_distribution[0] - boot.bootstrap_distribution[-1]
+    d_low, d_high = np.quantile(diff, [(1 - conf) / 2, (1 + conf) / 2])
     return {
         "mean_alignment": point,
         "ci_low": boot.confidence_interval.low,
@@ -148,11 +153,17 @@ def analyse(feats, pairs, k: int, sigmas: np.ndarray, args: argparse.Namespace) 
         "chance_analytic": k / (n - 1),
         "chance_band_low": band_low,
         "chance_band_high": band_high,
-        "p_value_above_chance": (1 + (null >= point).sum(axis=0)) / (1 + len(null)),
-        "first_chance_level": cross,
-        "first_chance_sigma": None if cross is None else float(sigmas[cross]),
-        "first_chance_sigma_ci": [float(sigmas[int(c)]) if np.isfinite(c) else None for c in cross_ci],
-        "fraction_resamples_never_at_chance": never,
+        "p_value_above_chance": p_raw,
+        "p_value_above_chance_holm": p_holm,
+        "first_chance_level": at_chance,
+        "first_chance_sigma": None if at_chance is None else float(sigmas[at_chance]),
+        "claims": [
+            {"id": "falls", "text": "alignment is lower at the largest sigma than on clean images",
+             "value": float(point[0] - point[-1]), "low": float(d_low), "high": float(d_high), "confidence": conf,
+             "verdict": verdict(d_low, d_high, "greater")},
+            {"id": "above_chance_at_max_sigma", "text": "alignment at the largest sigma is above chance",
+             "p_holm": float(p_holm[-1]), "verdict": verdict_from_p(float(p_holm[-1]), alpha=(1 - conf))},
+        ],
     }
 
 
@@ -171,7 +182,7 @@ def curve_figure(sigmas: np.ndarray, res: dict, per_pair: np.ndarray, pair_names
     ax.fill_between(sigmas, res["ci_low"], res["ci_high"], color="C3", alpha=0.25, label="bootstrap 95% CI")
     ax.plot(sigmas, res["mean_alignment"], color="C3", linewidth=2, label="mean over pairs")
     if res["first_chance_sigma"] is not None:
-        ax.axvline(res["first_chance_sigma"], color="k", linestyle="--", linewidth=1, label="reaches chance")
+        ax.axvline(res["first_chance_sigma"], color="k", linestyle="--", linewidth=1, label="first level not distinguishable from chance")
     ax.set_xlabel("noise std sigma (pixels in [0, 1])")
     ax.set_ylabel("mutual k-NN alignment")
     ax.set_title(title, fontsize=10)
@@ -181,20 +192,24 @@ def curve_figure(sigmas: np.ndarray, res: dict, per_pair: np.ndarray, pair_names
 
 
 def write_report(out: Path, res: dict, sigmas: np.ndarray, names: list[str], args, seconds: float) -> None:
-    """``report.md``: what the curve shows, with its uncertainty, against the seed."""
+    """``report.md``: what the curve shows, with its uncertainty, and the claims by the stated rule."""
     a0, lo0, hi0 = res["mean_alignment"][0], res["ci_low"][0], res["ci_high"][0]
     a1, lo1, hi1 = res["mean_alignment"][-1], res["ci_low"][-1], res["ci_high"][-1]
-    cross = res["first_chance_sigma"]
-    cross_text = (
-        f"The mean alignment first falls inside the chance band at sigma = {cross:.3g} "
-        f"(level {res['first_chance_level']} of {len(sigmas) - 1}; bootstrap 95% range of that sigma "
-        f"{[None if v is None else round(v, 3) for v in res['first_chance_sigma_ci']]}, {100 * res['fraction_resamples_never_at_chance']:.0f}% of resamples never reach it)."
-        if cross is not None else
-        f"It never falls inside the chance band up to sigma = {sigmas[-1]:.3g} "
-        f"(last level p = {res['p_value_above_chance'][-1]:.3g} against the shuffled-pairing null)."
+    at = res["first_chance_level"]
+    chance_text = (
+        f"The first level whose alignment is not distinguishable from chance (Holm-adjusted p >= 0.05 over the "
+        f"{len(sigmas)} levels) is sigma = {sigmas[at]:.3g} (level {at} of {len(sigmas) - 1}); 'not distinguishable' "
+        "is not 'equal to chance'."
+        if at is not None else
+        f"Every level, up to sigma = {sigmas[-1]:.3g}, is above chance (Holm-adjusted p < 0.05 at each of the "
+        f"{len(sigmas)} levels; at the largest sigma raw p = {res['p_value_above_chance'][-1]:.3g}, adjusted "
+        f"{res['p_value_above_chance_holm'][-1]:.3g})."
     )
-    rows = [[f"{s:.3g}", float(m), float(l), float(h), float(c), float(p)] for s, m, l, h, c, p in zip(
-        sigmas, res["mean_alignment"], res["ci_low"], res["ci_high"], res["chance_band_high"], res["p_value_above_chance"])]
+    falls, above = res["claims"]
+    to_chance = {"holds": "does not hold", "cannot tell": "cannot tell", "does not hold": "cannot tell"}[above["verdict"]]
+    rows = [[f"{s:.3g}", float(m), float(lo), float(hi), float(c), float(p), float(q)] for s, m, lo, hi, c, p, q in zip(
+        sigmas, res["mean_alignment"], res["ci_low"], res["ci_high"], res["chance_band_high"],
+        res["p_value_above_chance"], res["p_value_above_chance_holm"])]
     report = Report(
         "Alignment under progressive Gaussian noise",
         f"Models: {', '.join(names)} (EfficientNet-Lite, ImageNet weights unless '-random'); "
@@ -207,22 +222,23 @@ def write_report(out: Path, res: dict, sigmas: np.ndarray, names: list[str], arg
         "What the data shows",
         f"Clean images: mean pairwise alignment {a0:.3f} (95% CI {lo0:.3f}-{hi0:.3f}); at sigma = "
         f"{sigmas[-1]:.3g}: {a1:.3f} ({lo1:.3f}-{hi1:.3f}); chance k/(n-1) = {res['chance_analytic']:.3f}. "
-        + cross_text,
+        + chance_text,
         figure="figures/noise_curve.png",
     )
     report.section(
-        "Against the seed",
-        "The seed (000/001) ran this experiment on 17 ViTs but reported no result for it, so there is "
-        "no number to compare with: **cannot tell**. Its general claim that structure-free inputs break "
-        "alignment is tested here: "
-        + ("**holds** — alignment falls to the chance band as noise replaces the image."
-           if cross is not None else
-           "alignment falls with noise but stays above chance up to the largest sigma; the claim "
-           "**does not hold in full** on this range (the models still agree on the noisy images, "
-           "e.g. on their remaining low-frequency content)."),
+        "Claims",
+        f"{RULE} Two claims are judged, each at 97.5% (Bonferroni); the chance test at the largest sigma uses its "
+        f"Holm-adjusted p-value.\n\n"
+        f"- {falls['text']}: difference {falls['value']:.3f} [{falls['low']:.3f}, {falls['high']:.3f}] -> **{falls['verdict']}**\n"
+        f"- {above['text']}: Holm-adjusted p = {above['p_holm']:.3g} -> **{above['verdict']}**\n\n"
+        "The seed (000/001) ran this experiment on 17 ViTs but reported no result, so there is no number to "
+        "compare with. Its general claim that structure-free inputs break alignment: alignment falls with noise -> "
+        f"**{falls['verdict']}**; it falls *to chance* -> **{to_chance}**"
+        + (" (the models still agree on the noisiest images above chance, e.g. on their remaining low-frequency content)."
+           if above["verdict"] == "holds" else "."),
     )
-    report.section("Numbers per level", "p: permutation p-value that alignment exceeds chance.",
-                   table=markdown_table(["sigma", "mean", "CI low", "CI high", "chance 97.5%", "p"], rows))
+    report.section("Numbers per level", "p: permutation p-value that alignment exceeds chance; Holm: adjusted over the levels.",
+                   table=markdown_table(["sigma", "mean", "CI low", "CI high", "chance 97.5%", "p", "Holm p"], rows))
     report.write(out / "report.md")
 
 
@@ -230,36 +246,28 @@ def run(args: argparse.Namespace) -> dict:
     """The whole recipe; returns the summary written to ``summary.json``."""
     start = time.time()
     names = check_args(args)
-    images = vs.flickr_images(args.n_images, args.image_size, args.seed)
+    images, data = vs.flickr_images(common.resolve_flickr_dir(args.data_dir), args.n_images, args.image_size, args.seed)
     models = [vs.load_vision_model(name, seed=args.seed + i) for i, name in enumerate(names)]
-    if args.layer not in dict(models[0].module.named_modules()):
-        raise vs.RecipeInputError(f"--layer {args.layer!r} is not a module of the EfficientNets "
-                                  f"(e.g. _avg_pooling, _blocks.15, _conv_head)")
+    if args.layer not in dict(models[0].model.named_modules()):
+        raise common.RecipeInputError(f"--layer {args.layer!r} is not a module of the EfficientNets "
+                                      f"(e.g. _avg_pooling, _blocks.15, _conv_head)")
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(args.seed + 7))
     sigmas = np.linspace(0.0, args.max_sigma, args.levels)
     pairs = list(itertools.combinations(range(len(models)), 2))
     pair_names = [f"{names[i]} vs {names[j]}" for i, j in pairs]
-    vs.log(f"extracting {len(sigmas)} noise levels")
+    common.log(f"extracting {len(sigmas)} noise levels")
     feats = level_features(models, images, eps, sigmas, args.layer, args.batch_size)
-    vs.log("bootstrap and chance band")
+    common.log("bootstrap and chance band")
     res = analyse(feats, pairs, args.k, sigmas, args)
     per_pair = per_pair_curves(feats, pairs, args.k)
-    out = args.out
     save_figure(curve_figure(sigmas, res, per_pair, pair_names, "Alignment vs Gaussian noise"),
-                out / "figures" / "noise_curve.png")
+                args.out / "figures" / "noise_curve.png")
     seconds = time.time() - start
-    summary = {
-        "recipe": "noise",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "models": names,
-        "pairs": pair_names,
-        "sigmas": sigmas,
-        "per_pair_alignment": dict(zip(pair_names, per_pair)),
-        **res,
-        "seconds": seconds,
-    }
-    write_json(out / "summary.json", summary)
-    write_report(out, res, sigmas, names, args, seconds)
+    summary = {"recipe": "noise", "settings": common.settings_dict(args), "data": data, "models": names,
+               "pairs": pair_names, "sigmas": sigmas, "per_pair_alignment": dict(zip(pair_names, per_pair)),
+               **res, "seconds": seconds}
+    write_json(args.out / "summary.json", summary)
+    write_report(args.out, res, sigmas, names, args, seconds)
     return summary
 
 
@@ -267,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def describe(summary: dict) -> str:
-        cross = summary["first_chance_sigma"]
-        return (f"noise: clean alignment {summary['mean_alignment'][0]:.3f}, reaches chance at "
-                f"sigma = {cross if cross is not None else 'never'}; wrote {args.out}")
+        at = summary["first_chance_sigma"]
+        return (f"noise: clean alignment {summary['mean_alignment'][0]:.3f}; first level not distinguishable from "
+                f"chance: sigma = {at if at is not None else 'none'}; wrote {args.out}")
 
-    return vs.run_cli("noise", run, args, describe)
+    return common.run_cli("noise", run, args, describe)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.recipes import noise
 
 TINY = ["--n-images", "24", "--levels", "3", "--image-size", "64", "--models", "lite0,lite1",
@@ -29,7 +28,13 @@ def test_tiny_run_writes_consistent_outputs(tmp_path):
     # clean photos: two ImageNet models agree far above shuffled pairing
     assert curve[0] > summary["chance_band_high"][0]
     assert (tmp_path / "figures" / "noise_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Against the seed" in (tmp_path / "report.md").read_text()
+    # p-values: Holm over the levels, never below the raw ones; claims judged by the stated rule
+    p, q = np.array(summary["p_value_above_chance"]), np.array(summary["p_value_above_chance_holm"])
+    assert np.all(q >= p - 1e-12) and np.all(q <= 1)
+    assert [c["id"] for c in summary["claims"]] == ["falls", "above_chance_at_max_sigma"]
+    assert summary["data"]["n_items"] == 24 and len(summary["data"]["sha256"]) == 64
+    report = (tmp_path / "report.md").read_text()
+    assert "Bonferroni" in report and "Holm" in report
 
 
 def test_shuffled_null_matches_analytic_chance():
@@ -50,12 +55,9 @@ def test_shuffling_rows_relabels_identical_features_to_chance():
     assert noise.chance_null(feats, [(0, 1)], 4, n_perm=200, seed=0).mean() < 0.2
 
 
-def test_first_crossing():
-    upper = np.array([0.2, 0.2, 0.2, 0.2])
-    assert noise.first_crossing(np.array([0.9, 0.5, 0.19, 0.3]), upper) == 2
-    assert noise.first_crossing(np.array([0.9, 0.5, 0.4, 0.3]), upper) is None
-    batch = noise.first_crossing(np.array([[0.9, 0.1, 0.1, 0.1], [0.9, 0.9, 0.9, 0.9]]), upper)
-    assert batch[0] == 1 and np.isnan(batch[1])
+def test_first_level_at_chance_uses_adjusted_p_values():
+    assert noise.first_at_chance(np.array([0.001, 0.01, 0.2, 0.01])) == 2
+    assert noise.first_at_chance(np.array([0.001, 0.01])) is None
 
 
 @pytest.mark.parametrize(
@@ -74,3 +76,17 @@ def test_missing_photos_give_a_message(tmp_path, capsys, monkeypatch):
     assert noise.main(["--out", str(tmp_path / "out"), *TINY]) == 2
     assert "PRH_FLICKR_DIR" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("make", ["file", "empty"])
+def test_bad_out_or_data_dir_fail_before_any_work(tmp_path, capsys, make):
+    if make == "file":
+        (tmp_path / "f").write_text("")
+        args = ["--out", str(tmp_path / "f" / "out")]
+        message = "not a writable folder"
+    else:
+        (tmp_path / "empty").mkdir()
+        args = ["--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "empty")]
+        message = "holds no photos"
+    assert noise.main([*args, *TINY]) == 2
+    assert message in capsys.readouterr().err
