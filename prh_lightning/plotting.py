@@ -144,3 +144,53 @@ def figure_to_array(fig: Figure, close: bool = True) -> np.ndarray:
     if close:
         fig.clear()
     return rgb
+
+
+def layer_step_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    *,
+    cmap: str = "viridis",
+    dpi: int = 90,
+) -> Figure:
+    """Each series (``layer -> (steps, values)``) as one row of a layer x step heatmap: readable
+    at 40+ layers, where 40 lines and their legend are not. Columns are the union of the steps;
+    a layer without a value at a step shows grey.
+
+    >>> fig = layer_step_figure({"a": ([0, 10], [0.1, 0.5]), "b": ([10], [0.9])}, vmin=0, vmax=1)
+    >>> fig.axes[0].images[0].get_array().shape
+    (2, 2)
+    """
+    if not series:
+        raise ValueError("layer_step_figure needs at least one series (label -> (steps, values))")
+    steps = sorted({int(s) for xs, _ in series.values() for s in xs})
+    column = {s: j for j, s in enumerate(steps)}
+    values = np.full((len(series), len(steps)), np.nan)
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        if len(xs) != len(ys):
+            raise ValueError(f"layer_step_figure: series {label!r} has {len(xs)} steps but {len(ys)} values")
+        for s, v in zip(xs, ys):
+            values[i, column[int(s)]] = v
+    fig = heatmap_figure(
+        values, list(series), [str(s) for s in steps], title, vmin, vmax,
+        xlabel="step", ylabel="layer", cmap=cmap, annotate=False, dpi=dpi,
+    )
+    return fig
+
+
+def curves_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    ylabel: str = "",
+    limits: tuple[float | None, float | None] = (None, None),
+    max_lines: int = 12,
+    dpi: int = 90,
+) -> Figure:
+    """Per-layer curves over steps: :func:`line_figure` up to ``max_lines`` layers, a
+    :func:`layer_step_figure` beyond."""
+    if len(series) > max_lines:
+        return layer_step_figure(series, title, *limits, dpi=dpi)
+    ylim = limits if None not in limits else None
+    return line_figure(series, title=title, ylabel=ylabel, ylim=ylim, dpi=dpi)

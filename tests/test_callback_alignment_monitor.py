@@ -67,7 +67,7 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     )
     model = TinyNet()
     start = copy.deepcopy(model)
-    fit(model, [mon], TensorBoardLogger(tmp_path, name="tb"))
+    trainer = fit(model, [mon], TensorBoardLogger(tmp_path, name="tb"))
 
     scalars = read_scalars(str(tmp_path))
     metrics = ("cka", "mutual_knn")
@@ -75,9 +75,11 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     expected |= {f"alignment/{m}/{t}/{s}" for m in metrics for t in SNAPSHOTS for s in ["mean", *LAYERS]}
     expected |= {f"alignment/{m}/self/mean_offdiag" for m in metrics}
     assert set(scalars) == expected
-    # checks at train start, every 2 steps; validation ends (steps 4, 8) coincide with step checks
+    # checks at train start, every 2 steps; validation ends (steps 4, 8) coincide with step checks.
+    # History holds trainer.global_step; loggers get the step self.log uses (one less after a batch).
+    assert [s for s, _ in mon.history["alignment/cka/twin/best"]] == [0, 2, 4, 6, 8]
     for tag, points in scalars.items():
-        assert [s for s, _ in points] == [0, 2, 4, 6, 8], tag
+        assert [s for s, _ in points] == [0, 1, 3, 5, 7], tag
         assert all(-1e-5 <= v <= 1 + 1e-5 for _, v in points), (tag, points)
     for layer in LAYERS:
         assert scalars[f"alignment/cka/self_initial/{layer}"][0][1] == pytest.approx(1.0, abs=1e-5)
@@ -95,6 +97,7 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
         knn_fixed = brute_mutual_knn(now[layer], fixed, K)
         assert last[f"alignment/mutual_knn/fixed/{layer}"] == pytest.approx(knn_fixed, abs=1e-6)
     assert last["alignment/cka/twin/best"] == pytest.approx(max(last[f"alignment/cka/twin/{l}"] for l in LAYERS))
+    assert trainer.callback_metrics["alignment/cka/twin/best"].item() == pytest.approx(last["alignment/cka/twin/best"])
 
     images = event_accumulator(str(tmp_path)).Tags()["images"]
     heatmaps = {f"alignment_heatmap/{m}/{t}" for m in metrics for t in ("twin", "fixed", "fn", "self")}
@@ -102,7 +105,7 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     assert set(images) == heatmaps | curves
     acc = event_accumulator(str(tmp_path))
     shots = acc.Images("alignment_heatmap/cka/twin")
-    assert [e.step for e in shots] == [2, 4, 6, 8]  # every check but the one at train start
+    assert [e.step for e in shots] == [3, 7]  # at validation ends only (images cost more than scalars)
     assert shots[-1].width > 200 and shots[-1].height > 150
     assert len(acc.Images("alignment_curves/mutual_knn/self_initial")) == 1
 
@@ -165,14 +168,14 @@ def test_csv_logger_gets_scalars_and_bare_logger_does_not_crash(tmp_path):
         rows = list(csv.DictReader(f))
     tag = "alignment/cka/other/best"
     logged = [(int(r["step"]), float(r[tag])) for r in rows if r.get(tag)]
-    assert [s for s, _ in logged] == [0, 4, 8]  # train start + two validation ends
+    assert [s for s, _ in logged] == [0, 3, 7]  # train start + two validation ends (the step self.log uses)
     written = [f for _, _, files in os.walk(tmp_path) for f in files]
     assert not [f for f in written if f.endswith(".png") or "tfevents" in f]  # scalars only
 
     mine = [(step, m) for step, m in recording.calls if tag in m]
     assert [s for s, _ in mine] == [s for s, _ in logged]
     assert [m[tag] for _, m in mine] == pytest.approx([v for _, v in logged], abs=1e-6)
-    other_layers = ["conv1", "norm", "act1", "pool", "conv2", "act2", "drop", "fc"]  # every leaf, in call order
+    other_layers = ["conv1", "act1", "pool", "conv2", "act2", "fc"]  # every leaf but eval-mode identities
     assert mon.reference_layers == {"other": other_layers}
     for layer in LAYERS:
         assert f"alignment/mutual_knn/other/{layer}" in mine[-1][1]
@@ -205,7 +208,7 @@ def test_resume_from_checkpoint_continues_histories(tmp_path):
     expected = brute_cka(tiny_features(resumed, px)["conv1"], tiny_features(start, px)["conv1"])
     assert history[-1][1] == pytest.approx(expected, abs=1e-4)
     scalars = read_scalars(str(tmp_path / "b"))
-    assert [s for s, _ in scalars["alignment/cka/twin/best"]] == [8, 12]
+    assert [s for s, _ in scalars["alignment/cka/twin/best"]] == [7, 11]
 
 
 # -- bad arguments -----------------------------------------------------------------------------
@@ -225,6 +228,9 @@ def test_probe_smaller_than_k_plus_one():
     "kwargs, error, pattern",
     [
         (dict(every_n_train_steps=0), ValueError, "every_n_train_steps must be a positive int"),
+        (dict(on_error="ignore"), ValueError, "on_error must be one of"),
+        (dict(stages=("fit", "predict")), ValueError, r"unknown stage\(s\) \['predict'\]"),
+        (dict(max_history=2), ValueError, "max_history must be an int >= 4"),
         (dict(check_on_validation_end=False), ValueError, "would never check"),
         (dict(references={"self": TinyNet()}), ValueError, "reference name 'self' is not allowed"),
         (dict(references={"a/b": TinyNet()}), ValueError, "without '/'"),
@@ -245,7 +251,7 @@ def test_reference_needs_a_module():
 
 
 def test_bad_probe():
-    with pytest.raises(TypeError, match="probe must be a DataLoader"):
+    with pytest.raises(TypeError, match="probe must be 'val', 'train', a DataLoader"):
         AlignmentMonitor(probe="images/")
 
 
@@ -255,9 +261,14 @@ def quick_fit(mon, logger=None, model=None):
     trainer.fit(model or TinyNet(), loader(x, y))
 
 
-def test_no_logger(tmp_path):
-    with pytest.raises(MisconfigurationException, match="the Trainer has none"):
-        quick_fit(monitor(), logger=False)
+def test_no_logger_warns_and_values_still_reach_history_and_callback_metrics(tmp_path):
+    mon = monitor(metrics=("cka",))
+    x, y = synthetic_data(32)
+    trainer = L.Trainer(max_steps=1, callbacks=[mon], logger=False, **TRAINER_KW)
+    with pytest.warns(UserWarning, match="the Trainer has no logger"):
+        trainer.fit(TinyNet(), loader(x, y))
+    assert "alignment/cka/self_initial/fc" in trainer.callback_metrics
+    assert mon.history["alignment/cka/self_initial/fc"][0] == (0, pytest.approx(1.0, abs=1e-5))
 
 
 def test_unknown_layer(tmp_path):
@@ -266,8 +277,8 @@ def test_unknown_layer(tmp_path):
 
 
 def test_reference_with_wrong_number_of_samples(tmp_path):
-    mon = monitor(references={"short": torch.randn(30, 4)})
-    with pytest.raises(ValueError, match=r"reference 'short'.*\(30, 4\).*probe has 40 samples"):
+    mon = monitor(references={"short": torch.randn(30, 4)}, on_error="raise")
+    with pytest.raises(ValueError, match=r"layer 'output'.*\(30, 4\).*probe has 40 samples"):
         quick_fit(mon, logger=CSVLogger(tmp_path))
 
 

@@ -1,0 +1,367 @@
+"""`AlignmentTracker`: layer x layer alignment of a model while it trains, from any training
+loop (no Lightning import; the Lightning, Fabric and Hugging Face front ends are thin shells).
+
+::
+
+    tracker = AlignmentTracker(probe=(x_probe, y_probe), references={"minilm": Reference("minilm",
+                               class_names=CLASS_NAMES)}, every_n_steps=50, sinks=[TensorBoardSink("runs")])
+    for step, batch in enumerate(loader):
+        ...  # forward, backward, optimiser step
+        tracker.step(model, step)          # checks when due; returns the scalars it logged
+
+Each check runs the model on the fixed probe (eval mode, ``no_grad``, forked RNG, training flags
+restored) and computes, per metric, the layer x layer matrices against each reference, against
+itself (``self``), against itself at the first check (``self_initial``) and at the previous
+check (``self_previous``); see :func:`~prh_lightning.tracking.scoring.scalars` for the tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prh_lightning.tracking.failures import Failures
+from prh_lightning.tracking.history import History
+from prh_lightning.tracking.probe import ForwardError, Probe, check_layer_selection, make_probe, probe_features
+from prh_lightning.tracking.references import check_references, is_frozen, reference_features
+from prh_lightning.tracking.scoring import SNAPSHOTS, check_metrics, metric_kwargs, scalars, score_matrix
+from prh_lightning.tracking.sinks import as_sink
+
+Features = dict[str, torch.Tensor]
+
+
+def _positive_int(label: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{label} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+class AlignmentTracker:
+    """Probe, references, metrics, schedule, bounded history, checkpoint state and sinks.
+
+    Args:
+        probe: fixed probe inputs (DataLoader, tensor ``[n, ...]``, tuple of tensors such as
+            ``(x, y)``, dict of tensors); the first ``max_probe_samples`` rows are kept. May be
+            given later with :meth:`set_probe` (the Lightning callback takes it from the
+            validation or training data).
+        references: ``{name: spec}``, see :mod:`prh_lightning.tracking.references`; frozen
+            references are computed at the first check and cached.
+        metrics: names from ``prh_lightning.functional.METRICS``.
+        layers, reduce: layers of the tracked model to tap and their pooling (``LayerTaps``).
+        every_n_steps: :meth:`step` checks when ``step % every_n_steps == 0`` (``None``: only
+            explicit :meth:`check` calls).
+        max_probe_samples: most probe rows kept.
+        k: neighbours for k-NN metrics.
+        metric_kwargs: extra keyword arguments per metric, ``{"cka": {"kernel": "rbf"}}``.
+        within_model: compute the ``self`` matrix (model layers x model layers).
+        snapshots: compute ``self_initial`` and ``self_previous``.
+        batch_size: probe rows per forward call.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on a probe batch (a slice of the
+            batch form the probe was given in); default :func:`~prh_lightning.tracking.probe.call_model`.
+        on_error: ``"warn"`` (default): a failing reference, probe pass or metric is warned about
+            once per (layer or reference, cause), recorded as NaN and skipped; ``"raise"``: raise.
+        max_history: most points kept per scalar tag (older ones thinned); ``None``: unbounded.
+        sinks: where :meth:`check` sends scalars (and figures, for sinks with ``log_images``):
+            objects with ``log_scalars(scalars, step)`` or callables ``f(scalars, step)``.
+        images_every_n_checks: send heatmaps to image sinks at every m-th check (``None``: never
+            automatically; call :meth:`log_figures`).
+        prefix: first part of every scalar tag.
+    """
+
+    def __init__(
+        self,
+        probe: Any = None,
+        references: Mapping[str, Any] | None = None,
+        metrics: Sequence[str] = ("cka", "mutual_knn"),
+        layers: Any = "*",
+        reduce: Any = "mean",
+        every_n_steps: int | None = None,
+        max_probe_samples: int | None = 256,
+        k: int = 10,
+        metric_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        within_model: bool = True,
+        snapshots: bool = True,
+        batch_size: int = 256,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        on_error: str = "warn",
+        max_history: int | None = 1000,
+        sinks: Sequence[Any] = (),
+        images_every_n_checks: int | None = None,
+        prefix: str = "alignment",
+    ) -> None:
+        self.metrics = check_metrics(metrics, metric_kwargs)
+        _positive_int("every_n_steps", every_n_steps, allow_none=True)
+        _positive_int("k", k)
+        _positive_int("batch_size", batch_size)
+        _positive_int("images_every_n_checks", images_every_n_checks, allow_none=True)
+        if max_probe_samples is not None and (not isinstance(max_probe_samples, int) or max_probe_samples < 2):
+            raise ValueError(f"max_probe_samples must be an int >= 2 or None, got {max_probe_samples!r}")
+        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+            raise ValueError(f"prefix must be a non-empty string not ending in '/', got {prefix!r}")
+        self.references = check_references(references or {})
+        self.layers = layers
+        self.reduce = reduce
+        self.every_n_steps = every_n_steps
+        self.max_probe_samples = max_probe_samples
+        self.k = k
+        self.metric_kwargs = {m: metric_kwargs_for(m, k, metric_kwargs) for m in self.metrics}
+        self.within_model = within_model
+        self.snapshots = snapshots
+        self.batch_size = batch_size
+        self.forward_fn = forward_fn
+        self.failures = Failures(on_error)
+        self.history = History(max_history)
+        self.sinks = [as_sink(s) for s in sinks]
+        self.images_every_n_checks = images_every_n_checks
+        self.prefix = prefix
+        self.probe: Probe | None = None
+
+        self.last_matrices: dict[str, torch.Tensor] = {}  # "<metric>/<target>" -> [Lx, Ly]
+        self.last_step: int | None = None
+        self.n_checks = 0
+        self._initial: Features | None = None
+        self._previous: Features | None = None
+        self._model_layers: list[str] = []
+        self._reference_layers: dict[str, list[str]] = {}
+        self._cache: dict[str, Features] = {}  # frozen references' features
+        self._layers_checked = False
+        if probe is not None:
+            self.set_probe(probe)
+
+    # -- probe ---------------------------------------------------------------------------
+    def set_probe(self, probe: Any) -> None:
+        """Materialise the probe (see :func:`~prh_lightning.tracking.probe.make_probe`); a clear
+        error when it has too few samples for the metrics."""
+        probe = make_probe(probe, self.max_probe_samples)
+        needs = max((kw["k"] + 1 for kw in self.metric_kwargs.values() if "k" in kw), default=2)
+        if probe.n < needs:
+            raise ValueError(
+                f"the probe has {probe.n} samples but the metrics need at least {needs} (k + 1 with k={self.k}); "
+                "give a larger probe or a smaller k"
+            )
+        self.probe = probe
+        self._cache.clear()
+
+    # -- schedule ------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether :meth:`step` would check at ``step`` (a multiple of ``every_n_steps`` not yet checked)."""
+        n = self.every_n_steps
+        return n is not None and step % n == 0 and (self.last_step is None or step > self.last_step)
+
+    def step(self, model: nn.Module, step: int, **kwargs: Any) -> dict[str, float] | None:
+        """Check when :meth:`due`; returns the scalars of the check, else ``None``."""
+        return self.check(model, step, **kwargs) if self.due(step) else None
+
+    # -- one check -----------------------------------------------------------------------
+    def check(
+        self,
+        model: nn.Module,
+        step: int,
+        *,
+        context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        log: bool = True,
+    ) -> dict[str, float]:
+        """Run the probe, score every matrix, record and (``log=True``) send the scalars to the
+        sinks; returns ``{tag: value}`` (empty when this step was already checked).
+
+        ``context()`` wraps each probe forward (e.g. an autocast for mixed precision).
+        """
+        if self.probe is None:
+            raise RuntimeError("AlignmentTracker has no probe yet: pass probe=... or call set_probe(...) first")
+        if self.last_step is not None and step <= self.last_step:
+            return {}
+        features = self._safe_model_features(model, context)
+        device = next(iter(features.values())).device if features else torch.device("cpu")
+        self.move_snapshots(device)
+        references, failed = self._safe_reference_features(device)
+        matrices = self.compute_matrices(features, references) if features else {}
+        for name in failed:  # a failed reference: NaN for every layer (its layers as last seen)
+            for metric in self.metrics:
+                width = max(1, len(self._reference_layers.get(name, ())))
+                matrices[f"{metric}/{name}"] = torch.full((len(self._model_layers), width), float("nan"))
+        if features:
+            self._previous = features
+        values = scalars(matrices, self._model_layers, self.prefix)
+        if not features:  # the probe pass failed: NaN for everything logged before
+            values = {tag: float("nan") for tag in self.history}
+        self.last_step = step
+        self.n_checks += 1
+        self.last_matrices = matrices
+        self.history.append(step, values)
+        if log:
+            self.log_scalars(values, step)
+            m = self.images_every_n_checks
+            if m is not None and (self.n_checks - 1) % m == 0 and matrices:
+                self.log_figures(step)
+        return values
+
+    def _safe_model_features(self, model: nn.Module, context) -> Features:
+        if not self._layers_checked:  # an unknown layer name is a configuration error: raise now
+            check_layer_selection(model, self.layers)
+            self._layers_checked = True
+        try:
+            features = self.model_features(model, context)
+            if not features:
+                raise ValueError(f"no layer selected by layers={self.layers!r} produced a tensor on the probe")
+        except ForwardError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported (warn once, or raised with on_error="raise")
+            self.failures.report("the model's probe pass", err)
+            return {}
+        if self._initial is not None and list(self._initial) != list(features):
+            warnings.warn(
+                f"AlignmentTracker: the tapped layers changed since the first check ({list(self._initial)} -> "
+                f"{list(features)}); self_initial and self_previous restart from this check",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._initial = self._previous = None
+        if self._initial is None:
+            self._initial = self._previous = features
+        self._model_layers = list(features)
+        return features
+
+    def model_features(self, model: nn.Module, context=None) -> Features:
+        """Ordered ``{layer: Tensor[n, d]}`` (float32, on the model's device) of ``model`` on the probe."""
+        return probe_features(
+            model, self.probe.chunks(self.batch_size), self.layers, self.reduce, self.forward_fn, context=context
+        )
+
+    def _safe_reference_features(self, device: torch.device) -> tuple[dict[str, Features], list[str]]:
+        out, failed = {}, []
+        for name, spec in self.references.items():
+            if name in self._cache:
+                out[name] = self._cache[name]
+                continue
+            try:
+                feats = {k: v.to(device) for k, v in reference_features(spec, self.probe).items()}
+            except ForwardError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                self.failures.report(f"reference {name!r}", err)
+                failed.append(name)
+                continue
+            self._reference_layers[name] = list(feats)
+            if is_frozen(spec):
+                self._cache[name] = feats
+            out[name] = feats
+        return out, failed
+
+    def compute_matrices(self, features: Features, references: Mapping[str, Features]) -> dict[str, torch.Tensor]:
+        """``{"<metric>/<target>": Tensor[Lx, Ly]}`` for every metric and target (references,
+        ``self``, ``self_initial``, ``self_previous``); unscorable cells are NaN."""
+        targets: dict[str, Features | None] = dict(references)
+        if self.within_model:
+            targets["self"] = None
+        if self.snapshots and self._initial is not None:
+            targets["self_initial"] = self._initial
+            targets["self_previous"] = self._previous
+        matrices = {}
+        for metric in self.metrics:
+            for name, ys in targets.items():
+                try:
+                    matrix = score_matrix(features, ys, metric, self.metric_kwargs[metric], self.failures, name)
+                except Exception as err:  # noqa: BLE001 - the metric itself failed
+                    self.failures.report(f"{metric} against {name}", err)
+                    matrix = torch.full((len(features), len(features if ys is None else ys)), float("nan"))
+                matrices[f"{metric}/{name}"] = matrix
+        return matrices
+
+    # -- output --------------------------------------------------------------------------
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log_scalars(dict(values), step)
+
+    def figures(self, heatmaps: bool = True, curves: bool = False) -> dict[str, Any]:
+        """``{tag: matplotlib Figure}``: the last check's heatmaps and / or each layer's curves."""
+        from prh_lightning.tracking import figures
+
+        out = {}
+        if heatmaps and self.last_matrices:
+            out.update(figures.heatmaps(self.last_matrices, self._model_layers, self._reference_layers, self.metric_kwargs))
+        if curves:
+            out.update(figures.curves(self.history, self._model_layers, self.prefix, self.metric_kwargs))
+        return out
+
+    def log_figures(self, step: int, heatmaps: bool = True, curves: bool = False) -> None:
+        """Render figures once and send them to every sink that takes images."""
+        image_sinks = [s for s in self.sinks if getattr(s, "takes_images", False)]
+        if not image_sinks:
+            return
+        from prh_lightning.plotting import figure_to_array
+
+        arrays = {tag: figure_to_array(fig) for tag, fig in self.figures(heatmaps, curves).items()}
+        for sink in image_sinks:
+            sink.log_images(arrays, step)
+
+    @property
+    def model_layers(self) -> list[str]:
+        """Names of the model's tapped layers (rows of every matrix); empty before the first check."""
+        return list(self._model_layers)
+
+    @property
+    def reference_layers(self) -> dict[str, list[str]]:
+        """Layer names (matrix columns) of each reference computed so far."""
+        return dict(self._reference_layers)
+
+    # -- checkpointing -------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"metrics": list(self.metrics), "references": sorted(self.references), "layers": repr(self.layers)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and CPU tensors: history, snapshots, counters and the configuration."""
+
+        def cpu(feats: Features | None) -> Features | None:
+            return None if feats is None else {k: v.detach().cpu() for k, v in feats.items()}
+
+        return {
+            "version": 2,
+            "config": self.config(),
+            "history": self.history.state_dict(),
+            "initial": cpu(self._initial),
+            "previous": cpu(self._previous),
+            "last_step": self.last_step,
+            "n_checks": self.n_checks,
+            "model_layers": list(self._model_layers),
+            "reference_layers": {k: list(v) for k, v in self._reference_layers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; a changed metric or reference list is a warning (the old
+        histories are kept, new ones start now), never a silent restart."""
+        old = state.get("config", {})
+        for key in ("metrics", "references"):
+            before, now = old.get(key), self.config()[key]
+            if before is not None and sorted(before) != sorted(now):
+                gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+                warnings.warn(
+                    f"AlignmentTracker: the checkpoint's history was recorded with {key} {sorted(before)} but this "
+                    f"tracker computes {sorted(now)}; the histories of {gone} are kept but no longer extended, and "
+                    f"{new} start at the resumed step",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        self.history.load_state_dict(state["history"])
+        self._initial = state.get("initial")
+        self._previous = state.get("previous") or self._initial
+        self.last_step = state.get("last_step")
+        self.n_checks = int(state.get("n_checks", 0))
+        self._model_layers = list(state.get("model_layers") or (self._previous or {}))
+        self._reference_layers = {k: list(v) for k, v in (state.get("reference_layers") or {}).items()}
+
+    def move_snapshots(self, device: torch.device) -> None:
+        """Snapshots restored on the CPU go where the probe pass runs."""
+        if self._initial is not None:
+            self._initial = {k: v.to(device) for k, v in self._initial.items()}
+        if self._previous is not None:
+            self._previous = {k: v.to(device) for k, v in self._previous.items()}
+
+
+def metric_kwargs_for(metric: str, k: int, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    return metric_kwargs(metric, k, extra)
