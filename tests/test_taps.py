@@ -413,11 +413,16 @@ class UsesNoTensor(nn.Module):
 def test_layer_without_tensor_output_is_an_error_when_named_and_skipped_otherwise():
     model = UsesNoTensor()
     x = torch.randn(2, 3)
-    with LayerTaps(model, layers="counter"), pytest.raises(TypeError, match="holds no tensor"):
-        model(x)
+    with LayerTaps(model, layers="counter") as taps:
+        out = model(x)  # the model's forward is never broken by a tap
+    torch.testing.assert_close(out, model.lin(x))
+    with pytest.raises(TypeError, match="'counter' returned dict .* holds no tensor"):
+        taps.features()
     with LayerTaps(model) as taps:
         model(x)
-    assert list(taps.features()) == ["lin"] and taps.skipped == {"counter"}
+    with pytest.warns(UserWarning, match="left out 1 layer.*'counter' returned dict"):
+        feats = taps.features()
+    assert list(feats) == ["lin"] and set(taps.skipped) == {"counter"}
 
 
 def test_raw_outputs_of_changing_shape_give_a_clear_error():

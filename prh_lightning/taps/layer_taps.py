@@ -17,13 +17,27 @@ Behaviour worth knowing:
   a root forward (``model.backbone(x)``) is recorded once per call.
 - **Safety**: every output is reduced, detached and copied inside the hook, so a later
   in-place op (``ReLU(inplace=True)``) cannot change what was recorded.
-- **Attention mask**: a ``[n, T]`` ``attention_mask`` given to the root model (keyword,
-  positional, or inside a dict first argument as sentence-transformers does) or to the
-  outermost sub-module whose ``forward`` takes one (the transformer inside a wrapper) is
-  used for token pooling of ``[n, T, d]`` outputs; :meth:`LayerTaps.set_attention_mask`
-  sets one explicitly. Row order is the order the model saw the samples (note that
+- **Padding mask**: a ``[n, T]`` mask given to the root model (keyword, positional, or inside
+  a dict first argument as sentence-transformers does) or to the outermost sub-module whose
+  ``forward`` takes one (the transformer inside a wrapper, called with keywords or
+  positionally) is used for token pooling of ``[n, T, d]`` outputs. Its argument is called
+  ``attention_mask`` unless ``mask_key=`` names another (``"src_key_padding_mask"``,
+  ``"padding_mask"``, ...); a mask whose name contains ``padding`` marks padding with
+  ``True``/1 (PyTorch's convention), any other marks real tokens with 1 (Hugging Face's);
+  ``mask_is_padding=`` overrides. :meth:`LayerTaps.set_attention_mask` sets one explicitly. Row order is the order the model saw the samples (note that
   ``SentenceTransformer.encode`` sorts sentences by length; call the model on tokenized
   batches, e.g. through ``record_representations``, to keep your order).
+- **Problems never break the model's forward**: a layer whose output holds no tensor or is a
+  scalar (an auxiliary loss), or whose reduction fails, is skipped inside the hook. At
+  :meth:`LayerTaps.features` a layer named exactly (``layers="fc"``) that had such a problem,
+  or never ran, raises; one chosen by ``"*"``, a glob, a type or a predicate is left out with
+  one warning (:attr:`LayerTaps.skipped` says why). Layers that recorded different numbers of
+  rows (a layer that ran on only some batches) raise, with the counts, rather than be scored
+  on a subset of the samples.
+- **torch.compile**: a compiled model (``torch.compile(model)``, ``model.compile()``, or a
+  LightningModule compiled by the Trainer) is tapped through its original module and runs
+  eagerly while the taps are attached, so its compiled graphs are neither broken by the hooks
+  nor recompiled (see :mod:`prh_lightning.taps.compiled`).
 - **Budget**: going past ``max_samples`` (rows per layer) or ``max_bytes`` (all stored
   features) raises :class:`TapBudgetExceeded` *before* storing the offending forward pass,
   so what was stored stays consistent.
@@ -33,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -42,8 +57,16 @@ from torch.utils.hooks import RemovableHandle
 
 from prh_lightning.representations import Representations
 from prh_lightning.taps.outputs import OutputKey, describe, pick_tensor
-from prh_lightning.taps.reduction import ReduceSpec, Reducer, is_channels_first, make_reducer
-from prh_lightning.taps.selection import Selection, TapTarget, resolve_layers
+from prh_lightning.taps.compiled import eager, unwrap_compiled
+from prh_lightning.taps.reduction import (
+    ReduceSpec,
+    Reducer,
+    _CHANNEL_FIRST_TYPES,
+    is_channels_first,
+    is_sequence_first,
+    make_reducer,
+)
+from prh_lightning.taps.selection import Selection, TapTarget, is_eval_identity, resolve_layers
 
 REPEATED_POLICIES = ("last", "first", "all", "error")
 
@@ -56,23 +79,40 @@ class LayerTaps:
     """Context manager that records reduced features of selected layers.
 
     Args:
-        model: any ``nn.Module`` (Hugging Face, timm, torchvision, LightningModule, ...).
-        layers: ``"*"`` (every leaf module with a tensor output), ``"auto"`` (the family
-            default from :func:`prh_lightning.families.default_layers`), names, globs
-            (``"layer*.relu"``), module classes, predicates ``f(name, module)``, or a list of
-            these; a name ending in ``":input"`` taps the module's input.
+        model: any ``nn.Module`` (Hugging Face, timm, torchvision, LightningModule, a
+            ``torch.compile``\\ d model, ...).
+        layers: ``"*"`` (every leaf module a user would compare, see
+            :func:`~prh_lightning.taps.selection.default_leaves`), ``"auto"`` (the family default
+            from :func:`prh_lightning.families.default_layers`), names, globs (``"layer*.relu"``),
+            module classes, predicates ``f(name, module)``, or a list of these; a name ending in
+            ``":input"`` taps the module's input.
         reduce: ``"mean"``, ``"max"``, ``"cls"``/``"first"``, ``"last"``, ``"flatten"``,
             ``None`` (raw output), a callable ``f(x)`` / ``f(x, attention_mask)``, or ``"auto"``
             (family default); see :mod:`prh_lightning.taps.reduction`.
         output: key or index picking the tensor from tuple/dict/``ModelOutput`` outputs
             (default: ``last_hidden_state``, else the first tensor).
-        dtype: cast features to this dtype (``None`` keeps the layer's dtype).
+        dtype: cast features to this dtype (``None`` keeps the layer's dtype; the default
+            float32 also stores bf16/fp16 models' features as float32).
         device: where features are kept: ``"cpu"`` (default), ``"model"``/``None`` (the device
             the layer ran on) or any torch device.
         max_samples: most rows stored per layer.
         max_bytes: most bytes stored over all layers.
         repeated: policy for a module called several times in one forward pass
             (``"last"``, ``"first"``, ``"all"``, ``"error"``).
+        mask_key: name (or names) of the padding-mask argument or dict key, looked up in the
+            root model's and its outermost mask-taking sub-module's arguments.
+        mask_is_padding: ``True`` if the mask marks padding with ``True``/1 (PyTorch's
+            ``*_key_padding_mask``), ``False`` if it marks real tokens (Hugging Face's
+            ``attention_mask``); ``None``: ``True`` exactly when the key contains ``"padding"``.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(5, 4)
+        >>> with LayerTaps(net) as taps:   # "*": the dropout is left out
+        ...     _ = net(x)
+        >>> {name: tuple(f.shape) for name, f in taps.features().items()}
+        {'0': (5, 8), '2': (5, 8), '3': (5, 2)}
     """
 
     def __init__(
@@ -86,6 +126,8 @@ class LayerTaps:
         max_samples: int | None = None,
         max_bytes: int | None = None,
         repeated: str = "last",
+        mask_key: str | tuple[str, ...] = "attention_mask",
+        mask_is_padding: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"LayerTaps needs an nn.Module, got {type(model).__name__}")
@@ -94,6 +136,12 @@ class LayerTaps:
         for label, limit in (("max_samples", max_samples), ("max_bytes", max_bytes)):
             if limit is not None and (not isinstance(limit, int) or limit <= 0):
                 raise ValueError(f"{label} must be a positive int or None, got {limit!r}")
+        keys = (mask_key,) if isinstance(mask_key, str) else tuple(mask_key)
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"mask_key must be a non-empty string or tuple of strings, got {mask_key!r}")
+        #: the module called by the user (a compiled wrapper stays here; hooks go on :attr:`model`)
+        self.called = model
+        model = unwrap_compiled(model)
         if isinstance(layers, str) and layers == "auto":
             from prh_lightning.families import default_layers
 
@@ -105,8 +153,12 @@ class LayerTaps:
         self.model = model
         self.targets: list[TapTarget] = resolve_layers(model, layers)
         self.reduce = reduce
-        self._reducers: dict[str, Reducer] = {
-            t.name: make_reducer(reduce, is_channels_first(t.module)) for t in self.targets
+        self._reducers: dict[str, tuple[Reducer, Reducer]] = {
+            t.name: (
+                make_reducer(reduce, is_channels_first(t.module), is_sequence_first(t.module) and not t.tap_input),
+                make_reducer(reduce, True),
+            )
+            for t in self.targets
         }
         self.output = output
         self.dtype = dtype
@@ -114,12 +166,18 @@ class LayerTaps:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.repeated = repeated
+        self.mask_keys = keys
+        self.mask_is_padding = mask_is_padding
         self.enabled = True
-        #: names of layers skipped because their output held no tensor (non-explicit selections)
-        self.skipped: set[str] = set()
+        #: layers left out, with the reason: ``{name: why}`` (a non-tensor or scalar output, a
+        #: failed reduction, never ran); only layers not named exactly end up here
+        self.skipped: dict[str, str] = {}
         self._handles: list[RemovableHandle] = []
-        self._mask_position = _attention_mask_position(model)
+        self._eager: contextlib.ExitStack | None = None
+        self._mask_position = _mask_position(model, keys)
         self._manual_mask: torch.Tensor | None = None
+        # 3-d outputs of conv-like modules are [n, C, L]; follow them through shape-preserving modules
+        self._track_channels = any(_makes_1d_channels(m) for m in model.modules())
         self.clear()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -136,15 +194,25 @@ class LayerTaps:
         return bool(self._handles)
 
     def attach(self) -> LayerTaps:
-        """Register the hooks (done by ``with``); for taps kept across training steps."""
+        """Register the hooks (done by ``with``); for taps kept across training steps.
+
+        While attached, a compiled model runs eagerly (see :mod:`prh_lightning.taps.compiled`)."""
         if self._handles:
             raise RuntimeError("these LayerTaps are already attached; call remove() first")
         try:
             root = self.model
+            self._eager = contextlib.ExitStack()
+            self._eager.enter_context(eager(self.called))
             self._handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
             self._handles.append(root.register_forward_hook(self._root_post_hook))
-            for module in _mask_taking_submodules(root):
-                self._handles.append(module.register_forward_pre_hook(self._mask_pre_hook, with_kwargs=True))
+            for module, position in _mask_taking_submodules(root, self.mask_keys):
+                hook = self._mask_pre_hook(position)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            tapped = {id(t.module) for t in self.targets if not t.tap_input}
+            if self._track_channels:
+                for module in root.modules():
+                    if module is not root and id(module) not in tapped and _passes_channels(module):
+                        self._handles.append(module.register_forward_hook(self._channels_hook))
             for target in self.targets:
                 if target.tap_input:
                     handle = target.module.register_forward_pre_hook(self._input_hook(target), with_kwargs=True)
@@ -161,8 +229,12 @@ class LayerTaps:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._eager is not None:
+            self._eager.close()
+            self._eager = None
         self._in_pass = False
         self._pending = {}
+        self._channel_outputs = set()
 
     def clear(self) -> None:
         """Forget every recorded feature (hooks stay registered)."""
@@ -173,6 +245,12 @@ class LayerTaps:
         self._calls: dict[str, int] = {}
         self._in_pass = False
         self._auto_mask: torch.Tensor | None = None
+        self._channel_outputs: set[tuple] = set()
+        self._passes = 0  # completed root forward passes
+        self._layer_passes: dict[str, int] = {}  # root passes in which a stored layer recorded
+        self._fired: set[str] = set()  # targets whose hook ran with a usable output
+        self._problems: dict[str, tuple[type[Exception], str]] = {}  # target -> (error type, why)
+        self._warned: set[str] = set()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[LayerTaps]:
@@ -211,13 +289,24 @@ class LayerTaps:
         ``reduce=None``).
 
         Raises:
-            RuntimeError: nothing was recorded yet.
+            TypeError / ValueError: a layer named exactly returned no tensor / a scalar.
+            RuntimeError: nothing was recorded yet; a layer named exactly never ran or its
+                reduction failed; layers recorded different numbers of rows.
         """
+        self._check_targets()
         if not self._store:
             raise RuntimeError(
                 "no features recorded: run the model forward inside `with LayerTaps(...)` "
                 f"(recording enabled={self.enabled}); selected layers: {[t.name for t in self.targets][:8]}"
+                + (f"; skipped: {dict(list(self.skipped.items())[:8])}" if self.skipped else "")
             )
+        left_out = set(self.skipped)
+        for name in [k for k in self._store if k in left_out or k.rsplit("#", 1)[0] in left_out]:
+            self._bytes -= sum(c.numel() * c.element_size() for c in self._store.pop(name))
+            self._rows.pop(name, None)
+        if not self._store:
+            raise RuntimeError(f"no features recorded: every tapped layer was left out: {self.skipped}")
+        self._check_rows()
         out: dict[str, torch.Tensor] = {}
         for name, chunks in self._store.items():
             if len(chunks) > 1:
@@ -231,6 +320,49 @@ class LayerTaps:
                     ) from None
             out[name] = chunks[0]
         return out
+
+    def _check_targets(self) -> None:
+        """Raise for exactly named layers with a problem or that never ran; warn (once) about
+        the others, which are left out."""
+        for target in self.targets:
+            name = target.name
+            if name in self._fired and name not in self._problems:
+                continue
+            if name in self._problems:
+                error, why = self._problems[name]
+            elif self._passes == 0 and not self._store:
+                continue  # nothing ran at all: features() says so
+            else:
+                error, why = RuntimeError, "never ran during the recorded forward passes" + _never_ran_hint(
+                    self.model, target.module_name
+                )
+            if target.explicit:
+                raise error(f"layer {name!r} {why}")
+            self.skipped[name] = why
+        fresh = {k: v for k, v in self.skipped.items() if k not in self._warned}
+        if fresh:
+            self._warned.update(fresh)
+            listed = "; ".join(f"{k!r} {v}" for k, v in list(fresh.items())[:6])
+            more = f" (and {len(fresh) - 6} more)" if len(fresh) > 6 else ""
+            warnings.warn(f"LayerTaps left out {len(fresh)} layer(s): {listed}{more}", stacklevel=3)
+
+    def _check_rows(self) -> None:
+        counts = {name: self._rows.get(name, 0) for name in self._store}
+        if len(set(counts.values())) <= 1:
+            return
+        most = max(counts.values())
+        short = {name: rows for name, rows in counts.items() if rows != most}
+        full = next(name for name, rows in counts.items() if rows == most)
+        details = ", ".join(
+            f"{name!r}: {rows} rows" + (f" from {self._layer_passes.get(name, 0)} of {self._passes} forward passes" if self._passes else "")
+            for name, rows in list(short.items())[:6]
+        )
+        raise RuntimeError(
+            f"layers recorded different numbers of rows ({details}; {full!r} and others: {most} rows). "
+            "A layer that runs on only some batches cannot be compared sample by sample: tap layers that "
+            "run on every batch. (A layer whose output is sequence-first [T, n, d] also records T rows "
+            "per batch: give reduce= a callable.)"
+        )
 
     def representations(
         self, labels: torch.Tensor | None = None, sample_ids: list | None = None, **metadata: Any
@@ -256,12 +388,13 @@ class LayerTaps:
 
             return hook
 
+        called, model = model, unwrap_compiled(model)
         handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
         modes = {m: m.training for m in model.modules()}
         try:
             model.eval()
-            with torch.no_grad():
-                call_model(model, example_input)
+            with torch.no_grad(), eager(called):
+                call_model(called, example_input)
         finally:
             for handle in handles:
                 handle.remove()
@@ -275,25 +408,40 @@ class LayerTaps:
         self._in_pass = True
         self._pending = {}
         self._calls = {}
-        mask = kwargs.get("attention_mask")
-        if mask is None and args:
-            if isinstance(args[0], Mapping):
-                mask = args[0].get("attention_mask")
-            elif self._mask_position is not None and len(args) > self._mask_position:
-                mask = args[self._mask_position]
-        self._auto_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._channel_outputs = set()
+        mask = _find_mask(args, kwargs, self.mask_keys, self._mask_position, from_mapping=True)
+        self._auto_mask = self._as_keep_mask(mask)
 
-    def _mask_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """An inner model (e.g. the transformer inside a wrapper) got a ``[n, T]`` attention mask."""
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            self._auto_mask = mask
+    def _mask_pre_hook(self, position: int | None):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            """An inner model (e.g. the transformer inside a wrapper) got a ``[n, T]`` mask."""
+            mask = self._as_keep_mask(_find_mask(args, kwargs, self.mask_keys, position, from_mapping=False))
+            if mask is not None:
+                self._auto_mask = mask
+
+        return hook
+
+    def _as_keep_mask(self, found: tuple[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """The mask with 1 = real token, or ``None`` if ``found`` is not a ``[n, T]`` tensor."""
+        if found is None:
+            return None
+        key, mask = found
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+            return None
+        padding = self.mask_is_padding if self.mask_is_padding is not None else "padding" in key
+        if padding:
+            return mask == 0 if mask.dtype != torch.bool else ~mask
+        return mask
 
     def _root_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._channel_outputs = set()
         if not self._in_pass:
             return
         self._in_pass = False
         pending, self._pending = self._pending, {}
+        if not self.enabled:
+            return
+        self._passes += 1
         if not pending:
             return
         if self.repeated == "all":
@@ -303,22 +451,46 @@ class LayerTaps:
             }
         self._store_pass(pending)
 
+    def _channels_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Note 3-d ``[n, C, L]`` outputs of conv-like modules, and of shape-preserving modules
+        applied to them, so a tapped ``ReLU`` after a ``Conv1d`` pools over ``L``."""
+        if isinstance(output, torch.Tensor) and output.ndim == 3:
+            if isinstance(module, _CHANNEL_FIRST_TYPES) or self._channels_input(args, output):
+                self._channel_outputs.add(_tensor_key(output))
+
+    def _channels_input(self, args: tuple, output: torch.Tensor) -> bool:
+        if not self._channel_outputs or not args or not isinstance(args[0], torch.Tensor):
+            return False
+        return args[0].shape == output.shape and _tensor_key(args[0]) in self._channel_outputs
+
     def _output_hook(self, target: TapTarget):
-        name, explicit, reducer, key = target.name, target.explicit, self._reducers[target.name], self.output
+        name, reducers, key = target.name, self._reducers[target.name], self.output
+        static_channels = is_channels_first(target.module)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self.enabled:
                 return
-            tensor = output if isinstance(output, torch.Tensor) else pick_tensor(output, key)
-            if tensor is None:
-                self._no_tensor(name, explicit, output)
+            try:
+                tensor = output if isinstance(output, torch.Tensor) else pick_tensor(output, key)
+            except (KeyError, IndexError) as err:
+                self._problem(name, KeyError, f"output: {err}")
                 return
+            if tensor is None:
+                self._no_tensor(name, output)
+                return
+            reducer = reducers[0]
+            if self._track_channels and tensor.ndim == 3:
+                if static_channels:
+                    self._channel_outputs.add(_tensor_key(tensor))
+                elif self._channels_input(args, tensor):
+                    self._channel_outputs.add(_tensor_key(tensor))
+                    reducer = reducers[1]
             self._record(name, reducer, tensor)
 
         return hook
 
     def _input_hook(self, target: TapTarget):
-        name, reducer = target.name, self._reducers[target.name]
+        name, reducer = target.name, self._reducers[target.name][0]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not self.enabled:
@@ -329,27 +501,41 @@ class LayerTaps:
                 if not isinstance(tensor, torch.Tensor):
                     tensor = pick_tensor(list(kwargs.values()))
             if tensor is None:
-                self._no_tensor(name, True, (args, kwargs))
+                self._no_tensor(name, (args, kwargs))
                 return
             self._record(name, reducer, tensor)
 
         return hook
 
-    def _no_tensor(self, name: str, explicit: bool, output: Any) -> None:
-        if explicit:
-            raise TypeError(
-                f"layer {name!r} returned {describe(output)}, which holds no tensor to record; "
-                "pick an element with output=<key or index> or tap another layer"
-            )
-        self.skipped.add(name)
+    def _problem(self, name: str, error: type[Exception], why: str) -> None:
+        """Remember why ``name`` cannot be recorded; :meth:`features` raises or warns. Never
+        raises here, inside the model's forward."""
+        self._problems.setdefault(name, (error, why))
+
+    def _no_tensor(self, name: str, output: Any) -> None:
+        self._problem(
+            name,
+            TypeError,
+            f"returned {describe(output)}, which holds no tensor to record; pick an element with "
+            "output=<key or index> or tap another layer",
+        )
 
     def _record(self, name: str, reducer: Reducer, tensor: torch.Tensor) -> None:
+        if tensor.ndim == 0:
+            self._problem(name, ValueError, "returned a 0-dim tensor (a scalar such as an auxiliary loss); "
+                          "there is no batch dimension to record")
+            return
         mask = self._manual_mask if self._manual_mask is not None else self._auto_mask
-        with torch.no_grad():
-            value = reducer(tensor.detach(), mask)
-            value = value.to(device=self.device, dtype=self.dtype)
-            if value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-                value = value.clone()  # never share memory with a tensor a later op may change in place
+        try:
+            with torch.no_grad():
+                value = reducer(tensor.detach(), mask)
+                value = value.to(device=self.device, dtype=self.dtype)
+                if value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                    value = value.clone()  # never share memory with a tensor a later op may change in place
+        except Exception as err:  # a reduction that does not fit this output: never break the forward
+            self._problem(name, RuntimeError, f"could not be reduced (output shape {tuple(tensor.shape)}): {err}")
+            return
+        self._fired.add(name)
         if not self._in_pass:
             self._store_pass({name: value})
             return
@@ -370,6 +556,7 @@ class LayerTaps:
 
     def _store_pass(self, values: Mapping[str, torch.Tensor]) -> None:
         """Store one forward pass's features, after checking the budget for all of them."""
+        values = {name: value for name, value in values.items() if name not in self._problems}
         if self.max_samples is not None:
             for name, value in values.items():
                 rows = self._rows.get(name, 0) + value.shape[0]
@@ -390,6 +577,7 @@ class LayerTaps:
         for name, value in values.items():
             self._store.setdefault(name, []).append(value)
             self._rows[name] = self._rows.get(name, 0) + value.shape[0]
+            self._layer_passes[name] = self._layer_passes.get(name, 0) + 1
             self._bytes += value.numel() * value.element_size()
 
     def __repr__(self) -> str:
@@ -399,32 +587,83 @@ class LayerTaps:
         )
 
 
-def _mask_taking_submodules(model: nn.Module) -> list[nn.Module]:
-    """The outermost sub-modules whose ``forward`` has an ``attention_mask`` parameter (the
-    transformer inside a LightningModule or sentence-transformers wrapper); inner layers,
-    which get a 4-d additive mask, are skipped."""
+def _makes_1d_channels(module: nn.Module) -> bool:
+    """A conv-like module that makes ``[n, C, L]`` outputs (``Conv1d``, ``BatchNorm1d``, ``MaxPool1d``, ...)."""
+    return isinstance(module, _CHANNEL_FIRST_TYPES) and type(module).__name__.endswith("1d")
+
+
+def _passes_channels(module: nn.Module) -> bool:
+    """Modules through which a ``[n, C, L]`` layout is followed: conv-like modules (which make
+    it), and shape-preserving element-wise leaves (activations, dropout, identity)."""
+    if isinstance(module, _CHANNEL_FIRST_TYPES):
+        return True
+    if any(True for _ in module.children()):
+        return False
+    return is_eval_identity(module) or type(module).__module__ == "torch.nn.modules.activation"
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride())
+
+
+def _never_ran_hint(model: nn.Module, module_name: str) -> str:
+    parent_name, _, leaf = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj":
+        return (
+            f"; nn.MultiheadAttention applies out_proj through its weights, never as a module: tap "
+            f"{parent_name!r}, whose first output is out_proj's output"
+        )
+    return (
+        " (a branch the model skipped, a module used only through its weights, or a fused fast path); "
+        "tap a module that runs on every batch"
+    )
+
+
+def _find_mask(
+    args: tuple, kwargs: dict, keys: tuple[str, ...], position: int | None, from_mapping: bool
+) -> tuple[str, Any] | None:
+    """``(key, value)`` of the first mask argument found by keyword, position, or (for the
+    root) inside a dict first argument."""
+    for key in keys:
+        if kwargs.get(key) is not None:
+            return key, kwargs[key]
+    if position is not None and len(args) > position and args[position] is not None:
+        return keys[0], args[position]
+    if from_mapping and args and isinstance(args[0], Mapping):
+        for key in keys:
+            if args[0].get(key) is not None:
+                return key, args[0][key]
+    return None
+
+
+def _forward_params(module: nn.Module) -> list[str] | None:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mask_position(model: nn.Module, keys: tuple[str, ...]) -> int | None:
+    """Index of the first mask key among the positional parameters of ``model.forward``."""
+    params = _forward_params(model) or []
+    return next((params.index(key) for key in keys if key in params), None)
+
+
+def _mask_taking_submodules(model: nn.Module, keys: tuple[str, ...]) -> list[tuple[nn.Module, int | None]]:
+    """``(module, position of its mask parameter)`` for the outermost sub-modules whose
+    ``forward`` takes one of ``keys`` (the transformer inside a LightningModule or
+    sentence-transformers wrapper); inner layers, which get a 4-d additive mask, are skipped."""
     found: list[str] = []
-    modules: list[nn.Module] = []
+    modules: list[tuple[nn.Module, int | None]] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(outer + ".") for outer in found):
             continue
-        try:
-            takes_mask = "attention_mask" in inspect.signature(module.forward).parameters
-        except (TypeError, ValueError):
-            takes_mask = False
-        if takes_mask:
+        params = _forward_params(module) or []
+        if any(key in params for key in keys):
             found.append(name)
-            modules.append(module)
+            modules.append((module, _mask_position(module, keys)))
     return modules
-
-
-def _attention_mask_position(model: nn.Module) -> int | None:
-    """Index of ``attention_mask`` among the positional parameters of ``model.forward``."""
-    try:
-        params = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("attention_mask") if "attention_mask" in params else None
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

@@ -7,7 +7,16 @@ Layouts (decided per module when the hook is built):
 - ``[n, T, d]`` (sequence, tokens): the default for 3-d outputs of any module that is not
   a convolution, batch/instance norm or pooling layer.
 - ``[n, C, *spatial]`` (channels first): 4-d and larger outputs, and 3-d outputs of
-  ``Conv1d``/``BatchNorm1d``/pooling modules.
+  ``Conv1d``/``BatchNorm1d``/pooling modules, and of shape-preserving modules (``ReLU``,
+  ``GELU``, ...) applied to such an output (``LayerTaps`` follows the tensor from the conv; a
+  non-conv module that changes the shape in between, or a functional call such as
+  ``torch.relu`` between a tapped module and the conv, is not followed: tap the conv, or give
+  ``reduce=`` a callable).
+- ``[T, n, d]`` (sequence first): 3-d outputs of ``nn.MultiheadAttention``, the
+  ``nn.Transformer*`` modules and ``nn.RNN``/``LSTM``/``GRU`` built with ``batch_first=False``
+  are transposed to ``[n, T, d]`` first. Other modules inside such a model (a ``Linear`` on
+  ``[T, n, d]``) cannot be told apart from ``[n, T, d]``; ``LayerTaps`` then finds layers with
+  different row counts and raises.
 
 Modes: ``"mean"`` over positions (tokens weighted by the attention mask when one of shape
 ``[n, T]`` is known), ``"max"`` over positions (padding excluded), ``"cls"``/``"first"``
@@ -39,9 +48,40 @@ _CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+_SEQUENCE_FIRST_TYPES: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+    nn.modules.rnn.RNNBase,
+)
+
+
 def is_channels_first(module: nn.Module) -> bool:
     """Whether a 3-d output of ``module`` is ``[n, C, L]`` rather than ``[n, T, d]``."""
     return isinstance(module, _CHANNEL_FIRST_TYPES)
+
+
+def is_sequence_first(module: nn.Module) -> bool:
+    """Whether a 3-d output of ``module`` is ``[T, n, d]`` (a ``batch_first=False`` attention,
+    transformer or RNN module).
+
+    >>> is_sequence_first(nn.MultiheadAttention(8, 2)), is_sequence_first(nn.LSTM(4, 4, batch_first=True))
+    (True, False)
+    """
+    if not isinstance(module, _SEQUENCE_FIRST_TYPES):
+        return False
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        module = module.layers[0] if len(module.layers) else module
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    return not getattr(module, "batch_first", True)
+
+
+class ScalarOutput(ValueError):
+    """A layer returned a 0-dim tensor."""
 
 
 def _as_tokens(x: torch.Tensor, channels_first: bool) -> torch.Tensor:
@@ -64,12 +104,16 @@ def _low_rank(x: torch.Tensor) -> torch.Tensor | None:
     if x.ndim == 1:
         return x.unsqueeze(1)
     if x.ndim == 0:
-        raise ValueError("a layer returned a 0-dim tensor; there is no batch dimension to record")
+        raise ScalarOutput("a 0-dim tensor (a scalar such as an auxiliary loss) has no batch dimension to record")
     return None
 
 
-def make_reducer(reduce: ReduceSpec, channels_first: bool) -> Reducer:
-    """A function ``(x [n, ...], attention_mask [n, T] | None) -> [n, d]`` for one module."""
+def make_reducer(reduce: ReduceSpec, channels_first: bool, sequence_first: bool = False) -> Reducer:
+    """A function ``(x [n, ...], attention_mask [n, T] | None) -> [n, d]`` for one module
+    (``sequence_first``: 3-d inputs are ``[T, n, d]`` and are transposed first)."""
+    if sequence_first:
+        inner = make_reducer(reduce, channels_first=False)
+        return lambda x, mask: inner(x.transpose(0, 1) if x.ndim == 3 else x, mask)
     if reduce is None:
         return lambda x, mask: x
     if callable(reduce):

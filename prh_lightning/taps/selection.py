@@ -5,6 +5,19 @@ of the recorded features is decided later, by execution order in the forward pas
 
 A name may end in ``":input"`` to tap what goes *into* that module instead of what comes out
 (e.g. ``"encoder.layer.0:input"`` is the embedding output of a BERT-style model).
+
+The default ``"*"`` is every leaf module a user would compare, which is not quite every leaf:
+
+- modules that are the identity in eval mode are left out (``nn.Dropout*``, ``nn.Identity``,
+  timm's ``DropPath``, torchvision's ``StochasticDepth``, ``DropBlock``, quantization stubs):
+  their features would duplicate their input's;
+- ``nn.MultiheadAttention`` counts as one leaf. Its ``out_proj`` is an ``nn.Linear`` that
+  attention calls through ``F.multi_head_attention_forward`` (its weights, not the module), so a
+  hook on ``out_proj`` never runs; the attention module's first output *is* ``out_proj``'s
+  output, and that is what gets tapped.
+
+Leaves that never run in a forward pass and leaves whose output is a scalar (an auxiliary
+loss) are skipped at run time with a warning, see :class:`~prh_lightning.taps.LayerTaps`.
 """
 
 from __future__ import annotations
@@ -17,6 +30,11 @@ from dataclasses import dataclass
 from torch import nn
 
 INPUT_SUFFIX = ":input"
+
+#: Library classes (by name, so the library need not be imported) that are the identity in eval mode.
+_EVAL_IDENTITY_NAMES = frozenset(
+    {"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d", "QuantStub", "DeQuantStub", "DropoutNd"}
+)
 
 #: One selection item: a name or glob, a module class, or ``predicate(name, module) -> bool``.
 LayerSpec = str | type[nn.Module] | Callable[[str, nn.Module], bool]
@@ -60,13 +78,42 @@ def _unknown_name_error(name: str, names: list[str]) -> KeyError:
     )
 
 
+def is_eval_identity(module: nn.Module) -> bool:
+    """Whether ``module`` returns its input unchanged in eval mode (dropout-like, identity)."""
+    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)):
+        return True
+    return type(module).__name__ in _EVAL_IDENTITY_NAMES
+
+
+def default_leaves(model: nn.Module) -> list[TapTarget]:
+    """The ``"*"`` selection: leaf modules in registration order, ``nn.MultiheadAttention`` as one
+    leaf (its ``out_proj`` never runs as a module), eval-mode identities left out.
+
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.MultiheadAttention(8, 2))
+    >>> [t.name for t in default_leaves(net)]
+    ['0', '2']
+    """
+    opaque: list[str] = []
+    leaves: list[TapTarget] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in opaque):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            opaque.append(name)
+        elif any(True for _ in module.children()):
+            continue
+        if not is_eval_identity(module):
+            leaves.append(TapTarget(name, name, module, explicit=False))
+    return leaves
+
+
 def resolve_layers(model: nn.Module, layers: Selection) -> list[TapTarget]:
     """Resolve a selection to the modules to hook.
 
     Args:
         model: the root module (never tapped itself).
-        layers: ``None`` or ``"*"``: every leaf module (modules whose output is not a tensor
-            are skipped at run time); a name; a glob (``"layer*.relu"``, matched against every
+        layers: ``None`` or ``"*"``: every leaf module (see :func:`default_leaves`; modules whose
+            output is not a tensor are skipped at run time); a name; a glob (``"layer*.relu"``, matched against every
             module name, containers included); a module class (``nn.Conv2d``); a predicate
             ``f(name, module) -> bool``; or a list mixing these.
 
@@ -78,7 +125,7 @@ def resolve_layers(model: nn.Module, layers: Selection) -> list[TapTarget]:
     modules = {name: mod for name, mod in model.named_modules() if name}
     names = list(modules)
     if layers is None or (isinstance(layers, str) and layers == "*"):
-        leaves = [TapTarget(n, n, m, explicit=False) for n, m in modules.items() if not any(True for _ in m.children())]
+        leaves = default_leaves(model)
         if not leaves:
             raise ValueError(f"{type(model).__name__} has no sub-modules to tap; wrap it or tap a parent model")
         return leaves
@@ -88,7 +135,7 @@ def resolve_layers(model: nn.Module, layers: Selection) -> list[TapTarget]:
 
     chosen: dict[str, TapTarget] = {}
     for spec in specs:
-        matched = _match_one(spec, modules, names)
+        matched = default_leaves(model) if spec == "*" else _match_one(spec, modules, names)
         for target in matched:
             chosen.setdefault(target.name, target)
     return list(chosen.values())
@@ -97,8 +144,6 @@ def resolve_layers(model: nn.Module, layers: Selection) -> list[TapTarget]:
 def _match_one(spec: LayerSpec, modules: dict[str, nn.Module], names: list[str]) -> list[TapTarget]:
     if isinstance(spec, str):
         base, tap_input = (spec[: -len(INPUT_SUFFIX)], True) if spec.endswith(INPUT_SUFFIX) else (spec, False)
-        if spec == "*":
-            return [TapTarget(n, n, m, False) for n, m in modules.items() if not any(True for _ in m.children())]
         if _is_glob(base):
             hits = [n for n in names if fnmatch.fnmatchcase(n, base)]
             if not hits:
