@@ -216,7 +216,7 @@ class AlignmentTracker:
             return {}
         if self._initial is not None and list(self._initial) != list(features):
             warnings.warn(
-                f"AlignmentTracker: the tapped layers changed since the first check ({list(self._initial)} -> "
+                f"{self.failures.owner}: the tapped layers changed since the first check ({list(self._initial)} -> "
                 f"{list(features)}); self_initial and self_previous restart from this check",
                 UserWarning,
                 stacklevel=3,
@@ -341,7 +341,7 @@ class AlignmentTracker:
             if before is not None and sorted(before) != sorted(now):
                 gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
                 warnings.warn(
-                    f"AlignmentTracker: the checkpoint's history was recorded with {key} {sorted(before)} but this "
+                    f"{self.failures.owner}: the checkpoint's history was recorded with {key} {sorted(before)} but this "
                     f"tracker computes {sorted(now)}; the histories of {gone} are kept but no longer extended, and "
                     f"{new} start at the resumed step",
                     UserWarning,
