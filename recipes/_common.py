@@ -179,7 +179,9 @@ def run_cli(prog: str, run: Callable[[Any], dict], args: Any, describe: Callable
                   "or pick another --out", file=sys.stderr)
             return 1
         raise
-    print(describe(summary))
+    text = describe(summary)
+    if text:
+        print(text)
     return 0
 
 

@@ -16,8 +16,7 @@ layer pair ``[L, V, 2]``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -25,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prh_lightning.alignment import alignment_matrix
+from prh_lightning.analysis.model_matrix import best_layer_pair_matrix
 from prh_lightning.data.paired import PRH_SUBSET, PairedDataError, load_paired
 from prh_lightning.extraction import LANGUAGE_POOLS, VISION_POOLS, extract_model
 from prh_lightning.models.pretrained import PretrainedUnavailable
 from prh_lightning.models.zoo import MODELSETS, modality_of
-from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
+from prh_lightning.recipes import _common as common
+from prh_lightning.recipes import _platonic_report as platonic_report
+from prh_lightning.reporting import save_figure, write_json
 from prh_lightning.representations import Representations
 
 KNN_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna")
@@ -39,8 +40,7 @@ QUICK_SAMPLES = 512
 SHUFFLE_SEED = 0
 
 
-class RecipeError(RuntimeError):
-    """Bad input to extract/measure; printed as one line, exit status 2."""
+RecipeError = common.RecipeInputError  # bad input to extract/measure; one line on stderr, exit status 2
 
 
 # -- extract --------------------------------------------------------------------------------
@@ -53,7 +53,8 @@ def _extract_parser() -> argparse.ArgumentParser:
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="results folder (features/ and alignment/ go here)")
     p.add_argument("--data", default=None, help="image folder with metadata.csv (file_name,text), or a hub dataset id "
-                   "such as minhuh/prh (online); default: $PRH_FLICKR_DIR or ../shared/data/flickr8k-1024")
+                   f"such as minhuh/prh (online); default: ${common.FLICKR_ENV}, else ../shared/data/flickr8k-1024 "
+                   "beside this checkout")
     p.add_argument("--subset", default=PRH_SUBSET, help="hub dataset revision (default: %(default)s)")
     p.add_argument("--n", type=int, default=None, help="first N pairs (default: all)")
     p.add_argument("--modelset", default="offline", choices=sorted(MODELSETS), help="named model set (default: %(default)s)")
@@ -66,9 +67,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=None, help="the paper's --pool for the one --modality chosen (avg|last for "
                    "language, none|avg for vision)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", default="auto", help="torch CPU threads: a number, or auto = 1 when the machine is "
-                   "oversubscribed (load average above the core count; spinning threads then run ~5x slower), "
-                   "else torch's default (default: %(default)s)")
+    p.add_argument("--threads", default="auto", help=common.THREADS_HELP)
     p.add_argument("--force", action="store_true", help="re-extract even if the feature file exists")
 
 
@@ -91,25 +90,20 @@ def _apply_pool(args: argparse.Namespace) -> None:
     setattr(args, f"pool_{args.modality}", args.pool)
 
 
-@contextlib.contextmanager
-def cpu_threads(spec: str | int):
-    """Set torch's CPU thread count for the block (``"auto"``: see ``--threads``), then restore it."""
-    before = torch.get_num_threads()
-    if spec == "auto":
-        cores = os.cpu_count() or 1
-        n = 1 if os.getloadavg()[0] > cores else before
-    else:
-        try:
-            n = int(spec)
-        except ValueError:
-            raise RecipeError(f"--threads must be a positive number or auto, got {spec!r}") from None
-        if n < 1:
-            raise RecipeError(f"--threads must be a positive number or auto, got {spec!r}")
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(before)
+def data_source(data: str | None) -> str:
+    """The ``--data`` to load: a local folder (checked, ``$PRH_FLICKR_DIR`` / ``../shared`` when None)
+    or a hub dataset id such as ``minhuh/prh``."""
+    if data is None or Path(data).exists() or data.startswith((".", "/", "~")) or data.count("/") != 1:
+        return str(common.resolve_flickr_dir(data))
+    return data
+
+
+def data_record(data, source: str) -> dict:
+    """``{"path", "n_items", "sha256"}``: SHA-256 over the captions and decoded pixels, in order."""
+    digest = hashlib.sha256()
+    for text, image in zip(data.texts, data.images):
+        digest.update(text.encode() + b"\0" + image.tobytes())
+    return {"path": source, "name": data.name, "n_items": len(data), "sha256": digest.hexdigest()}
 
 
 def run_extract(args: argparse.Namespace, log=print) -> dict:
@@ -120,7 +114,8 @@ def run_extract(args: argparse.Namespace, log=print) -> dict:
     """
     names = _model_list(args)
     _apply_pool(args)
-    data = load_paired(args.data, args.subset, args.n)
+    source = data_source(args.data)
+    data = load_paired(source, args.subset, args.n)
     log(f"data: {data.name}, {len(data)} pairs -> {data.slug}; {torch.get_num_threads()} CPU thread(s)")
     files, skipped, unavailable, seconds = {}, [], {}, {}
     for name in names:
@@ -139,7 +134,8 @@ def run_extract(args: argparse.Namespace, log=print) -> dict:
         if not extracted:
             skipped.append(name)
         log(f"  {name}: {'extracted' if extracted else 'exists, skipped'} {path} ({seconds[name]} s)")
-    return {"dataset": data.slug, "n": len(data), "files": files, "skipped": skipped, "unavailable": unavailable, "seconds": seconds}
+    return {"dataset": data.slug, "n": len(data), "files": files, "skipped": skipped, "unavailable": unavailable,
+            "seconds": seconds, "data": data_record(data, source)}
 
 
 def extract_main(argv: list[str] | None = None) -> int:
@@ -147,10 +143,10 @@ def extract_main(argv: list[str] | None = None) -> int:
     args = _extract_parser().parse_args(argv)
 
     def run() -> None:
-        with cpu_threads(args.threads):
+        with common.cpu_threads(args.threads):
             run_extract(args)
 
-    return _guarded(run)
+    return _guarded(run, args.out, "extract")
 
 
 # -- measure --------------------------------------------------------------------------------
@@ -216,37 +212,6 @@ def load_features(folder: Path, pool_language: str = "avg", pool_vision: str = "
     return reps["language"], reps["vision"]
 
 
-def score_matrix(language: dict, vision: dict, metric: str = "mutual_knn", k: int = 10, clip_quantile: float | None = 0.95,
-                 normalize: bool = True, permutation: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Best alignment over layer pairs for every language x vision model pair.
-
-    All layers of all models are scored in one :func:`alignment_matrix` call (per-layer work done
-    once), then each model-pair block is maximised. ``permutation`` reorders the language samples
-    (the shuffled-pairing control). Returns scores ``[L, V]``, best layer indices ``[L, V, 2]`` and
-    the scores of all layer pairs ``[sum of language layers, sum of vision layers]``.
-    """
-    xs = [(name, t) for name, rep in language.items() for t in rep.values()]
-    if permutation is not None:
-        xs = [(name, t[permutation]) for name, t in xs]
-    ys = [(name, t) for name, rep in vision.items() for t in rep.values()]
-    kw = {"k": k} if metric in KNN_METRICS else {}
-    clip = None if clip_quantile is None or clip_quantile >= 1 else clip_quantile
-    full = alignment_matrix([t for _, t in xs], [t for _, t in ys], metric=metric, normalize=normalize, clip_quantile=clip, **kw)
-    scores = np.zeros((len(language), len(vision)))
-    indices = np.zeros((len(language), len(vision), 2), dtype=np.int64)
-    row = 0
-    for a, lrep in enumerate(language.values()):
-        col = 0
-        for b, vrep in enumerate(vision.values()):
-            block = full[row : row + len(lrep), col : col + len(vrep)]
-            flat = int(torch.argmax(block))
-            indices[a, b] = divmod(flat, block.shape[1])
-            scores[a, b] = float(block.flatten()[flat])
-            col += len(vrep)
-        row += len(lrep)
-    return scores, indices, full
-
-
 def _stem(metric: str, k: int) -> str:
     return f"{metric}_k{k}" if metric in KNN_METRICS else metric
 
@@ -259,21 +224,28 @@ def run_measure(out: Path, dataset: str | None, pool_language: str, pool_vision:
     folder = _dataset_dir(out, dataset)
     language, vision = load_features(folder, pool_language, pool_vision)
     n = next(iter(language.values())).n
+    files = sorted(folder.glob("*.safetensors"))
     if metric in KNN_METRICS and not 1 <= k < n:
         raise RecipeError(f"--k {k} needs 1 <= k < n = {n} samples")
-    opts = dict(metric=metric, k=k, clip_quantile=clip_quantile, normalize=normalize)
-    scores, indices, _ = score_matrix(language, vision, **opts)
+    common.check_clip_quantile(clip_quantile)
+    kw = {"k": k} if metric in KNN_METRICS else {}
+    opts = dict(metric=metric, clip_quantile=clip_quantile, normalize=normalize, **kw)
+    best = best_layer_pair_matrix(language, vision, **opts)
+    scores, indices = best.scores, best.indices
     result = {
         "dataset": folder.name, "n": n, "metric": metric, "k": k if metric in KNN_METRICS else None,
         "clip_quantile": clip_quantile, "normalize": normalize, "pool_language": pool_language, "pool_vision": pool_vision,
+        "data": {**common.fingerprint(files, folder), "n_items": n, "feature_files": len(files)},
         "language": list(language), "vision": list(vision), "scores": scores, "indices": indices,
+        "best_layer_names": {f"{a} / {b}": list(best.best_layers(a, b)) for a in language for b in vision},
         "layers": {name: rep.layers for name, rep in {**language, **vision}.items()},
         "num_params": {name: rep.metadata.get("num_params") for name, rep in {**language, **vision}.items()},
         "bits_per_byte": {name: rep.metadata.get("bits_per_byte") for name, rep in language.items()},
     }
     if shuffle_control:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(SHUFFLE_SEED))
-        shuffled, _, full = score_matrix(language, vision, **opts, permutation=perm)
+        control = best_layer_pair_matrix(language, vision, **opts, permutation=perm)
+        shuffled, full = control.scores, control.full
         # the best of many layer pairs sits above chance even without any pairing signal;
         # the mean over all layer pairs is the number to hold against k/(n-1)
         result["shuffled"] = {"scores": shuffled, "mean": float(shuffled.mean()), "layer_pair_mean": float(full.mean()),
@@ -309,7 +281,7 @@ def measure_main(argv: list[str] | None = None) -> int:
     """``prh-lightning measure``: see ``--help``."""
     a = _measure_parser().parse_args(argv)
     return _guarded(lambda: run_measure(a.out, a.dataset, a.pool_language, a.pool_vision, a.metric, a.k,
-                                        a.clip_quantile, not a.no_normalize, a.shuffle_control))
+                                        a.clip_quantile, not a.no_normalize, a.shuffle_control), a.out, "measure")
 
 
 # -- the recipe -------------------------------------------------------------------------------
@@ -321,55 +293,6 @@ def _recipe_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _figures(result: dict, fig_dir: Path) -> dict[str, str]:
-    """Alignment against LM bits per byte (causal LMs only) and against vision model size."""
-    from prh_lightning.plotting import heatmap_figure, line_figure
-
-    scores, lang, vis = np.asarray(result["scores"]), result["language"], result["vision"]
-    files = {}
-    fig = heatmap_figure(scores, lang, vis, title=f"{result['metric']} (best layer pair)", xlabel="vision", ylabel="language")
-    files["scores"] = str(save_figure(fig, fig_dir / "scores.png"))
-    bpb = result["bits_per_byte"]
-    causal = [i for i, name in enumerate(lang) if bpb.get(name) is not None]
-    if causal:
-        series = {v: ([bpb[lang[i]] for i in causal], [float(scores[i, j]) for i in causal]) for j, v in enumerate(vis)}
-        fig = line_figure(series, title="alignment vs LM bits per byte (causal LMs)", xlabel="bits per byte on the captions",
-                          ylabel=result["metric"])
-        files["vs_bits_per_byte"] = str(save_figure(fig, fig_dir / "alignment_vs_bits_per_byte.png"))
-    order = sorted(range(len(vis)), key=lambda j: result["num_params"][vis[j]] or 0)
-    size = [(result["num_params"][vis[j]] or 0) / 1e6 for j in order]
-    fig = line_figure({name: (size, [float(scores[i, j]) for j in order]) for i, name in enumerate(lang)},
-                      title="alignment vs vision model size", xlabel="vision parameters (millions)", ylabel=result["metric"])
-    files["vs_vision_size"] = str(save_figure(fig, fig_dir / "alignment_vs_vision_size.png"))
-    return files
-
-
-def _report(result: dict, extract: dict, seconds: float, out: Path) -> None:
-    lang, vis, scores = result["language"], result["vision"], np.asarray(result["scores"])
-    k = "" if result["k"] is None else f" (k={result['k']})"
-    report = Report("Vision-language alignment (Platonic Representation Hypothesis)",
-                    f"{result['n']} image-caption pairs of `{result['dataset']}`; metric {result['metric']}{k}, "
-                    f"best layer pair per model pair; {seconds:.0f} s end to end.")
-    rows = [[name] + [float(s) for s in scores[i]] for i, name in enumerate(lang)]
-    report.section("Score matrix", "Rows: language models; columns: vision models.", figure="figures/scores.png",
-                   table=markdown_table(["language \\ vision"] + vis, rows))
-    if "shuffled" in result:
-        sh = result["shuffled"]
-        chance = "" if sh["chance"] is None else f"; chance for mutual k-NN is k/(n-1) = {sh['chance']:.4f}"
-        report.section("Shuffled control", f"With the captions permuted (seed {sh['seed']}) the mean best-pair score "
-                       f"falls from {scores.mean():.4f} to {sh['mean']:.4f} (a maximum over many layer pairs, so "
-                       f"above chance); averaged over all layer pairs it is {sh['layer_pair_mean']:.4f}{chance}.")
-    if any(v is not None for v in result["bits_per_byte"].values()):
-        text = ", ".join(f"{k}: {v:.3f}" for k, v in result["bits_per_byte"].items() if v is not None)
-        report.section("Alignment vs language-model quality", f"Bits per byte on the captions: {text}. Text encoders "
-                       "have no LM loss and are left out of this plot.", figure="figures/alignment_vs_bits_per_byte.png")
-    report.section("Alignment vs vision model size", "Parameters: " + ", ".join(
-        f"{v}: {result['num_params'][v] / 1e6:.1f}M" for v in vis), figure="figures/alignment_vs_vision_size.png")
-    if extract["unavailable"]:
-        report.section("Models skipped", "\n".join(f"- {k}: {' '.join(v.split())[:300]}" for k, v in extract["unavailable"].items()))
-    report.write(out / "report.md")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python recipes/platonic.py --out DIR [--quick]``: extract, measure, control, figures, report."""
     args = _recipe_parser().parse_args(argv)
@@ -378,37 +301,38 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> dict:
         start = time.perf_counter()
-        with cpu_threads(args.threads):
+        common.check_clip_quantile(args.clip_quantile)
+        with common.cpu_threads(args.threads):
             extract = run_extract(args)
         result = run_measure(args.out, extract["dataset"], args.pool_language, args.pool_vision, args.metric, args.k,
                              args.clip_quantile, not args.no_normalize, shuffle_control=True)
-        figures = _figures(result, args.out / "figures")
+        figures = platonic_report.figures(result, args.out / "figures")
         seconds = time.perf_counter() - start
         summary = {
             "dataset": result["dataset"], "n": result["n"], "metric": result["metric"], "k": result["k"],
             "language_models": result["language"], "vision_models": result["vision"],
-            "score_matrix": result["scores"], "best_layer_pairs": result["indices"], "layers": result["layers"],
+            "data": extract["data"], "score_matrix": result["scores"], "best_layer_pairs": result["indices"],
+            "best_layer_names": result["best_layer_names"], "layers": result["layers"],
             "shuffled_control": result["shuffled"], "bits_per_byte": result["bits_per_byte"],
             "num_params": result["num_params"], "unavailable_models": extract["unavailable"],
             "extract_seconds": extract["seconds"], "seconds": round(seconds, 1), "figures": figures,
             "alignment_files": result["files"],
         }
         write_json(args.out / "summary.json", summary)
-        _report(result, extract, seconds, args.out)
+        platonic_report.write_report(result, extract, seconds, args.out)
         print(f"summary: {args.out / 'summary.json'}  ({seconds:.0f} s)")
         return summary
 
-    return _guarded(run)
+    return _guarded(run, args.out)
 
 
-def _guarded(fn) -> int:
-    """Run ``fn``; bad input (unknown model, missing data, mismatched files) -> one line on stderr, status 2."""
-    try:
-        fn()
-    except (RecipeError, PretrainedUnavailable, PairedDataError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def _guarded(fn, out: Path, prog: str = "platonic") -> int:
+    """Check ``out`` is writable, then run ``fn``; bad input (unknown model, missing data, mismatched
+    files) -> one line on stderr, status 2; a full disk -> a message, status 1."""
+    import argparse as _argparse
+
+    errors = (PairedDataError, ValueError, FileNotFoundError)
+    return common.run_cli(prog, lambda _: fn() or {}, _argparse.Namespace(out=out), lambda _: "", errors)
 
 
 if __name__ == "__main__":

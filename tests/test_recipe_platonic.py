@@ -33,9 +33,17 @@ def test_recipe_writes_summary_figures_report_and_alignment_files(run):
     out, summary = run
     assert summary["language_models"] == ["all-MiniLM-L6-v2"] and summary["vision_models"] == ["efficientnet-lite0"]
     assert np.asarray(summary["score_matrix"]).shape == (1, 1)
-    for name in ("scores.png", "alignment_vs_vision_size.png"):
-        assert (out / "figures" / name).stat().st_size > 1000
-    assert "Shuffled control" in (out / "report.md").read_text()
+    assert (out / "figures" / "scores.png").stat().st_size > 1000
+    # one vision model and no causal LM: no trend plots, said in the report
+    assert not (out / "figures" / "alignment_vs_vision_size.png").exists()
+    assert not (out / "figures" / "alignment_vs_bits_per_byte.png").exists()
+    report = (out / "report.md").read_text()
+    assert "Shuffled control" in report and "no plot" in report
+    # the best layer pair is named, and the data used is recorded
+    lang_layer, vis_layer = summary["best_layer_names"]["all-MiniLM-L6-v2 / efficientnet-lite0"]
+    assert lang_layer in summary["layers"]["all-MiniLM-L6-v2"] and vis_layer in summary["layers"]["efficientnet-lite0"]
+    assert f"| {lang_layer} | {vis_layer} |" in report
+    assert summary["data"]["n_items"] == N and len(summary["data"]["sha256"]) == 64
     folder = out / "alignment" / f"flickr8k-1024_n{N}"
     scores = np.load(folder / f"mutual_knn_k{K}.npy", allow_pickle=False)  # plain arrays, no pickle
     np.testing.assert_allclose(scores, summary["score_matrix"])
@@ -115,6 +123,23 @@ def test_paper_style_pool_needs_a_modality(tmp_path, capsys):
     assert "--pool needs --modality" in capsys.readouterr().err
     assert platonic.extract_main(["--out", str(tmp_path), "--modality", "vision", "--pool", "last"]) == 2
     assert "not defined for vision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("q", ["0", "1.5", "-0.2"])
+def test_clip_quantile_outside_0_1_is_refused(tmp_path, capsys, q):
+    assert platonic.main(["--out", str(tmp_path / "out"), "--n", "4", "--models", *MODELS, "--clip-quantile", q]) == 2
+    assert "--clip-quantile must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out_and_empty_data_are_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert platonic.main(["--out", str(tmp_path / "f" / "out"), "--models", *MODELS]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert platonic.extract_main(["--out", str(tmp_path / "out"), "--data", str(tmp_path / "empty"), "--models", *MODELS]) == 2
+    err = capsys.readouterr().err
+    assert "holds no photos" in err and "PRH_FLICKR_DIR" in err and "minhuh/prh" in err
 
 
 def test_measure_before_extract_says_what_to_run(tmp_path, capsys):

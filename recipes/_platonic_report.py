@@ -1,0 +1,93 @@
+"""Figures and ``report.md`` of the ``platonic`` recipe.
+
+A plot of alignment against a model property (LM bits per byte, vision model size) is drawn
+only with at least :data:`MIN_POINTS` models on its x axis; with fewer, the numbers are shown as
+a table and the report says that no trend can be read from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MIN_POINTS = 3
+
+
+def figures(result: dict, fig_dir: Path) -> dict[str, str]:
+    """The score heatmap, and the trend plots that have enough points; returns name -> path."""
+    from prh_lightning.plotting import heatmap_figure, line_figure
+    from prh_lightning.reporting import save_figure
+
+    scores, lang, vis = np.asarray(result["scores"]), result["language"], result["vision"]
+    files = {}
+    fig = heatmap_figure(scores, lang, vis, title=f"{result['metric']} (best layer pair)", xlabel="vision", ylabel="language")
+    files["scores"] = str(save_figure(fig, fig_dir / "scores.png"))
+    bpb = result["bits_per_byte"]
+    causal = [i for i, name in enumerate(lang) if bpb.get(name) is not None]
+    if len(causal) >= MIN_POINTS:
+        series = {v: ([bpb[lang[i]] for i in causal], [float(scores[i, j]) for i in causal]) for j, v in enumerate(vis)}
+        fig = line_figure(series, title="alignment vs LM bits per byte (causal LMs)", xlabel="bits per byte on the captions",
+                          ylabel=result["metric"])
+        files["vs_bits_per_byte"] = str(save_figure(fig, fig_dir / "alignment_vs_bits_per_byte.png"))
+    if len(vis) >= MIN_POINTS:
+        order = sorted(range(len(vis)), key=lambda j: result["num_params"][vis[j]] or 0)
+        size = [(result["num_params"][vis[j]] or 0) / 1e6 for j in order]
+        fig = line_figure({name: (size, [float(scores[i, j]) for j in order]) for i, name in enumerate(lang)},
+                          title="alignment vs vision model size", xlabel="vision parameters (millions)", ylabel=result["metric"])
+        files["vs_vision_size"] = str(save_figure(fig, fig_dir / "alignment_vs_vision_size.png"))
+    return files
+
+
+def best_pair_table(result: dict) -> str:
+    """Markdown table naming the best layer pair of every model pair."""
+    from prh_lightning.reporting import markdown_table
+
+    rows = []
+    for i, lm in enumerate(result["language"]):
+        for j, vm in enumerate(result["vision"]):
+            layer_l, layer_v = result["best_layer_names"][f"{lm} / {vm}"]
+            rows.append([lm, vm, float(result["scores"][i][j]), layer_l, layer_v])
+    return markdown_table(["language", "vision", "score", "language layer", "vision layer"], rows)
+
+
+def write_report(result: dict, extract: dict, seconds: float, out: Path) -> None:
+    from prh_lightning.reporting import Report, markdown_table
+
+    lang, vis, scores = result["language"], result["vision"], np.asarray(result["scores"])
+    k = "" if result["k"] is None else f" (k={result['k']})"
+    data = extract["data"]
+    report = Report("Vision-language alignment (Platonic Representation Hypothesis)",
+                    f"{result['n']} image-caption pairs of `{result['dataset']}` (from {data['path']}, SHA-256 "
+                    f"{data['sha256'][:12]}...); metric {result['metric']}{k}, best layer pair per model pair; "
+                    f"{seconds:.0f} s end to end.")
+    rows = [[name] + [float(s) for s in scores[i]] for i, name in enumerate(lang)]
+    report.section("Score matrix", "Rows: language models; columns: vision models.", figure="figures/scores.png",
+                   table=markdown_table(["language \\ vision"] + vis, rows))
+    report.section("Best layer pairs", "The layer pair that gives each score (the maximum over all layer pairs).",
+                   table=best_pair_table(result))
+    if "shuffled" in result:
+        sh = result["shuffled"]
+        chance = "" if sh["chance"] is None else f"; chance for mutual k-NN is k/(n-1) = {sh['chance']:.4f}"
+        report.section("Shuffled control", f"With the captions permuted once (seed {sh['seed']}) the mean best-pair score "
+                       f"is {sh['mean']:.4f} against {scores.mean():.4f} with the true pairing (a maximum over many layer "
+                       f"pairs, so above chance even without any pairing); averaged over all layer pairs it is "
+                       f"{sh['layer_pair_mean']:.4f}{chance}. One shuffle is a sanity check, not a test: no claim is drawn from it.")
+    bpb = {name: v for name, v in result["bits_per_byte"].items() if v is not None}
+    if bpb:
+        table = markdown_table(["language model", "bits per byte"] + vis,
+                               [[name, v] + [float(scores[lang.index(name), j]) for j in range(len(vis))] for name, v in bpb.items()])
+        shown = len(bpb) >= MIN_POINTS
+        report.section("Alignment vs language-model quality",
+                       f"{len(bpb)} causal LM(s) have a bits-per-byte value (text encoders have no LM loss). "
+                       + ("" if shown else f"With fewer than {MIN_POINTS} models no trend can be read, so no plot is drawn."),
+                       table=table, figure="figures/alignment_vs_bits_per_byte.png" if shown else None)
+    size_text = "Parameters: " + ", ".join(f"{v}: {(result['num_params'][v] or 0) / 1e6:.1f}M" for v in vis) + "."
+    if len(vis) >= MIN_POINTS:
+        report.section("Alignment vs vision model size", size_text + " No trend is tested: the points are shown as they are.",
+                       figure="figures/alignment_vs_vision_size.png")
+    else:
+        report.section("Alignment vs vision model size", size_text + f" Fewer than {MIN_POINTS} vision models: no plot.")
+    if extract["unavailable"]:
+        report.section("Models skipped", "\n".join(f"- {k}: {' '.join(v.split())[:300]}" for k, v in extract["unavailable"].items()))
+    report.write(out / "report.md")
