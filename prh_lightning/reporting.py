@@ -1,12 +1,15 @@
-"""Writing a recipe's outputs: ``summary.json``, ``report.md`` and ``figures/*.png``,
-each written atomically (a temporary file in the same folder, then a rename)."""
+"""Writing a recipe's outputs: ``summary.json``, ``report.md`` and ``figures/*.png``.
+
+Each file is written atomically with the user's umask (see :func:`prh_lightning._files.atomic_write`):
+the old file or the complete new one, never half a file; an ``OSError`` naming the file when the
+disk is full or the folder is not writable.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,28 +17,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from prh_lightning._files import atomic_write_bytes
+from prh_lightning._optional import require
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["Report", "atomic_write_bytes", "atomic_write_text", "markdown_table", "save_figure", "to_jsonable", "write_json"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically, with the user's umask.
+
+    >>> import tempfile
+    >>> atomic_write_text(Path(tempfile.mkdtemp()) / "note.md", "# Results").read_text()
+    '# Results'
+    """
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def to_jsonable(value: Any) -> Any:
-    """Tensors and numpy values to lists/floats; non-finite floats to None (JSON has no NaN)."""
+    """Tensors and numpy values to lists/floats; non-finite floats to None (JSON has no NaN).
+
+    >>> to_jsonable({"cka": torch.tensor([0.5, float("nan")]), "n": np.int64(3), "out": Path("runs")})
+    {'cka': [0.5, None], 'n': 3, 'out': 'runs'}
+    """
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
@@ -57,15 +60,21 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (see :func:`to_jsonable`)."""
+    """Atomically write ``obj`` as indented JSON (see :func:`to_jsonable`).
+
+    >>> import json, tempfile
+    >>> path = write_json(Path(tempfile.mkdtemp()) / "summary.json", {"score": float("inf")})
+    >>> json.loads(path.read_text())
+    {'score': None}
+    """
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
+    """Save a matplotlib figure as PNG atomically and close it (needs the ``plot`` extra)."""
     import io
 
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", purpose="save_figure")
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -78,7 +87,15 @@ class Report:
 
     >>> report = Report("Fashion-MNIST alignment")
     >>> report.section("RSA", "FashionCNN vs MiniLM: 0.35 (p = 0.01).", figure="figures/rsa.png")
-    >>> report.write(out / "report.md")
+    >>> print(report.text())
+    # Fashion-MNIST alignment
+    <BLANKLINE>
+    ## RSA
+    <BLANKLINE>
+    ![RSA](figures/rsa.png)
+    <BLANKLINE>
+    FashionCNN vs MiniLM: 0.35 (p = 0.01).
+    <BLANKLINE>
     """
 
     def __init__(self, title: str, intro: str = "") -> None:
@@ -103,7 +120,14 @@ class Report:
 
 
 def markdown_table(header: list[str], rows: list[list[Any]], floatfmt: str = ".3f") -> str:
-    """A small markdown table; floats formatted with ``floatfmt``."""
+    """A small markdown table; floats formatted with ``floatfmt``.
+
+    >>> print(markdown_table(["layer", "CKA"], [["conv1", 0.51234], ["fc", 0.9]]))
+    | layer | CKA |
+    |---|---|
+    | conv1 | 0.512 |
+    | fc | 0.900 |
+    """
 
     def cell(v: Any) -> str:
         return format(v, floatfmt) if isinstance(v, float) else str(v)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from prh_lightning._files import atomic_write
 
 FORMAT = "prh-lightning/representations"
 FORMAT_VERSION = 1
@@ -123,7 +125,13 @@ class Representations(Mapping[str, torch.Tensor]):
 
     # -- storage -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file atomically (temporary file in the same folder, then rename)."""
+        """Write one safetensors file atomically, with the user's umask; returns its path.
+
+        The file is written in a temporary folder next to ``path`` and then renamed, so
+        ``path`` is the old file or the complete new one; a save killed midway leaves a
+        ``.<name>.*.prh-tmp`` folder that the next save of ``path`` removes. Raises ``OSError``
+        naming ``path`` when it cannot be written (disk full, no permission).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         named = {_LAYER_PREFIX + k: v for k, v in self._features.items()}
@@ -142,14 +150,7 @@ class Representations(Mapping[str, torch.Tensor]):
             header_json = json.dumps(header)
         except TypeError as err:
             raise TypeError(f"metadata and sample_ids must be JSON-serialisable: {err}") from None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"prh_lightning": header_json})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, {"prh_lightning": header_json}))
         return path
 
     @classmethod
@@ -197,6 +198,18 @@ class Representations(Mapping[str, torch.Tensor]):
             )
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: inconsistent contents: {err}") from None
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, with its I/O errors (disk full, ...) as ``OSError``."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"(?:os error |code: )(\d+)", str(err))
+        if code is None:
+            raise OSError(f"safetensors could not write the file: {err}") from err
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number)) from err
 
 
 def _unshared_cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
