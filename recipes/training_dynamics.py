@@ -7,8 +7,9 @@ probe set (Fashion-MNIST test images) every N steps, and the initial state is re
 Online: Hugging Face model revisions (``--hf-models EleutherAI/pythia-70m,EleutherAI/pythia-160m
 --revisions step1000,step2000,...``) go through the same analysis, on Flickr8k captions.
 
-At every recorded step: mutual k-NN between every pair of runs at the compared layer (with a
-percentile bootstrap over probe images, scipy.stats.bootstrap) and at the best layer pair;
+At every recorded step (:mod:`prh_lightning.analysis.dynamics`): mutual k-NN between every pair
+of runs at the compared layer (percentile bootstrap over probe images, the same resamples at
+every step so start and end are compared with a paired interval) and at the best layer pair;
 within-run drift: each checkpoint against the run's final one and its previous one.
 
     python recipes/training_dynamics.py --out runs/dynamics --quick
@@ -25,15 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
-if __package__ in (None, ""):  # run as a script: python recipes/training_dynamics.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from prh_lightning.alignment import alignment_matrix
-from prh_lightning.data.paired import default_flickr_dir
-from prh_lightning.functional.knn import mutual_knn_from_indices
-from prh_lightning.recipes import _vision_set as vs
+from prh_lightning.analysis.claims import RULE, corrected_confidence, verdict
+from prh_lightning.analysis.dynamics import between_runs, drift, step_difference_interval
+from prh_lightning.recipes import _common as common
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 from prh_lightning.representations import Representations
 
@@ -62,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-models", help="online mode: comma-separated Hugging Face model ids (e.g. EleutherAI/pythia-70m)")
     p.add_argument("--revisions", help="online mode: comma-separated revisions, in training order (e.g. step1000,step2000)")
     p.add_argument("--texts", type=int, default=256, help="online mode: probe captions (default 256)")
+    p.add_argument("--data-dir", help=f"online mode: Flickr8k folder with metadata.csv (default ${common.FLICKR_ENV}, "
+                   "else ../shared/data/flickr8k-1024)")
+    p.add_argument("--threads", default="auto", help=common.THREADS_HELP)
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -73,15 +72,15 @@ def check_args(args: argparse.Namespace) -> list[str]:
     """Validated architectures; raises :class:`RecipeInputError` on impossible settings."""
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     if not archs or any(a not in ARCHS for a in archs):
-        raise vs.RecipeInputError(f"--archs must be a comma-separated subset of {', '.join(ARCHS)}, got {args.archs!r}")
+        raise common.RecipeInputError(f"--archs must be a comma-separated subset of {', '.join(ARCHS)}, got {args.archs!r}")
     if args.hf_models is None and len(archs) * args.seeds < 2:
-        raise vs.RecipeInputError("need at least two runs: raise --seeds or add an architecture")
+        raise common.RecipeInputError("need at least two runs: raise --seeds or add an architecture")
     if args.every < 1 or args.max_steps < 2 * args.every:
-        raise vs.RecipeInputError(f"--max-steps ({args.max_steps}) must be at least 2 x --every ({args.every})")
+        raise common.RecipeInputError(f"--max-steps ({args.max_steps}) must be at least 2 x --every ({args.every})")
     if args.bootstrap < 10:
-        raise vs.RecipeInputError(f"--bootstrap must be >= 10, got {args.bootstrap}")
+        raise common.RecipeInputError(f"--bootstrap must be >= 10, got {args.bootstrap}")
     if (args.hf_models is None) != (args.revisions is None):
-        raise vs.RecipeInputError("--hf-models and --revisions go together")
+        raise common.RecipeInputError("--hf-models and --revisions go together")
     return archs
 
 
@@ -91,11 +90,11 @@ def fashion_tensors(train: bool, n: int, seed: int) -> tuple[torch.Tensor, torch
     from prh_lightning.data.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
 
     try:
-        data = load_fashion_mnist(train=train)
+        data = load_fashion_mnist(train=train, progress=False)
     except FashionMNISTNotFound as err:
-        raise vs.RecipeInputError(str(err)) from None
+        raise common.RecipeInputError(str(err)) from None
     if n > len(data.data):
-        raise vs.RecipeInputError(f"asked for {n} images but the split has {len(data.data)}")
+        raise common.RecipeInputError(f"asked for {n} images but the split has {len(data.data)}")
     index = torch.randperm(len(data.data), generator=torch.Generator().manual_seed(seed))[:n]
     return data.data[index, None].float() / 255.0, data.targets[index]
 
@@ -113,14 +112,9 @@ def build_model(arch: str):
 
 def record_initial(model, probe: torch.Tensor, layers: list[str]) -> Representations:
     """Probe features of the untrained model (step 0)."""
-    from prh_lightning.taps import LayerTaps
+    from prh_lightning import record_representations
 
-    model.eval()
-    with torch.no_grad(), LayerTaps(model, layers=layers, reduce="mean") as taps:
-        model(probe)
-        reps = taps.representations()
-    model.train()
-    return reps
+    return record_representations(model, [probe], layers=layers, reduce="mean", progress=False)
 
 
 def train_run(arch: str, seed: int, train: tuple[torch.Tensor, torch.Tensor], probe: torch.Tensor,
@@ -149,6 +143,15 @@ def train_run(arch: str, seed: int, train: tuple[torch.Tensor, torch.Tensor], pr
     return checkpoints
 
 
+def fashion_record(n_items: int) -> dict:
+    """Path, checksum of the four Fashion-MNIST files, and ``n_items`` images used from them."""
+    from prh_lightning.data.fashion_mnist import fashion_mnist_root
+
+    root = Path(fashion_mnist_root(progress=False))
+    files = sorted((root / "FashionMNIST" / "raw").glob("*-ubyte"))
+    return {**common.fingerprint(files, root), "files": len(files), "n_items": n_items}
+
+
 def own_runs(archs: list[str], args: argparse.Namespace) -> tuple[Checkpoints, torch.Tensor]:
     """Train every (arch, seed) run; returns their checkpoints and the probe labels."""
     n_train = args.max_steps * args.batch_size
@@ -157,129 +160,82 @@ def own_runs(archs: list[str], args: argparse.Namespace) -> tuple[Checkpoints, t
     runs = {}
     for arch, s in itertools.product(archs, range(args.seeds)):
         name = f"{arch}-seed{args.seed + s}"
-        vs.log(f"training {name}")
+        common.log(f"training {name}")
         runs[name] = train_run(arch, args.seed + s, train, probe, args, args.out / "representations" / name)
     return runs, labels
 
 
 # -- online: Hugging Face revisions -------------------------------------------------------------------
-def flickr_captions(n: int) -> list[str]:
-    """The first ``n`` captions of Flickr8k's ``metadata.csv`` (``$PRH_FLICKR_DIR`` or the shared copy)."""
+def flickr_captions(folder: Path, n: int) -> tuple[list[str], dict]:
+    """The first ``n`` captions of ``folder/metadata.csv`` and the record of that file."""
     import csv
 
-    path = default_flickr_dir() / "metadata.csv"
+    path = folder / "metadata.csv"
     if not path.is_file():
-        raise vs.RecipeInputError(f"no captions file at {path}; set PRH_FLICKR_DIR to the Flickr8k folder holding metadata.csv")
+        raise common.RecipeInputError(f"no captions file at {path}. {common.FLICKR_HELP}")
     with open(path, newline="") as f:
-        return [row["text"] for row in csv.DictReader(f)][:n]
+        texts = [row["text"] for row in csv.DictReader(f)][:n]
+    return texts, {**common.fingerprint([path], folder), "n_items": len(texts)}
 
 
 def revision_step(revision: str) -> int:
     """``"step1000"`` -> 1000 (the x axis); other names -> their order is used instead."""
     match = re.search(r"(\d+)", revision)
     if match is None:
-        raise vs.RecipeInputError(f"revision {revision!r} has no step number (expected e.g. step1000)")
+        raise common.RecipeInputError(f"revision {revision!r} has no step number (expected e.g. step1000)")
     return int(match.group(1))
 
 
-@torch.no_grad()
 def hf_features(model_id: str, revision: str, texts: list[str]) -> Representations:
-    """Token-mean hidden states of every layer of ``model_id@revision`` on ``texts``."""
-    from transformers import AutoModel, AutoTokenizer
+    """Caption-mean hidden states of every layer of ``model_id@revision`` on ``texts``
+    (:func:`prh_lightning.extraction.language_features`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    from prh_lightning.extraction import language_features
+    from prh_lightning.models.zoo import LoadedModel
+
+    try:  # the zoo's hf-lm loader has no revision argument: load the revision, wrap it as the zoo does
         tok = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        model = AutoModel.from_pretrained(model_id, revision=revision).eval()
-    except Exception as err:  # hub / network errors come in many types
-        raise vs.RecipeInputError(
+        model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision).eval()
+    except (OSError, ValueError) as err:  # offline / not found / no such revision
+        raise common.RecipeInputError(
             f"could not load {model_id} at revision {revision} ({type(err).__name__}). The online mode needs "
             "internet access to the Hugging Face hub, or these revisions in the local HF cache."
         ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    layers: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(texts), 32):
-        batch = tok(texts[start : start + 32], return_tensors="pt", padding=True)
-        hidden = model(**batch, output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"][..., None].float()
-        for i, h in enumerate(hidden):
-            layers.setdefault(f"hidden.{i}", []).append((h * mask).sum(1) / mask.sum(1))
-    return Representations({k: torch.cat(v) for k, v in layers.items()}, metadata={"model": model_id, "revision": revision})
+    loaded = LoadedModel(model_id, "language", "hf_causal_lm", model, tokenizer=tok)
+    feats, _ = language_features(loaded, texts, pool="avg")
+    return Representations(feats, metadata={"model": model_id, "revision": revision})
 
 
-def hf_runs(args: argparse.Namespace) -> Checkpoints:
-    """Every model at every revision; models are the 'runs', revision steps the x axis."""
-    texts = flickr_captions(args.texts)
+def hf_runs(args: argparse.Namespace) -> tuple[Checkpoints, dict]:
+    """Every model at every revision (models are the 'runs', revision steps the x axis), and the data record."""
+    texts, data = flickr_captions(common.resolve_flickr_dir(args.data_dir), args.texts)
     models = [m.strip() for m in args.hf_models.split(",") if m.strip()]
     revisions = [r.strip() for r in args.revisions.split(",") if r.strip()]
     if len(models) < 1 or len(revisions) < 2:
-        raise vs.RecipeInputError("online mode needs one or more --hf-models and two or more --revisions")
-    return {m: {revision_step(r): hf_features(m, r, texts) for r in revisions} for m in models}
+        raise common.RecipeInputError("online mode needs one or more --hf-models and two or more --revisions")
+    return {m: {revision_step(r): hf_features(m, r, texts) for r in revisions} for m in models}, data
 
 
 # -- analysis --------------------------------------------------------------------------------------
-def compared_layer(reps: Representations) -> str:
-    """The layer whose alignment is tracked: ``avgpool`` if present, else the last layer."""
-    return COMPARED_LAYER if COMPARED_LAYER in reps.layers else reps.layers[-1]
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=1)
-
-
-def between_runs(runs: Checkpoints, k: int, n_boot: int, seed: int) -> dict:
-    """Mutual k-NN between every pair of runs at every common step: compared layer (with a
-    bootstrap interval of the mean over pairs) and best layer pair."""
-    names = list(runs)
-    steps = sorted(set.intersection(*(set(c) for c in runs.values())))
-    pairs = list(itertools.combinations(names, 2))
-    per_pair = {f"{a} vs {b}": [] for a, b in pairs}
-    best = {f"{a} vs {b}": [] for a, b in pairs}
-    mean, low, high = [], [], []
-    for step in steps:
-        feats = {n: unit(runs[n][step][compared_layer(runs[n][step])]) for n in names}
-        for a, b in pairs:
-            per_pair[f"{a} vs {b}"].append(vs.resampled_mutual_knn(feats[a], feats[b], k))
-            best[f"{a} vs {b}"].append(float(alignment_matrix(runs[a][step], runs[b][step], metric="mutual_knn", k=k).max()))
-
-        def statistic(idx: np.ndarray) -> float:
-            lists = {name: vs.neighbour_lists(x, k, idx) for name, x in feats.items()}
-            return float(np.mean([mutual_knn_from_indices(lists[a], lists[b]) for a, b in pairs]))
-
-        n = next(iter(feats.values())).shape[0]
-        res = stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=n_boot,
-                              method="percentile", rng=np.random.default_rng(seed + step))
-        mean.append(float(np.mean([per_pair[f"{a} vs {b}"][-1] for a, b in pairs])))
-        low.append(float(res.confidence_interval.low))
-        high.append(float(res.confidence_interval.high))
-    return {"steps": steps, "per_pair": per_pair, "best_layer_pair": best, "mean": mean, "ci_low": low, "ci_high": high}
-
-
-def drift(runs: Checkpoints, k: int) -> dict:
-    """Per run, mutual k-NN of the compared layer at each step against the final step and
-    against the previous recorded step."""
-    out = {}
-    for name, ckpts in runs.items():
-        steps = sorted(ckpts)
-        feats = [unit(ckpts[s][compared_layer(ckpts[s])]) for s in steps]
-        out[name] = {
-            "steps": steps,
-            "vs_final": [vs.resampled_mutual_knn(f, feats[-1], k) for f in feats],
-            "vs_previous": [None] + [vs.resampled_mutual_knn(feats[i - 1], feats[i], k) for i in range(1, len(feats))],
-        }
-    return out
+def compared_layer(runs: Checkpoints) -> str | None:
+    """``avgpool`` if every checkpoint has it (FashionCNN and GrayResNet18 do), else None (the last layer)."""
+    every = all(COMPARED_LAYER in reps.layers for ckpts in runs.values() for reps in ckpts.values())
+    return COMPARED_LAYER if every else None
 
 
 def change_over_training(between: dict, k: int, n: int) -> dict:
-    """Start vs end of the between-run curve, and where it peaks."""
-    mean = np.asarray(between["mean"])
+    """Start vs end of the between-run curve with a paired bootstrap interval of the difference,
+    Bonferroni-corrected for the two claims judged (runs grow more alike; runs grow less alike)."""
+    mean, last = between["mean"], len(between["steps"]) - 1
+    confidence = corrected_confidence(0.95, 2)
+    diff, low, high = step_difference_interval(between, 0, last, confidence)
     return {
         "first_step": between["steps"][0], "last_step": between["steps"][-1],
         "first": mean[0], "first_ci": [between["ci_low"][0], between["ci_high"][0]],
         "last": mean[-1], "last_ci": [between["ci_low"][-1], between["ci_high"][-1]],
-        "peak_step": between["steps"][int(np.argmax(mean))], "peak": float(mean.max()),
-        "trough_step": between["steps"][int(np.argmin(mean))], "trough": float(mean.min()),
-        "trough_ci": [between["ci_low"][int(np.argmin(mean))], between["ci_high"][int(np.argmin(mean))]],
+        "difference": diff, "difference_ci": [low, high], "confidence": confidence,
+        "more_alike_at_end": verdict(low, high, "greater"), "less_alike_at_end": verdict(low, high, "less"),
         "chance": k / (n - 1),
     }
 
@@ -321,18 +277,13 @@ def drift_figure(drifts: dict):
 
 
 def write_report(out: Path, between: dict, drifts: dict, change: dict, runs: list[str], args, seconds: float) -> None:
-    diff_text = (
-        f"Between-run alignment goes from {change['first']:.3f} (95% CI {change['first_ci'][0]:.3f}-"
-        f"{change['first_ci'][1]:.3f}) at step {change['first_step']} to {change['last']:.3f} "
-        f"({change['last_ci'][0]:.3f}-{change['last_ci'][1]:.3f}) at step {change['last_step']}, peaking at "
-        f"{change['peak']:.3f} at step {change['peak_step']}; chance k/(n-1) = {change['chance']:.3f}."
-    )
+    c = change
+    text = (f"Between-run alignment is {c['first']:.3f} (95% CI {c['first_ci'][0]:.3f}-{c['first_ci'][1]:.3f}) at step "
+            f"{c['first_step']} and {c['last']:.3f} ({c['last_ci'][0]:.3f}-{c['last_ci'][1]:.3f}) at step {c['last_step']}; "
+            f"chance k/(n-1) = {c['chance']:.3f}. End minus start: {c['difference']:.3f}, "
+            f"{100 * c['confidence']:.1f}% paired bootstrap interval [{c['difference_ci'][0]:.3f}, {c['difference_ci'][1]:.3f}].")
     best = np.mean(list(between["best_layer_pair"].values()), axis=0)
-    diff_text += (f" At the best layer pair the mean goes from {best[0]:.3f} to {best[-1]:.3f}.")
-    if change["peak_step"] == change["first_step"]:
-        diff_text += (" The untrained runs agree most (a likely reason: mean-pooled features of random "
-                      "convolutions mostly follow simple image statistics such as brightness and contrast, "
-                      "which every run sees alike).")
+    text += f" At the best layer pair the mean is {best[0]:.3f} at the start and {best[-1]:.3f} at the end (no interval)."
     rows = [[s, float(m), float(lo), float(hi)] for s, m, lo, hi in zip(between["steps"], between["mean"], between["ci_low"], between["ci_high"])]
     source = (f"Hugging Face models {args.hf_models} at revisions {args.revisions}, on {args.texts} Flickr8k captions"
               if args.hf_models else
@@ -342,30 +293,25 @@ def write_report(out: Path, between: dict, drifts: dict, change: dict, runs: lis
         "Alignment between runs during training",
         f"{source}. Compared layer: `{COMPARED_LAYER}` (last layer for HF models), mean-pooled, rows "
         f"L2-normalised; mutual k-NN with k = {args.k}; {args.bootstrap} bootstrap resamples over probe "
-        f"images. Run time {seconds:.0f} s.",
+        f"images (the same resamples at every step). Run time {seconds:.0f} s.",
     )
-    report.section("Between runs", diff_text, figure="figures/between_runs.png",
+    report.section("Between runs", text, figure="figures/between_runs.png",
                    table=markdown_table(["step", "mean over pairs", "CI low", "CI high"], rows))
     final_prev = {n: d["vs_previous"][-1] for n, d in drifts.items()}
     report.section(
         "Within-run drift",
         "Each checkpoint against the run's final one (solid) and its previous one (dashed). Last-interval "
-        "self-similarity: " + ", ".join(f"{n}: {v:.3f}" for n, v in final_prev.items()) + ".",
+        "self-similarity: " + ", ".join(f"{n}: {v:.3f}" for n, v in final_prev.items()) + " (descriptive, no test).",
         figure="figures/drift.png",
     )
-    grew = change["last_ci"][0] > change["first_ci"][1]
-    rebound = change["last_ci"][0] > change["trough_ci"][1]
-    phases = (f" Phases: lowest {change['trough']:.3f} ({change['trough_ci'][0]:.3f}-{change['trough_ci'][1]:.3f}) at "
-              f"step {change['trough_step']}; " + ("the runs then grow more alike again (end CI above trough CI)."
-                                                   if rebound else "no clear rise after it."))
     report.section(
-        "Against the seed",
-        "The seed tracked six LLMs over 100 checkpoints but reported no result, only the aim of finding "
-        "phases of rising or falling similarity, so its claim **cannot be checked** (cannot tell). What our "
-        "runs show: " + ("runs become more aligned with training (end CI above start CI)." if grew else
-                         "no clear rise of between-run alignment from start to end (the intervals overlap or fall).")
-        + phases
-        + " Pythia revisions run through the same code with --hf-models/--revisions when online.",
+        "Claims",
+        f"{RULE} Two claims are judged on the end-minus-start interval ({100 * c['confidence']:.1f}%, Bonferroni over 2).\n\n"
+        f"- the runs grow more alike with training -> **{c['more_alike_at_end']}**\n"
+        f"- the runs grow less alike with training -> **{c['less_alike_at_end']}**\n\n"
+        "Against the seed: it tracked six LLMs over 100 checkpoints but reported no result, only the aim of finding "
+        "phases of rising or falling similarity, so its claim **cannot be checked** (cannot tell). Pythia revisions "
+        "run through the same code with --hf-models/--revisions when online.",
     )
     report.write(out / "report.md")
 
@@ -374,24 +320,25 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
     archs = check_args(args)
     if args.hf_models:
-        runs, n_probe = hf_runs(args), args.texts
+        runs, data = hf_runs(args)
+        n_probe = args.texts
     else:
         runs, labels = own_runs(archs, args)
         n_probe = len(labels)
+        data = fashion_record(min(args.max_steps * args.batch_size, 60000) + n_probe)
     if len(runs) < 2:
-        raise vs.RecipeInputError("need at least two runs (models) to compare")
-    vs.log("alignment between runs")
-    between = between_runs(runs, args.k, args.bootstrap, args.seed)
-    drifts = drift(runs, args.k)
+        raise common.RecipeInputError("need at least two runs (models) to compare")
+    common.log("alignment between runs")
+    layer = compared_layer(runs)
+    between = between_runs(runs, layer=layer, k=args.k, n_bootstrap=args.bootstrap, seed=args.seed)
+    drifts = drift(runs, layer=layer, k=args.k)
     change = change_over_training(between, args.k, n_probe)
     save_figure(between_figure(between, change["chance"]), args.out / "figures" / "between_runs.png")
     save_figure(drift_figure(drifts), args.out / "figures" / "drift.png")
     seconds = time.time() - start
-    summary = {
-        "recipe": "training-dynamics",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "runs": list(runs), "between_runs": between, "drift": drifts, "change": change, "seconds": seconds,
-    }
+    between = {key: v for key, v in between.items() if key != "replicates"}
+    summary = {"recipe": "training-dynamics", "settings": common.settings_dict(args), "data": data,
+               "runs": list(runs), "between_runs": between, "drift": drifts, "change": change, "seconds": seconds}
     write_json(args.out / "summary.json", summary)
     write_report(args.out, between, drifts, change, list(runs), args, seconds)
     return summary
@@ -405,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         return (f"training-dynamics: between-run alignment {c['first']:.3f} at step {c['first_step']} -> "
                 f"{c['last']:.3f} at step {c['last_step']}; wrote {args.out}")
 
-    return vs.run_cli("training-dynamics", run, args, describe)
+    return common.run_cli("training-dynamics", run, args, describe)
+
 
 if __name__ == "__main__":
     sys.exit(main())

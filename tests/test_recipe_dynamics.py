@@ -42,7 +42,14 @@ def test_tiny_runs_record_and_compare_checkpoints(tmp_path):
     assert not torch.allclose(first[0], first[1])
     for fig in ("between_runs.png", "drift.png"):
         assert (tmp_path / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
-    assert "cannot be checked" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "cannot be checked" in report and "Bonferroni" in report
+    change = summary["change"]
+    low, high = change["difference_ci"]
+    assert low <= change["difference"] <= high and change["confidence"] == pytest.approx(0.975)
+    verdicts = {change["more_alike_at_end"], change["less_alike_at_end"]}
+    assert verdicts in ({"cannot tell"}, {"holds", "does not hold"})
+    assert summary["data"]["n_items"] == 20 * 32 + 64 and len(summary["data"]["sha256"]) == 64
 
 
 def test_hf_revisions_offline_fail_with_a_message(tmp_path, capsys, monkeypatch):
