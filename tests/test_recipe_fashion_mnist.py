@@ -25,7 +25,7 @@ RESNET = ["conv1", "layer1", "layer2", "layer3", "layer4", "avgpool"]
 TINY = ["--n-samples", "100", "--train-size", "2000", "--epochs", "1", "--resnet-weights", "scratch",
         "--resnet-epochs", "1", "--resnet-train-size", "400", "--val-size", "100", "--test-size", "200",
         "--batch-size", "64", "--permutations", "99", "--bootstraps", "20", "--umap-points", "100",
-        "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "10", "--no-progress"]
+        "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "10", "--jackknife-groups", "5", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,45 @@ def test_centroid_rsa_against_scipy_and_its_statistics(run):
         assert 1 / 100 <= summary[f"{key}_p"] <= 1.0  # 99 permutations: p is a multiple of 1/100
         assert summary[f"{key}_p"] * 100 == pytest.approx(round(summary[f"{key}_p"] * 100))
         stats = summary["centroid_rsa"][model]["names"]["avgpool"]
-        low, high = stats["spearman_ci95"]
+        low, high = stats["spearman_ci"]
         assert -1.0 <= low <= high <= 1.0
         assert -1.0 <= stats["pearson"] <= 1.0
         assert -1.0 <= summary[f"{key}_templates"] <= 1.0
+
+
+def test_depth_contrast_counts_layer4_once_and_matches_its_definition(run):
+    out, summary, _ = run
+    resnet = _reps(out, "resnet")
+    assert torch.allclose(resnet["layer4"], resnet["avgpool"], atol=1e-5)  # avgpool is layer4's spatial mean
+    for name, c in summary["depth_contrast"].items():
+        assert c["late_layers"] == ["layer3", "layer4"], name
+        values = np.array(summary["heatmap_matrices"][name]["values"])
+        assert c["early"] == pytest.approx(values[:, :3].mean(), abs=1e-6)
+        assert c["late"] == pytest.approx(values[:, 3:5].mean(), abs=1e-6)
+        assert c["low"] <= c["difference"] <= c["high"]
+        assert c["confidence"] == pytest.approx(1 - 0.05 / 4)
+        assert c["verdict"] in ("holds", "does not hold", "cannot tell")
+
+
+def test_claims_are_holm_adjusted_and_the_data_is_recorded(run):
+    out, summary, _ = run
+    from prh_lightning.analysis.claims import holm
+
+    claims = summary["claims"]
+    assert len(claims) == 4 + 2  # centroid RSA (2 models x 2 texts) + 2 best cells
+    assert [c["p_holm"] for c in claims] == pytest.approx(holm([c["p"] for c in claims]).tolist())
+    for c in claims:
+        assert c["verdict"] == ("holds" if c["p_holm"] < 0.05 else "cannot tell")
+    data = summary["data"]
+    assert data["files"] == 4 and data["n_items"] == 70000 and len(data["sha256"]) == 64
+    assert summary["threads"] >= 1
+    assert "## Claims" in (out / "report.md").read_text()
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert recipe.main(["--out", str(tmp_path / "f" / "out"), *TINY]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
 
 
 def test_test_accuracies_are_above_chance(run):
@@ -146,24 +181,6 @@ def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, see
     return (1 + sum(v >= score for v in null)) / (1 + n_permutations)
 
 
-def test_centroid_rsa_p_values_equal_a_brute_force_mantel_test(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(60) % 10
-    text = torch.randn(10, 16, generator=gen, dtype=torch.float64)
-    mix = torch.randn(16, 24, generator=gen, dtype=torch.float64)
-    x = 0.01 * text[labels] @ mix + torch.randn(60, 24, generator=gen, dtype=torch.float64)  # weakly text-like images
-    s = recipe.Settings(out=tmp_path, permutations=200, bootstraps=20, seed=5)
-    result = recipe.centroid_rsa(x, labels, text, s)
-    centroids = np.stack([x[labels == c].mean(0).numpy() for c in range(10)])
-    for compare, correlation in (("spearman", spearmanr), ("pearson", pearsonr)):
-        score = correlation(pdist(centroids, "cosine"), pdist(text.numpy(), "cosine")).statistic
-        assert result[compare] == pytest.approx(score)
-        expected = _brute_force_mantel_p(centroids, text.numpy(), 200, 5, correlation)
-        assert result[f"{compare}_p"] == expected
-        assert 1 / 201 < expected < 0.9  # some permutations reach the score: not the floor 1/201
-        assert np.isfinite(result[f"{compare}_z"])
-
-
 def _hide_fashion_mnist(tmp_path: Path, monkeypatch) -> Path:
     import prh_lightning.data.fashion_mnist as fm
 
@@ -178,10 +195,10 @@ def _hide_fashion_mnist(tmp_path: Path, monkeypatch) -> Path:
 def test_missing_data_gives_instructions_and_exit_2(tmp_path, monkeypatch, capsys):
     empty = _hide_fashion_mnist(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    status = recipe.main(["--out", str(out), "--data-dir", str(empty), *TINY])
+    status = recipe.main(["--out", str(out), "--data-dir", str(empty), "--no-download", *TINY])
     err = capsys.readouterr().err
     assert status == 2
-    assert "apt-get install dataset-fashion-mnist" in err and "--download" in err
+    assert "apt-get install dataset-fashion-mnist" in err and "--no-download" in err and str(empty) in err
     assert "Traceback" not in err
     assert not (out / "summary.json").exists() and not (out / "report.md").exists()
 
@@ -226,14 +243,3 @@ def test_resnet_weights_from_a_file_get_a_frozen_backbone_and_a_linear_probe(tmp
     assert torch.equal(model.layer3[1].conv2.weight, rgb.layer3[1].conv2.weight)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
-
-
-def test_weighted_class_centroids_equal_centroids_of_the_resampled_rows():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
-    labels = torch.arange(40) % 10
-    idx = recipe.stratified_bootstrap(labels, gen)
-    assert torch.equal(torch.bincount(labels[idx], minlength=10), torch.bincount(labels, minlength=10))
-    counts = torch.bincount(idx, minlength=40)[None]
-    expected = torch.stack([x[idx][labels[idx] == c].mean(0) for c in range(10)])
-    torch.testing.assert_close(recipe.class_centroids(x, labels, weights=counts)[0], expected)

@@ -1,0 +1,133 @@
+"""``report.md`` of the ``fashion-mnist`` recipe: every figure with its numbers and one paragraph
+of reading; every comparison it states comes with a corrected interval or test and a verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from prh_lightning.analysis.claims import RULE
+from prh_lightning.recipes._fashion_settings import CNN_LAYERS, HEATMAPS, NOTES, RESNET_LAYERS, Settings
+
+
+def _cell(matrix: torch.Tensor, flat: int) -> tuple[str, str, float]:
+    i, j = divmod(flat, matrix.shape[1])
+    return CNN_LAYERS[i], RESNET_LAYERS[j], float(matrix[i, j])
+
+
+def heatmap_reading(name: str, matrix: torch.Tensor, contrast: dict[str, Any], test: dict | None) -> str:
+    """Best and worst cells, the tested early-vs-late contrast, the best cell's permutation test."""
+    row, col, value = _cell(matrix, int(torch.argmax(matrix)))
+    lo_row, lo_col, lo_value = _cell(matrix, int(torch.argmin(matrix)))
+    late = contrast["late_layers"]
+    dropped = "" if "avgpool" in late else " (avgpool is left out: it equals layer4, the spatial mean of the same output)"
+    text = (f"Highest cell: FashionCNN {row} / ResNet {col} ({value:.3f}); lowest: FashionCNN {lo_row} / ResNet {lo_col} "
+            f"({lo_value:.3f}). Averaged over FashionCNN layers, ResNet's early layers (conv1-layer2) score "
+            f"{contrast['early']:.3f} and its late layers ({', '.join(late)}){dropped} {contrast['late']:.3f}; "
+            f"early minus late = {contrast['difference']:.3f}, {100 * contrast['confidence']:.2f}% jackknife interval "
+            f"[{contrast['low']:.3f}, {contrast['high']:.3f}] (Bonferroni over the {len(HEATMAPS)} heatmaps). "
+            f"\"The two models agree more early in ResNet's depth\" -> **{contrast['verdict']}**.")
+    if test is not None:
+        text += (f" Shuffling which image is which puts the highest cell at z = {test['z_score']:.1f}, "
+                 f"p = {test['p_value']:.3g} (Holm-adjusted in the claims section).")
+    return text
+
+
+def rsa_reading(model: str, st: dict[str, dict], holm: dict[str, dict]) -> str:
+    names, tmpl = st["names"], st["templates"]
+    lo, hi = names["spearman_ci"]
+    key = "fashioncnn" if model == "FashionCNN" else "resnet"
+    v_names = holm[f"centroid RSA {key} avgpool vs MiniLM (names) above chance"]
+    v_tmpl = holm[f"centroid RSA {key} avgpool vs MiniLM (templates) above chance"]
+    return (f"Each point is one of the 45 pairs of classes: how far apart {model} puts the two class centroids "
+            f"(avgpool, cosine) against how far apart MiniLM puts the two class names. Spearman RSA is "
+            f"{names['spearman']:.3f} (95% bootstrap interval over images {lo:.3f} to {hi:.3f}, which covers only the "
+            f"choice of images, not the small number of classes; the seed reported 0.347 for FashionCNN), Pearson "
+            f"{names['pearson']:.3f}. Mantel test (class labels of one side shuffled): p = {names['spearman_p']:.3g}, "
+            f"Holm-adjusted {v_names['p_holm']:.3g} -> above chance **{v_names['verdict']}**. With sentence templates "
+            f"instead of bare words (the seed's limitation 3) Spearman is {tmpl['spearman']:.3f} (p = {tmpl['spearman_p']:.3g}, "
+            f"Holm {v_tmpl['p_holm']:.3g} -> **{v_tmpl['verdict']}**). The table gives every layer's scores; differences "
+            "between layers are not tested.")
+
+
+def monitor_reading(s: Settings, history: dict[str, list[tuple[int, float]]]) -> str:
+    def change(tag: str) -> str:
+        points = history.get(tag, [])
+        return f"{points[0][1]:.3f} at the first check and {points[-1][1]:.3f} at the last" if points else "n/a"
+
+    return (f"The AlignmentMonitor checked FashionCNN every {s.monitor_every} steps and at each validation on a probe "
+            f"of {s.probe_size} test images (not used for training): CKA and mutual k-NN between each FashionCNN layer "
+            "and MiniLM (the embedding of each probe image's class name) and each ResNet-18 layer. avgpool's CKA with "
+            f"MiniLM was {change('alignment/cka/minilm/avgpool')}; with ResNet {change('alignment/cka/resnet/avgpool')} "
+            "(one probe, no interval: a description, not a claim). All scalars (`alignment/<metric>/<reference>/<layer>`) "
+            f"and heatmap images are in TensorBoard: `tensorboard --logdir {s.out / 'tensorboard'}`.")
+
+
+def layer_rsa_table(study: dict[str, dict[str, dict]], layers: list[str]) -> str:
+    from prh_lightning.reporting import markdown_table
+
+    rows = [[layer, study["names"][layer]["spearman"], study["names"][layer]["spearman_p"],
+             study["names"][layer]["pearson"], study["templates"][layer]["spearman"],
+             study["templates"][layer]["spearman_p"]] for layer in layers]
+    return markdown_table(["layer", "Spearman (names)", "p", "Pearson (names)", "Spearman (templates)", "p"], rows)
+
+
+def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch.Tensor],
+                 studies: dict[str, dict], tests: dict[str, dict]) -> None:
+    """``report.md``: every figure with its numbers and one paragraph of reading."""
+    from prh_lightning.reporting import Report, markdown_table
+
+    acc, rn, data = summary["test_accuracy"], summary["resnet"], summary["data"]
+    contrasts, claims = summary["depth_contrast"], summary["claims"]
+    holm = {c["claim"]: c for c in claims}
+    report = Report("ResNet-18 vs FashionCNN vs MiniLM on Fashion-MNIST", intro=(
+        f"Settings: {'quick' if s.quick else 'full (seed)'} mode, N = {summary['n_samples']} stratified test images, "
+        f"seed {s.seed}, {s.permutations} permutations per test, {s.bootstraps} bootstrap resamples, "
+        f"{s.jackknife_groups} jackknife groups. Data: {data['path']} (SHA-256 of the four files {data['sha256'][:12]}...). "
+        f"ResNet-18 weights: **{rn['weights']}** ({rn['training']}, input {rn['input_size']}x{rn['input_size']})"
+        f"{'; ' + rn['note'] if rn['note'] else ''}. Run time {summary['runtime_s']:.0f} s on {summary['threads']} "
+        f"CPU thread(s). TensorBoard: `tensorboard --logdir {s.out / 'tensorboard'}`."))
+    report.section("Test accuracy", table=markdown_table(
+        ["model", "test accuracy", "test images"],
+        [["FashionCNN", acc["fashioncnn"], summary["test_images"]], ["ResNet-18", acc["resnet"], summary["test_images"]]]),
+        text=(f"Chance is 0.100. FashionCNN (two 3x3 conv layers, global average pooling, {s.epochs} epochs on "
+              f"{summary['train_images']['fashioncnn']} images) reaches {acc['fashioncnn']:.3f}; ResNet-18 "
+              f"({rn['weights']}, {rn['training']}) reaches {acc['resnet']:.3f}."))
+    for model in ("resnet", "fashioncnn"):
+        label = "ResNet-18" if model == "resnet" else "FashionCNN"
+        report.section(f"UMAP of each {label} layer", figure=summary["figures"][f"umap_{model}"], text=(
+            f"Each panel is a 2-D UMAP of one tapped layer (spatially averaged) on {summary['umap_points']} of the "
+            "analysis images, coloured by class. A picture to look at, not a measurement: numbers for the same layers "
+            "are in the heatmaps and the centroid RSA table below."))
+    for name, matrix in matrices.items():
+        report.section(f"FashionCNN x ResNet-18: {HEATMAPS[name][2]}", figure=summary["heatmaps"][name],
+                       table=markdown_table(["FashionCNN \\ ResNet"] + RESNET_LAYERS,
+                                            [[CNN_LAYERS[i]] + [float(v) for v in matrix[i]] for i in range(len(CNN_LAYERS))]),
+                       text=heatmap_reading(name, matrix, contrasts[name], tests.get(name)) + NOTES.get(name, ""))
+    for model, label in (("fashioncnn", "FashionCNN"), ("resnet", "ResNet-18")):
+        layers = CNN_LAYERS if model == "fashioncnn" else RESNET_LAYERS
+        report.section(f"RSA: {label} class centroids vs MiniLM label embeddings", figure=summary["figures"][f"rsa_{model}"],
+                       table=layer_rsa_table(studies[model], layers),
+                       text=rsa_reading(label, {k: v["avgpool"] for k, v in studies[model].items()}, holm))
+    report.section("Alignment while FashionCNN trains", figure=summary["figures"]["monitor"],
+                   text=monitor_reading(s, summary["monitor_history"]))
+    lines = [f"- {c['claim']}: p = {c['p']:.3g}, Holm-adjusted {c['p_holm']:.3g} -> **{c['verdict']}**" for c in claims]
+    lines += [f"- {HEATMAPS[n][2]}: early minus late {c['difference']:.3f} [{c['low']:.3f}, {c['high']:.3f}] -> "
+              f"**{c['verdict']}**" for n, c in contrasts.items()]
+    report.section("Claims", f"{RULE} Intervals: delete-a-group jackknife, Bonferroni over the {len(contrasts)} depth "
+                   f"contrasts; p-values: Holm over the {len(claims)} tests, a claim holds when the adjusted p < 0.05.\n\n"
+                   + "\n".join(lines))
+    report.write(s.out / "report.md")
+
+
+def results_text(s: Settings, summary: dict[str, Any]) -> str:
+    """The lines printed at the end of a run."""
+    acc = summary["test_accuracy"]
+    return "\n".join([
+        f"FashionCNN test accuracy {acc['fashioncnn']:.3f}, ResNet-18 ({summary['resnet_weights']}) {acc['resnet']:.3f}",
+        f"RSA FashionCNN-MiniLM {summary['rsa_fashioncnn_minilm']:.3f} (p = {summary['rsa_fashioncnn_minilm_p']:.3g}); "
+        f"ResNet-MiniLM {summary['rsa_resnet_minilm']:.3f} (p = {summary['rsa_resnet_minilm_p']:.3g})",
+        f"report: {s.out / 'report.md'}  summary: {s.out / 'summary.json'}  ({summary['runtime_s']:.0f} s)",
+        f"tensorboard --logdir {s.out / 'tensorboard'}",
+    ])
