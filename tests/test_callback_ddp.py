@@ -29,7 +29,7 @@ class ShardedValNet(TinyNet):
         return DataLoader(dataset, batch_size=8)
 
 
-def run(tmp_path, name: str, devices: int) -> None:
+def run(tmp_path, name: str, devices: int) -> L.Trainer:
     L.seed_everything(11)
     model = ShardedValNet(lr=0.2)
     twin = TinyNet()
@@ -46,6 +46,7 @@ def run(tmp_path, name: str, devices: int) -> None:
         logger=TensorBoardLogger(tmp_path / name, name="tb"), **kw,
     )
     trainer.fit(model)
+    return trainer
 
 
 @pytest.mark.slow
@@ -53,14 +54,20 @@ def run(tmp_path, name: str, devices: int) -> None:
 @pytest.mark.timeout(300)
 def test_ddp_spawn_matches_single_process(tmp_path):
     torch.set_num_threads(1)
-    run(tmp_path, "single", devices=1)
-    run(tmp_path, "ddp", devices=2)
+    one = run(tmp_path, "single", devices=1)
+    two = run(tmp_path, "ddp", devices=2)
 
     single, ddp = read_scalars(str(tmp_path / "single")), read_scalars(str(tmp_path / "ddp"))
     assert set(ddp) == set(single) and "alignment/cka/twin/best" in ddp
     for tag in single:
-        assert [s for s, _ in ddp[tag]] == [s for s, _ in single[tag]] == [0, 2, 4], tag  # logged once, by rank 0
+        # logged once, by rank 0, at the step self.log uses (global steps 0, 2, 4)
+        assert [s for s, _ in ddp[tag]] == [s for s, _ in single[tag]] == [0, 1, 3], tag
         assert [v for _, v in ddp[tag]] == pytest.approx([v for _, v in single[tag]], abs=1e-6), tag
+
+    # callback_metrics reach the launching process of ddp_spawn (EarlyStopping / ModelCheckpoint read them)
+    tag = "alignment/cka/twin/best"
+    assert two.callback_metrics[tag].item() == pytest.approx(one.callback_metrics[tag].item(), abs=1e-6)
+    assert two.callback_metrics[tag].item() == pytest.approx(single[tag][-1][1], abs=1e-6)
 
     (one,) = (tmp_path / "single" / "reps").iterdir()
     (gathered,) = (tmp_path / "ddp" / "reps").iterdir()  # one file, not one per rank
