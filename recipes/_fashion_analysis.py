@@ -1,6 +1,6 @@
 """Statistics of the ``fashion-mnist`` recipe, composed from the library: layer x layer matrices,
 permutation tests of their best cells, the early-vs-late depth contrast with a jackknife interval,
-class-centroid RSA against MiniLM (:mod:`prh_lightning.analysis.centroid_rsa`), and the Holm
+class-centroid RSA against MiniLM (:mod:`prh_lightning.analysis.centroids`), and the Holm
 correction over every p-value the report reads."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prh_lightning.analysis.centroid_rsa import centroid_rsa, class_centroids
+from prh_lightning.analysis.centroids import centroid_rsa, class_centroids
 from prh_lightning.analysis.claims import corrected_confidence, holm, verdict, verdict_from_p
 from prh_lightning.recipes._fashion_settings import CNN_LAYERS, HEATMAPS, RESNET_LAYERS, Settings
 

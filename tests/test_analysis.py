@@ -11,7 +11,7 @@ import torch
 from scipy.spatial.distance import pdist
 from scipy.stats import pearsonr, spearmanr
 
-import prh_lightning.analysis.centroid_rsa as crsa_module
+import prh_lightning.analysis.centroids as crsa_module
 import prh_lightning.analysis.dynamics as dyn_module
 import prh_lightning.analysis.model_matrix as mm_module
 from prh_lightning.analysis import (

@@ -1,7 +1,7 @@
 """Analyses built from the functional core, used by the recipes and available to users.
 
 - :mod:`.model_matrix`: model x model best-layer-pair matrix (:func:`best_layer_pair_matrix`).
-- :mod:`.centroid_rsa`: class-centroid RSA with a Mantel test and a bootstrap (:func:`centroid_rsa`).
+- :mod:`.centroids`: class-centroid RSA with a Mantel test and a bootstrap (:func:`centroid_rsa`).
 - :mod:`.dynamics`: run-to-run alignment over checkpoints (:func:`between_runs`, :func:`drift`).
 - :mod:`.claims`: the "holds / does not hold / cannot tell" rule and multiple-comparison
   corrections (:func:`verdict`, :func:`holm`, :func:`corrected_confidence`).
@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from .centroid_rsa import centroid_rsa, centroid_rsa_bootstrap, class_centroids, stratified_bootstrap
+from .centroids import centroid_rsa, centroid_rsa_bootstrap, class_centroids, stratified_bootstrap
 from .claims import CANNOT_TELL, DOES_NOT_HOLD, HOLDS, corrected_confidence, holm, verdict, verdict_from_p
 from .dynamics import between_runs, drift, resampled_mutual_knn, step_difference_interval
 from .model_matrix import BestLayerPairs, best_layer_pair_matrix

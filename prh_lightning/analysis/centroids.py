@@ -74,7 +74,7 @@ def centroid_rsa_bootstrap(x: torch.Tensor, labels: torch.Tensor, text: torch.Te
     counts = torch.stack([torch.bincount(stratified_bootstrap(labels, gen), minlength=len(labels))
                           for _ in range(n_bootstrap)])  # [B, n]
     centroids = class_centroids(x, labels, weights=counts, n_classes=text.shape[0])
-    scores = torch.stack([rsa(c, text, distance=distance, compare=compare) for c in centroids]).double()
+    scores = torch.stack([rsa(c, text, distance=distance, compare=compare, normalize=False) for c in centroids]).double()
     alpha = (1.0 - confidence) / 2
     return float(torch.quantile(scores, alpha)), float(torch.quantile(scores, 1 - alpha)), scores
 
@@ -95,7 +95,7 @@ def centroid_rsa(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, n_pe
     centroids = class_centroids(x, labels, n_classes=text.shape[0])
     result: dict[str, Any] = {"n_classes": int(text.shape[0]), "confidence": confidence}
     for compare in ("spearman", "pearson"):
-        test = permutation_test(centroids, text, metric="rsa", distance=distance, compare=compare,
+        test = permutation_test(centroids, text, metric="rsa", distance=distance, compare=compare, normalize=False,
                                 n_permutations=n_permutations, seed=seed)
         result[compare] = test.score
         result[f"{compare}_p"] = test.p_value
