@@ -3,6 +3,7 @@ embedding, EfficientNet's own pooled features, and Hugging Face's own LM loss.""
 
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,9 +24,14 @@ CAPTIONS = ["A black dog leaps over a log .", "Two children play in the sand at 
             "A man .", "A woman in a blue coat walks past a shop window at night ."]
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture(scope="module")
 def pairs() -> PairedData:
-    return load_paired(max_samples=8)
+    # $PRH_FLICKR_DIR, else the offline copy beside the checkout (the library assumes no location)
+    folder = os.environ.get("PRH_FLICKR_DIR") or ROOT.parent / "shared" / "data" / "flickr8k-1024"
+    return load_paired(folder, max_samples=8)
 
 
 @pytest.fixture(scope="module")

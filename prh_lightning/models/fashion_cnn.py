@@ -76,6 +76,9 @@ class FashionCNN(ClassifierModule):
     Input ``[b, 1, H, W]`` with pixels in ``[0, 1]`` (any ``H, W >= 4``); output logits
     ``[b, num_classes]``. Tapped layers give ``conv1 [b, 32, H, W]``,
     ``conv2 [b, 64, H/2, W/2]``, ``avgpool [b, 64, 1, 1]``.
+
+    >>> FashionCNN()(torch.rand(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
     """
 
     TAP_LAYERS = ("conv1", "conv2", "avgpool")

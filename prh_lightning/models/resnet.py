@@ -12,13 +12,14 @@ The top-level module names are torchvision's (``conv1``, ``layer1`` ... ``layer4
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
+from prh_lightning._optional import require
 from prh_lightning.models.fashion_cnn import FASHION_MEAN, FASHION_STD, ClassifierModule
 from prh_lightning.models.pretrained import PretrainedUnavailable
 
@@ -34,7 +35,7 @@ def imagenet_state_dict(allow_download: bool = True) -> dict[str, torch.Tensor]:
 
     Raises :class:`PretrainedUnavailable` with instructions when neither works.
     """
-    weights = ResNet18_Weights.IMAGENET1K_V1
+    weights = require("torchvision.models", purpose="imagenet_state_dict").ResNet18_Weights.IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if cached.is_file():
         return torch.load(cached, map_location="cpu", weights_only=True)
@@ -42,12 +43,12 @@ def imagenet_state_dict(allow_download: bool = True) -> dict[str, torch.Tensor]:
         raise PretrainedUnavailable(f"ResNet-18 ImageNet weights are not in the torch hub cache ({cached})")
     try:
         return weights.get_state_dict(progress=True)
-    except Exception as err:  # network errors come in many types
+    except OSError as err:  # URLError / HTTPError: offline or unreachable
         raise PretrainedUnavailable(
-            f"could not get the ResNet-18 ImageNet weights ({err}). Online, they download from "
+            f"could not get the ResNet-18 ImageNet weights ({type(err).__name__}: {err}). Online, they download from "
             f"{weights.url}; offline, copy that file to {cached}, pass --resnet-weights PATH, "
             "or use --resnet-weights scratch to train ResNet-18 on Fashion-MNIST instead"
-        ) from None
+        ) from err
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -65,8 +66,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many types
-            raise ValueError(f"{path} is not a readable PyTorch weights file: {err}") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # not a (safe) torch file
+            raise ValueError(f"{path} is not a readable PyTorch weights file: {err}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -78,7 +79,11 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def to_grayscale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum ``conv1.weight`` ``[64, 3, 7, 7]`` over its input channels -> ``[64, 1, 7, 7]``."""
+    """Sum ``conv1.weight`` ``[64, 3, 7, 7]`` over its input channels -> ``[64, 1, 7, 7]``.
+
+    >>> to_grayscale({"conv1.weight": torch.ones(64, 3, 7, 7)})["conv1.weight"][0, 0, 0, 0]
+    tensor(3.)
+    """
     state = dict(state)
     w = state.get("conv1.weight")
     if w is not None and w.shape[1] == 3:
@@ -100,6 +105,9 @@ class GrayResNet18(ClassifierModule):
 
     Tapped layers: ``conv1 [b, 64, H/2, W/2]``, ``layer1`` ... ``layer4`` (64..512 channels),
     ``avgpool [b, 512, 1, 1]``.
+
+    >>> GrayResNet18(num_classes=10)(torch.rand(2, 1, 32, 32)).shape
+    torch.Size([2, 10])
     """
 
     TAP_LAYERS = RESNET_LAYERS
@@ -114,7 +122,7 @@ class GrayResNet18(ClassifierModule):
     ) -> None:
         super().__init__(lr=lr)
         self.save_hyperparameters()
-        net = resnet18(weights=None)
+        net = require("torchvision.models", purpose="GrayResNet18").resnet18(weights=None)
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         for name in _PARTS:
             setattr(self, name, getattr(net, name))

@@ -1,8 +1,8 @@
 """Model registry for the alignment recipes: a name -> a loaded model with its preprocessing,
 modality ("vision" / "language") and family (how its per-layer features are read).
 
-Registered names are the offline models of ../shared/ASSETS.md plus a few of the paper's
-online models. Any other model loads through a prefix:
+Registered names are the models that install offline as wheels (the ``assets`` extra) plus a
+few of the paper's online models. Any other model loads through a prefix:
 ``timm:<name>``, ``torchvision:<name>``, ``hf-vision:<hub id>`` (vision) and
 ``hf-lm:<hub id>`` (causal LM), ``hf-text:<hub id>`` (text encoder) (language).
 """
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from prh_lightning._optional import require
 from prh_lightning.models import pretrained as P
-from prh_lightning.models.pretrained import PretrainedUnavailable
+from prh_lightning.models.pretrained import PretrainedUnavailable, unavailable_errors
 
 #: families: how extraction reads per-layer features of a model
 VISION_FAMILIES = ("efficientnet_lite", "timm", "torchvision", "hf_vision")
@@ -65,15 +66,15 @@ def _efficientnet(name: str, variant: str) -> LoadedModel:
 
 
 def _timm(name: str, timm_name: str) -> LoadedModel:
-    import timm
-
+    timm = require("timm", purpose=f"model {name!r}")
+    require("timm.data")
     try:
         model = timm.create_model(timm_name, pretrained=True).eval()
-    except Exception as err:
+    except unavailable_errors() as err:
         raise PretrainedUnavailable(
             f"could not load timm model {timm_name!r} ({type(err).__name__}: {err}). Its weights download "
             f"from the Hugging Face hub: run once with internet (unset HF_HUB_OFFLINE) to cache them. {_offline_hint()}"
-        ) from None
+        ) from err
     config = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**config)
     # layers=None: the family default of prh_lightning.families (ViT blocks, CNN stages)
@@ -81,28 +82,26 @@ def _timm(name: str, timm_name: str) -> LoadedModel:
 
 
 def _torchvision(name: str, tv_name: str) -> LoadedModel:
-    import torchvision
-
+    models = require("torchvision.models", purpose=f"model {name!r}")
+    weights = models.get_model_weights(tv_name).DEFAULT  # ValueError for an unknown name
     try:
-        weights = torchvision.models.get_model_weights(tv_name).DEFAULT
-        model = torchvision.models.get_model(tv_name, weights=weights).eval()
-    except Exception as err:
+        model = models.get_model(tv_name, weights=weights).eval()
+    except OSError as err:  # URLError: offline and not in ~/.cache/torch
         raise PretrainedUnavailable(
             f"could not load torchvision model {tv_name!r} ({type(err).__name__}: {err}). Its weights download "
             f"from download.pytorch.org into ~/.cache/torch: run once with internet. {_offline_hint()}"
-        ) from None
+        ) from err
     return LoadedModel(name, "vision", "torchvision", model, preprocess=weights.transforms(),
                        num_params=P.num_parameters(model))
 
 
 def _hf_vision(name: str, hub_id: str) -> LoadedModel:
-    from transformers import AutoImageProcessor, AutoModel
-
+    transformers = require("transformers", purpose=f"model {name!r}")
     try:
-        model = AutoModel.from_pretrained(hub_id).eval()
-        processor = AutoImageProcessor.from_pretrained(hub_id)
-    except Exception as err:
-        raise PretrainedUnavailable(_hf_message(hub_id, err)) from None
+        model = transformers.AutoModel.from_pretrained(hub_id).eval()
+        processor = transformers.AutoImageProcessor.from_pretrained(hub_id)
+    except unavailable_errors() as err:
+        raise PretrainedUnavailable(_hf_message(hub_id, err)) from err
 
     def preprocess(image):
         return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
@@ -118,24 +117,22 @@ def _hf_message(hub_id: str, err: Exception) -> str:
 
 
 def _hf_lm(name: str, hub_id: str) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    transformers = require("transformers", purpose=f"model {name!r}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(hub_id).eval()
-        tokenizer = AutoTokenizer.from_pretrained(hub_id)
-    except Exception as err:
-        raise PretrainedUnavailable(_hf_message(hub_id, err)) from None
+        model = transformers.AutoModelForCausalLM.from_pretrained(hub_id).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hub_id)
+    except unavailable_errors() as err:
+        raise PretrainedUnavailable(_hf_message(hub_id, err)) from err
     return LoadedModel(name, "language", "hf_causal_lm", model, tokenizer=tokenizer, num_params=P.num_parameters(model))
 
 
 def _hf_text(name: str, hub_id: str) -> LoadedModel:
-    from transformers import AutoModel, AutoTokenizer
-
+    transformers = require("transformers", purpose=f"model {name!r}")
     try:
-        model = AutoModel.from_pretrained(hub_id).eval()
-        tokenizer = AutoTokenizer.from_pretrained(hub_id)
-    except Exception as err:
-        raise PretrainedUnavailable(_hf_message(hub_id, err)) from None
+        model = transformers.AutoModel.from_pretrained(hub_id).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hub_id)
+    except unavailable_errors() as err:
+        raise PretrainedUnavailable(_hf_message(hub_id, err)) from err
     return LoadedModel(name, "language", "hf_text_encoder", model, tokenizer=tokenizer, num_params=P.num_parameters(model))
 
 
@@ -199,7 +196,11 @@ _PREFIXES: dict[str, tuple[str, Callable[[str, str], LoadedModel]]] = {
 
 
 def modality_of(name: str) -> str:
-    """ "vision" or "language" for a registered or prefixed name (ValueError otherwise)."""
+    """ "vision" or "language" for a registered or prefixed name (ValueError otherwise).
+
+    >>> modality_of("efficientnet-lite0"), modality_of("hf-lm:gpt2"), modality_of("timm:resnet50")
+    ('vision', 'language', 'vision')
+    """
     if name in REGISTRY:
         return REGISTRY[name].modality
     prefix = name.split(":", 1)[0]
@@ -213,7 +214,15 @@ def modality_of(name: str) -> str:
 
 def load_model(name: str) -> LoadedModel:
     """Load a registered or prefixed model; :class:`PretrainedUnavailable` names what to install
-    or download when it is not available here."""
+    or download when it is not available here (offline and not cached, no such repository).
+
+    Other errors (a bug, out of memory, an unknown torchvision/timm name) propagate as they are.
+
+    >>> load_model("resnet-9000")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown model 'resnet-9000': use a registered name (efficientnet-lite0, ...
+    """
     modality_of(name)  # validates the name
     if name in REGISTRY:
         return REGISTRY[name].load()
