@@ -81,7 +81,7 @@ def test_float32_fast_path_close_to_float64_reference():
 
 def test_normalize_false_and_clipping_follow_the_reference():
     xs, ys = _layers(7), _layers(8)
-    raw = torch.tensor([[float(METRICS["cka"](x, y)) for y in ys] for x in xs], dtype=torch.float64)
+    raw = torch.tensor([[float(METRICS["cka"](x, y, normalize=False)) for y in ys] for x in xs], dtype=torch.float64)
     np.testing.assert_allclose(alignment_matrix(xs, ys, "cka", normalize=False).numpy(), raw.numpy(), rtol=1e-9)
 
     def clip(x, q):  # platonic-rep remove_outliers(exact=False), per layer
@@ -167,5 +167,8 @@ def test_rbf_bandwidth_errors():
     with pytest.raises(ValueError, match="sigma must be a positive"):
         alignment_matrix(xs, ys, metric="cka", kernel="rbf", sigma=-1.0)
     dup = [torch.ones(48, 3, dtype=torch.float64)] + xs
-    with pytest.raises(ValueError, match="median"):
+    with pytest.raises(ValueError, match="constant features"):
         alignment_matrix(dup, ys, metric="cka", kernel="rbf")
+    mostly_same = [torch.cat([torch.ones(42, 3, dtype=torch.float64), xs[0][:6, :3]])] + xs
+    with pytest.raises(ValueError, match="median"):
+        alignment_matrix(mostly_same, ys, metric="cka", kernel="rbf", normalize=False)

@@ -33,14 +33,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         a, b, layers = make_data()
-        cka, mknn, minibatch = CKA(), MutualKNN(k=4), CKA(minibatch_unbiased=True)
+        cka, mknn, minibatch = CKA(normalize=False), MutualKNN(k=4, normalize=False), CKA(minibatch_unbiased=True, normalize=False)
         align = AlignmentMatrix(metric="mutual_knn", normalize=True, k=4)
         for chunk in rank_indices(rank).split(BATCH):
             cka.update(a[chunk], b[chunk], index=chunk)
             mknn.update(a[chunk], b[chunk], index=chunk)
             minibatch.update(a[chunk], b[chunk])
             align.update({name: x[chunk] for name, x in layers.items()}, index=chunk)
-        rsa = RSA()  # no ids, no padding: ranks hold 23 and 22 samples (uneven gather)
+        rsa = RSA(normalize=False)  # no ids, no padding: ranks hold 23 and 22 samples (uneven gather)
         for chunk in torch.arange(N)[rank::WORLD].split(BATCH):
             rsa.update(a[chunk], b[chunk])
         out = {"cka": cka.compute(), "mknn": mknn.compute(), "minibatch": minibatch.compute(), "align": align.compute()}
@@ -65,7 +65,7 @@ def test_two_gloo_processes_equal_one_process_on_the_union(tmp_path):
     unit = {name: x / x.norm(dim=1, keepdim=True) for name, x in layers.items()}
     expected_align = torch.tensor([[ref_mutual_knn(unit[p], unit[q], 4) for q in unit] for p in unit])
 
-    single = CKA(minibatch_unbiased=True)  # same batches, one process (no de-duplication here)
+    single = CKA(minibatch_unbiased=True, normalize=False)  # same batches, one process (no de-duplication here)
     for share in shares:
         for chunk in share.split(BATCH):
             single.update(a[chunk], b[chunk])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,12 @@ from scipy.spatial.distance import pdist, squareform
 from scipy.stats import kendalltau, pearsonr, spearmanr
 
 from prh_lightning.functional import rdm, rsa, svcca
+
+
+# These tests check each formula on the features as given; the default row normalisation
+# (normalize=True in every entry point) is tested in test_numerics.py.
+rsa = functools.partial(rsa, normalize=False)
+svcca = functools.partial(svcca, normalize=False)
 
 
 def _rand(n, d, seed):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,14 @@ from prh_lightning.functional import (
     lcs_knn,
     mutual_knn,
 )
+
+
+# These tests check each formula on the features as given; the default row normalisation
+# (normalize=True in every entry point) is tested in test_numerics.py.
+cycle_knn = functools.partial(cycle_knn, normalize=False)
+edit_distance_knn = functools.partial(edit_distance_knn, normalize=False)
+lcs_knn = functools.partial(lcs_knn, normalize=False)
+mutual_knn = functools.partial(mutual_knn, normalize=False)
 
 
 def brute_neighbours(x: np.ndarray, k: int) -> list[list[int]]:

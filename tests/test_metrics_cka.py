@@ -82,13 +82,13 @@ def feed(metric, a, b, sizes):
 )
 def test_streaming_linear_cka_equals_full_batch_for_any_batching(sizes):
     a, b = paired()
-    assert float(feed(CKA(), a, b, sizes)) == pytest.approx(ref_linear_cka(a, b), abs=1e-5)
+    assert float(feed(CKA(normalize=False), a, b, sizes)) == pytest.approx(ref_linear_cka(a, b), abs=1e-5)
 
 
 def test_streaming_cka_handles_large_offsets_and_float64_inputs():
     a, b = paired(seed=3)
     a = (a + 1e3).double()
-    assert float(feed(CKA(), a, b, [13, 20, 27])) == pytest.approx(ref_linear_cka(a, b), abs=1e-5)
+    assert float(feed(CKA(normalize=False), a, b, [13, 20, 27])) == pytest.approx(ref_linear_cka(a, b), abs=1e-5)
 
 
 def test_streaming_cka_properties():
@@ -96,7 +96,7 @@ def test_streaming_cka_properties():
     q, _ = torch.linalg.qr(torch.randn(a.shape[1], a.shape[1], generator=torch.Generator().manual_seed(5)))
 
     def cka(x, y):
-        return float(feed(CKA(), x, y, [25, 35]))
+        return float(feed(CKA(normalize=False), x, y, [25, 35]))
 
     base = cka(a, b)
     assert 0.0 < base < 1.0
@@ -109,7 +109,7 @@ def test_streaming_cka_properties():
 
 def test_streaming_cka_memory_does_not_grow_with_n():
     a, b = paired(n=200)
-    metric = CKA()
+    metric = CKA(normalize=False)
     metric.update(a[:10], b[:10])
     sizes = {name: tuple(value.shape) for name, value in metric.metric_state.items() if torch.is_tensor(value)}
     for start in range(10, 200, 10):
@@ -133,40 +133,40 @@ def test_minibatch_unbiased_cka_matches_u_statistic_reference():
     for size in sizes:
         batches.append((a[start : start + size], b[start : start + size]))
         start += size
-    got = float(feed(CKA(minibatch_unbiased=True), a, b, sizes))
+    got = float(feed(CKA(minibatch_unbiased=True, normalize=False), a, b, sizes))
     assert got == pytest.approx(ref_minibatch_cka(batches), abs=1e-5)
     assert got != pytest.approx(ref_linear_cka(a, b), abs=1e-3)  # a different estimator
 
 
 def test_minibatch_unbiased_rejects_small_batches_and_ids():
     a, b = paired()
-    metric = CKA(minibatch_unbiased=True)
+    metric = CKA(minibatch_unbiased=True, normalize=False)
     with pytest.raises(ValueError, match=">= 4 samples"):
         metric.update(a[:3], b[:3])
     with pytest.raises(ValueError, match="cannot remove duplicate"):
         metric.update(a[:8], b[:8], index=torch.arange(8))
     with pytest.raises(ValueError, match="kernel='linear'"):
-        CKA(kernel="rbf", minibatch_unbiased=True)
+        CKA(kernel="rbf", minibatch_unbiased=True, normalize=False)
 
 
 def test_rbf_cka_is_buffered_and_matches_reference():
     a, b = paired(n=40, seed=6)
-    got = float(feed(CKA(kernel="rbf", sigma=3.0), a, b, [9, 31]))
+    got = float(feed(CKA(kernel="rbf", sigma=3.0, normalize=False), a, b, [9, 31]))
     assert got == pytest.approx(ref_rbf_cka(a, b, 3.0), abs=1e-5)
     with pytest.raises(ValueError, match="past max_samples=30"):
-        feed(CKA(kernel="rbf", sigma=3.0, max_samples=30), a, b, [20, 20])
+        feed(CKA(kernel="rbf", sigma=3.0, max_samples=30, normalize=False), a, b, [20, 20])
 
 
 def test_unbiased_cka_matches_full_sample_u_statistic():
     a, b = paired(n=9, d_a=4, d_b=3, seed=7)
-    got = float(feed(UnbiasedCKA(), a, b, [4, 5]))
+    got = float(feed(UnbiasedCKA(normalize=False), a, b, [4, 5]))
     assert got == pytest.approx(ref_minibatch_cka([(a, b)]), abs=1e-5)
-    assert float(feed(CKA(unbiased=True), a, b, [2, 7])) == pytest.approx(got, abs=1e-6)
+    assert float(feed(CKA(unbiased=True, normalize=False), a, b, [2, 7])) == pytest.approx(got, abs=1e-6)
 
 
 def test_streaming_cka_drops_padding_duplicates_in_the_last_batch():
     a, b = paired(n=40)
-    metric = CKA()
+    metric = CKA(normalize=False)
     metric.update(a[:25], b[:25], index=torch.arange(25))
     dup = torch.tensor([3, 30])  # padding repeats samples 3 and 30 at the end of the stream
     last = torch.cat([torch.arange(25, 40), dup])
@@ -178,7 +178,7 @@ def test_streaming_cka_drops_padding_duplicates_in_the_last_batch():
 
 def test_streaming_cka_duplicate_outside_last_batch_is_an_error():
     a, b = paired(n=40)
-    metric = CKA()
+    metric = CKA(normalize=False)
     metric.update(a[:20], b[:20], index=torch.arange(20))
     metric.update(a[:5], b[:5], index=torch.arange(5))
     metric.update(a[20:], b[20:], index=torch.arange(20, 40))
@@ -188,7 +188,7 @@ def test_streaming_cka_duplicate_outside_last_batch_is_an_error():
 
 def test_forward_gives_batch_value_and_keeps_global_state():
     a, b = paired()
-    metric = CKA()
+    metric = CKA(normalize=False)
     batch_values = [float(metric(a[s : s + 20], b[s : s + 20])) for s in (0, 20, 40)]
     for s, value in zip((0, 20, 40), batch_values):
         assert value == pytest.approx(ref_linear_cka(a[s : s + 20], b[s : s + 20]), abs=1e-5)
@@ -197,7 +197,7 @@ def test_forward_gives_batch_value_and_keeps_global_state():
 
 def test_reset_allows_new_feature_sizes_and_changed_sizes_are_an_error():
     a, b = paired()
-    metric = CKA()
+    metric = CKA(normalize=False)
     metric.update(a[:10], b[:10])
     with pytest.raises(ValueError, match="feature sizes changed"):
         metric.update(a[10:20, :5], b[10:20])
@@ -207,7 +207,7 @@ def test_reset_allows_new_feature_sizes_and_changed_sizes_are_an_error():
 
 def test_metric_collection_of_streaming_and_buffered_metrics():
     a, b = paired()
-    collection = MetricCollection({"cka": CKA(), "ucka": UnbiasedCKA(), "mknn": MutualKNN(k=5)})
+    collection = MetricCollection({"cka": CKA(normalize=False), "ucka": UnbiasedCKA(normalize=False), "mknn": MutualKNN(k=5, normalize=False)})
     for s in range(0, 60, 15):
         collection.update(a[s : s + 15], b[s : s + 15])
     out = collection.compute()
@@ -221,7 +221,7 @@ def test_metric_collection_of_streaming_and_buffered_metrics():
 
 def test_plot_returns_figure_for_values_over_epochs():
     a, b = paired()
-    metric = CKA()
+    metric = CKA(normalize=False)
     values = []
     for s in range(0, 60, 20):
         metric.update(a[s : s + 20], b[s : s + 20])

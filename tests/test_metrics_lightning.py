@@ -20,8 +20,8 @@ class TwoLayerNet(L.LightningModule):
         self.l1 = torch.nn.Linear(6, 12)
         self.l2 = torch.nn.Linear(12, 8)
         self.head = torch.nn.Linear(8, 1)
-        self.val_cka = CKA()
-        self.val_align = MetricCollection({"mknn": MutualKNN(k=5), "cka_x_h2": CKA()}, prefix="val_")
+        self.val_cka = CKA(normalize=False)
+        self.val_align = MetricCollection({"mknn": MutualKNN(k=5, normalize=False), "cka_x_h2": CKA(normalize=False)}, prefix="val_")
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h1 = torch.relu(self.l1(x))

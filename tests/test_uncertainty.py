@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,11 @@ from scipy.spatial.distance import pdist
 from scipy.stats import kendalltau, pearsonr, spearmanr
 
 from prh_lightning.functional import METRICS, bootstrap_ci, knn_indices, mutual_knn, permutation_test
+
+
+# These tests check each formula on the features as given; the default row normalisation
+# (normalize=True in every entry point) is tested in test_numerics.py.
+mutual_knn = functools.partial(mutual_knn, normalize=False)
 
 
 def _pair(n=120, noise=1.0, seed=0):
@@ -52,7 +59,7 @@ def test_rsa_null_equals_a_brute_force_mantel_test(distance, compare):
     g = torch.Generator().manual_seed(4)
     a = torch.randn(14, 6, generator=g, dtype=torch.float64)
     b = 0.35 * a + torch.randn(14, 6, generator=g, dtype=torch.float64)
-    r = permutation_test(a, b, "rsa", n_permutations=200, seed=9, distance=distance, compare=compare)
+    r = permutation_test(a, b, "rsa", n_permutations=200, seed=9, distance=distance, compare=compare, normalize=False)
     score, null = _brute_force_mantel(a, b, _same_perms(14, 200, 9), distance, compare)
     assert r.score == pytest.approx(score, abs=1e-12)
     np.testing.assert_allclose(r.null.numpy(), null, rtol=0, atol=1e-12)
@@ -91,7 +98,7 @@ def test_fast_rsa_null_spans_several_chunks():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(200, 3, generator=g, dtype=torch.float64)
     b = a + 4 * torch.randn(200, 3, generator=g, dtype=torch.float64)
-    r = permutation_test(a, b, "rsa", n_permutations=1000, seed=2, distance="euclidean", compare="spearman")
+    r = permutation_test(a, b, "rsa", n_permutations=1000, seed=2, distance="euclidean", compare="spearman", normalize=False)
     assert r.null.shape == (1000,) and r.null.dtype == torch.float64
     perms = _same_perms(200, 1000, 2)
     for i in (0, 209, 210, 999):  # chunks of 2**22 // 19,900 = 210 permutations
@@ -134,19 +141,25 @@ def test_callable_metric_is_accepted():
 
 def test_bootstrap_ci_brackets_the_score_and_shrinks_with_n():
     small, large = _pair(n=50, seed=1), _pair(n=200, seed=1)
-    lo_s, hi_s = bootstrap_ci(*small, metric="cka", n_resamples=60)
-    lo_l, hi_l = bootstrap_ci(*large, metric="cka", n_resamples=60)
-    assert lo_s <= float(METRICS["cka"](*small)) <= hi_s
-    assert lo_l <= float(METRICS["cka"](*large)) <= hi_l
+    lo_s, hi_s = bootstrap_ci(*small, metric="svcca", n_resamples=60, dim=3)
+    lo_l, hi_l = bootstrap_ci(*large, metric="svcca", n_resamples=60, dim=3)
     assert hi_l - lo_l < hi_s - lo_s
 
 
 def test_bootstrap_matches_explicit_percentiles():
     a, b = _pair(n=50)
     g = torch.Generator().manual_seed(7)
-    scores = [float(METRICS["cka"](a[i], b[i])) for i in (torch.randint(50, (50,), generator=g) for _ in range(40))]
-    low, high = bootstrap_ci(a, b, "cka", n_resamples=40, confidence=0.9, seed=7)
-    assert (low, high) == pytest.approx((np.quantile(scores, 0.05), np.quantile(scores, 0.95)))
+    draws = [torch.randint(50, (50,), generator=g) for _ in range(40)]
+    scores = [float(METRICS["svcca"](a[i], b[i], dim=3)) for i in draws]
+    low, high = bootstrap_ci(a, b, "svcca", n_resamples=40, confidence=0.9, seed=7, dim=3)
+    assert (low, high) == pytest.approx((np.quantile(scores, 0.05), np.quantile(scores, 0.95)), rel=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cka", "unbiased_cka", "cknna", "rsa"])
+def test_bootstrap_refuses_metrics_without_an_honest_resample(metric):
+    a, b = _pair(n=40)
+    with pytest.raises(ValueError, match="jackknife_ci"):
+        bootstrap_ci(a, b, metric, n_resamples=10)
 
 
 def test_bootstrap_knn_does_not_count_copies_as_neighbours():

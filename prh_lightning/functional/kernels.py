@@ -1,35 +1,32 @@
-"""Kernel metrics: HSIC, CKA (linear / RBF, biased / unbiased) and CKNNA.
+"""Kernel metrics: HSIC and CKA (linear / RBF, biased / unbiased), and their plan.
 
-Kernels are ``[n, n]`` matrices of paired samples. Building blocks for streaming and
-layer x layer code: :func:`linear_kernel`, :func:`rbf_kernel`, :func:`median_distance`,
-:func:`center_gram` (``H K H``), :func:`u_center` (unbiased centring, so that
-``hsic(K, L, unbiased=True) = <u_center(K), u_center(L)> / (n (n - 3))``) and
-:func:`masked_hsic_from_neighbours` (CKNNA's masked HSIC from neighbour lists, ``O(n k^2)``).
+Kernels are ``[n, n]`` matrices of paired samples. Building blocks (also in
+:mod:`prh_lightning.functional.utils`): :func:`linear_kernel`, :func:`rbf_kernel`,
+:func:`median_distance`, :func:`center_gram` (``H K H``), :func:`u_center` (unbiased centring,
+so that ``hsic(K, L, unbiased=True) = <u_center(K), u_center(L)> / (n (n - 3))``), :func:`hsic`.
 
-Unlike platonic-rep, no ``1e-6`` is added to CKA/CKNNA denominators by default (it breaks
+The metrics never form a kernel from raw rows: each layer is centred in float64 (CKA is
+invariant to a common offset; centring commutes with the biased and the unbiased centring of
+the kernel) and rescaled by a power of two (CKA is scale free), then the upper triangle of
+each centred kernel is streamed in row blocks and all layer pairs are accumulated in one GEMM
+per block, in float64.
+
+Unlike platonic-rep, no ``1e-6`` is added to CKA denominators by default (it breaks
 ``cka(x, x) == 1`` and scale invariance); pass ``eps=1e-6`` to reproduce those numbers
-exactly. A zero or negative denominator raises instead.
+exactly (``eps`` is in HSIC units of the features as given).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ._validation import check_centred_signal, check_choice, check_k, check_min_samples, check_pair, check_positive
-from .knn import knn_from_gram
+from ._numerics import centre
+from ._plan import MetricPlan, register_plan, score_pair
+from ._validation import check_choice, check_min_samples, check_positive
 
-__all__ = [
-    "linear_kernel",
-    "rbf_kernel",
-    "median_distance",
-    "center_gram",
-    "u_center",
-    "hsic",
-    "cka",
-    "unbiased_cka",
-    "cknna",
-    "masked_hsic_from_neighbours",
-]
+__all__ = ["cka", "unbiased_cka"]
 
 KERNELS = ("linear", "rbf")
 
@@ -42,7 +39,10 @@ def linear_kernel(x: torch.Tensor) -> torch.Tensor:
 def _squared_distances(x: torch.Tensor) -> torch.Tensor:
     """``[n, n]`` squared Euclidean distances, exact zeros on the diagonal."""
     sq = (x * x).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min_(0.0)
+    total = sq[:, None] + sq[None, :]
+    d2 = total - 2.0 * (x @ x.T)
+    # below the rounding error of this formula a squared distance is 0 (identical rows)
+    d2.masked_fill_(d2 <= 16 * torch.finfo(x.dtype).eps * total, 0.0)
     d2.fill_diagonal_(0.0)
     return d2
 
@@ -140,14 +140,204 @@ def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> torch.Tens
     return (trace + sums - 2.0 / (n - 2) * cross) / (n * (n - 3))
 
 
-def _kernel(x: torch.Tensor, kernel: str, sigma: float | None) -> torch.Tensor:
-    return linear_kernel(x) if kernel == "linear" else rbf_kernel(x, sigma)
+# -- the CKA plan ----------------------------------------------------------------------------
 
 
-def _normalised(kl: torch.Tensor, kk: torch.Tensor, ll: torch.Tensor, eps: float, what: str) -> torch.Tensor:
-    check_positive(kk, f"{what}(a, a)")
-    check_positive(ll, f"{what}(b, b)")
-    return kl / (torch.sqrt(kk * ll) + eps)
+class CentredKernel:
+    """Per-layer state of CKA: streams rows of the centred kernel ``H K H`` (biased) or ``U(K)``
+    (unbiased) of centred, rescaled features ``x [n, d]``.
+
+    ``kernel_scale``: the factor by which rescaling multiplied the kernel (``s^2`` for the
+    linear kernel, 1 for RBF, whose bandwidth is rescaled with the features), so that ``eps``
+    can be applied in the units of the features as given.
+    """
+
+    def __init__(self, x: torch.Tensor, kernel: str, unbiased: bool, sigma, rows: int, kernel_scale: float):
+        self.n = x.shape[0]
+        self.kernel, self.unbiased, self.kernel_scale = kernel, unbiased, kernel_scale
+        sq = torch.linalg.vector_norm(x, dim=1) ** 2
+        self.x = x
+        if kernel == "rbf":
+            self.sigma = median_distance(x) if sigma is None else torch.as_tensor(sigma, dtype=x.dtype)
+            if not float(self.sigma) > 0:
+                raise ValueError(
+                    "the median pairwise distance is 0 (more than half the samples are identical), so the "
+                    "median-heuristic RBF bandwidth is undefined; pass sigma= explicitly"
+                )
+            self.sq = sq
+        self.left = self.right = x
+        if kernel == "linear":
+            # x is centred, so x x^T = H K H already; the unbiased centring needs its row sums.
+            self.row_sums = x @ x.sum(dim=0) - (sq if unbiased else 0.0)
+            if unbiased:
+                # U_ij = x_i.x_j - (r_i + r_j)/(n-2) + s/((n-1)(n-2)) (i != j) as ONE matmul of augmented
+                # features [x_i, -r_i/(n-2), 1] . [x_j, 1, -r_j/(n-2) + s/((n-1)(n-2))]: no extra passes
+                # over the n x n block, which are memory-bound and cost as much as the matmul itself.
+                n, shift = self.n, -self.row_sums / (self.n - 2)
+                const = self.row_sums.sum() / ((n - 1) * (n - 2))
+                ones = torch.ones_like(shift)
+                self.left = torch.cat([x, shift[:, None], ones[:, None]], dim=1)
+                self.right = torch.cat([x, ones[:, None], (shift + const)[:, None]], dim=1)
+        else:
+            buf = torch.empty(min(rows, self.n), self.n, dtype=x.dtype, device=x.device)
+            sums = []
+            for s in range(0, self.n, rows):
+                e = min(self.n, s + rows)
+                sums.append(self._raw_into(s, e, buf[: e - s]).sum(dim=1))
+            self.row_sums = torch.cat(sums)
+        self.total = self.row_sums.sum()
+
+    def _raw_into(self, s: int, e: int, out: torch.Tensor, c0: int = 0) -> torch.Tensor:
+        """Block ``K[s:e, c0:]`` (linear unbiased: already ``U(K)``) written into ``out [e - s, n - c0]``;
+        diagonal zeroed when unbiased. Needs ``c0 <= s``."""
+        torch.matmul(self.left[s:e], self.right[c0:].T, out=out)
+        rows = torch.arange(e - s, device=out.device)
+        diag = (rows, rows + s - c0)
+        if self.kernel == "rbf":  # exp(-(|x_i|^2 + |x_j|^2 - 2 x_i.x_j) / (2 sigma^2))
+            out.mul_(-2.0).add_(self.sq[s:e, None]).add_(self.sq[None, c0:]).clamp_min_(0.0)
+            out.mul_(-0.5 / float(self.sigma) ** 2).exp_()
+            out[diag] = 1.0
+        if self.unbiased:
+            out[diag] = 0.0
+        return out
+
+    def centred_into(self, s: int, e: int, out: torch.Tensor, c0: int = 0) -> torch.Tensor:
+        """Block ``C[s:e, c0:]`` of the centred kernel written into ``out [e - s, n - c0]``."""
+        self._raw_into(s, e, out, c0)
+        n, r = self.n, self.row_sums
+        if self.unbiased and self.kernel == "rbf":  # U_ij = K~_ij - (r_i + r_j)/(n-2) + s/((n-1)(n-2))
+            out.sub_(r[s:e, None] / (n - 2)).sub_(r[None, c0:] / (n - 2)).add_(self.total / ((n - 1) * (n - 2)))
+            rows = torch.arange(e - s, device=out.device)
+            out[rows, rows + s - c0] = 0.0
+        elif self.kernel == "rbf":  # H K H (linear kernels were centred through their features)
+            out.sub_(r[s:e, None] / n).sub_(r[None, c0:] / n).add_(self.total / n**2)
+        return out
+
+    def permuted(self, perm: torch.Tensor) -> "CentredKernel":
+        """The same layer with samples reordered (row ``i`` <- sample ``perm[i]``); no new bandwidth."""
+        other = object.__new__(CentredKernel)
+        other.__dict__.update(self.__dict__)
+        other.x = self.x[perm]
+        other.left, other.right = self.left[perm], self.right[perm]
+        other.row_sums = self.row_sums[perm]
+        if self.kernel == "rbf":
+            other.sq = self.sq[perm]
+        return other
+
+
+    def dense(self) -> torch.Tensor:
+        """The whole centred kernel ``[n, n]``."""
+        out = torch.empty(self.n, self.n, dtype=self.x.dtype, device=self.x.device)
+        rows = max(1, min(self.n, _BUDGET // max(1, self.n)))
+        for s in range(0, self.n, rows):
+            self.centred_into(s, min(self.n, s + rows), out[s : s + rows])
+        return out
+
+
+def _cka_null(a: CentredKernel, b: CentredKernel, perms: torch.Tensor, eps: float = 0.0, unbiased: bool = False, **_):
+    """``[P]`` CKA of ``a`` against ``b`` permuted by each row of ``perms``: centring commutes with
+    permuting samples, so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominator is unchanged."""
+    ck, cl = a.dense(), b.dense()
+    kk, ll = (ck.double() ** 2).sum(), (cl.double() ** 2).sum()
+    n = a.n
+    c = n * (n - 3) if unbiased else 1.0
+    denom = torch.sqrt(kk * ll) + eps * c * a.kernel_scale * b.kernel_scale
+    flat = ck.flatten()
+    null = [torch.dot(flat, cl.index_select(0, p).index_select(1, p).flatten()).double() for p in perms]
+    return torch.stack(null) / denom
+
+
+def prepare_kernel(
+    x64: torch.Tensor, ctx, kernel: str = "linear", unbiased: bool = False, sigma=None, eps: float = 0.0, **_
+) -> CentredKernel:
+    """Per-layer work of CKA: centre in float64, rescale exactly, set up the centred-kernel rows."""
+    if unbiased:
+        check_min_samples(x64.shape[0], 4, "unbiased CKA")
+    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name)
+    if kernel == "rbf":
+        bandwidth = None if sigma is None else float(sigma) * c.scale
+        return CentredKernel(c.xc, kernel, unbiased, bandwidth, ctx.rows, 1.0)
+    return CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2)
+
+
+def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.0, unbiased: bool = False, **_):
+    """``[Lx, Ly]`` CKA from the centred kernels: ``<C_x, C_y> / (||C_x|| ||C_y|| + eps')``."""
+    same = ys is xs
+    kernels = list(xs) + ([] if same else list(ys))
+    n = kernels[0].n
+    dtype, device = kernels[0].x.dtype, kernels[0].x.device
+    # Centred kernels are symmetric, so only the upper triangle is computed, in blocks of rows
+    # s:e against columns s:n; about 8 blocks make that close to half the work of full Grams.
+    rows = max(1, min(n, _BUDGET // max(1, len(kernels) * n), -(-n // 8)))
+    buffer = torch.empty(len(kernels) * rows * n, dtype=dtype, device=device)
+    inner = torch.zeros(len(kernels), len(kernels), dtype=torch.float64, device=device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        block = buffer[: len(kernels) * (e - s) * (n - s)].view(len(kernels), e - s, n - s)
+        for out, k in zip(block, kernels):
+            k.centred_into(s, e, out, c0=s)
+        # <C_l, C_m> over rows s:e counts the square block C[s:e, s:e] once and C[s:e, e:] twice
+        # (it stands for its mirror C[e:, s:e] too). One GEMM for all layers of both models.
+        whole = block.view(len(kernels), -1)
+        square = block[:, :, : e - s].reshape(len(kernels), -1)
+        inner += 2.0 * (whole @ whole.T).double() - (square @ square.T).double()
+    self_sims = inner.diagonal()
+    for value, k in zip(self_sims, kernels):
+        check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
+    lx = len(xs)
+    cross = inner if same else inner[:lx, lx:]
+    self_y = self_sims if same else self_sims[lx:]
+    c = n * (n - 3) if unbiased else 1.0
+    if eps:
+        scale_x = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=device)
+        scale_y = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=device)
+        eps_units = eps * c * scale_x[:, None] * scale_y[None, :]  # eps in HSIC units of the raw features
+    else:
+        eps_units = 0.0
+    return cross / (torch.sqrt(self_sims[:lx, None] * self_y[None, :]) + eps_units)
+
+
+_BUDGET = 2**26
+
+
+def _check_kernel_name(kernel: str) -> None:
+    check_choice(kernel, KERNELS, "kernel")
+
+
+def _check_sigma(sigma) -> None:
+    if sigma is not None and (isinstance(sigma, bool) or not float(sigma) > 0 or float(sigma) == float("inf")):
+        raise ValueError(f"sigma must be a positive finite number or None (median heuristic), got {sigma!r}")
+
+
+def _cka_bounds(unbiased: bool = False, **_):
+    """Biased CKA of PSD kernels is in [0, 1]; the unbiased estimator can go below 0."""
+    return (-1.0, 1.0) if unbiased else (0.0, 1.0)
+
+
+for _name, _unbiased in (("cka", False), ("unbiased_cka", True)):
+    _defaults = {"kernel": "linear", "sigma": None, "eps": 0.0}
+    if _name == "cka":
+        _defaults["unbiased"] = False
+
+    def _prepare(x64, ctx, _fixed=_unbiased, unbiased=None, **options):
+        return prepare_kernel(x64, ctx, unbiased=_fixed if unbiased is None else unbiased, **options)
+
+    def _pairs(xs, ys, _fixed=_unbiased, unbiased=None, **options):
+        return _cka_pairs(xs, ys, unbiased=_fixed if unbiased is None else unbiased, **options)
+
+    register_plan(
+        MetricPlan(
+            name=_name,
+            defaults=_defaults,
+            prepare=_prepare,
+            pairs=_pairs,
+            bounds=(lambda _fixed=_unbiased, unbiased=None, **o: _cka_bounds(_fixed if unbiased is None else unbiased)),
+            permute=CentredKernel.permuted,
+            null=(lambda a, b, perms, _fixed=_unbiased, unbiased=None, **o: _cka_null(a, b, perms, unbiased=_fixed if unbiased is None else unbiased, **o)),
+            resampling="jackknife",
+            option_checks={"kernel": _check_kernel_name, "sigma": _check_sigma},
+        )
+    )
 
 
 def cka(
@@ -157,93 +347,42 @@ def cka(
     unbiased: bool = False,
     sigma: float | None = None,
     eps: float = 0.0,
+    normalize: bool = True,
+    clip_quantile: float | None = None,
 ) -> torch.Tensor:
     """Centred kernel alignment of ``a [n, d_a]``, ``b [n, d_b]``; returns 0-dim.
 
     ``CKA = HSIC(K, L) / (sqrt(HSIC(K, K) HSIC(L, L)) + eps)`` with ``K = k(a)``, ``L = k(b)``,
     ``kernel="linear"`` (``a a^T``) or ``"rbf"`` (``exp(-||a_i - a_j||^2 / (2 sigma^2))``,
     ``sigma=None``: median pairwise distance of each input). ``unbiased`` picks the HSIC
-    estimator (needs ``n >= 4``). ``eps=1e-6`` reproduces platonic-rep.
+    estimator (needs ``n >= 4``). ``eps=1e-6`` reproduces platonic-rep. ``normalize=True``
+    (the default in every entry point, the PRH protocol) L2-normalises rows first; pass
+    ``normalize=False`` for CKA of the features as given (Kornblith et al. 2019).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = torch.randn(100, 16, generator=g)
+    >>> q = torch.linalg.qr(torch.randn(16, 16, generator=g)).Q
+    >>> round(float(cka(a, 5 * a @ q + 1000, normalize=False)), 5)  # rotation, scale, offset
+    1.0
     """
-    check_pair(a, b)
-    check_choice(kernel, KERNELS, "kernel")
-    if unbiased:
-        check_min_samples(a.shape[0], 4, "unbiased CKA")
-    K, L = _kernel(a, kernel, sigma), _kernel(b, kernel, sigma)
-    kk, ll = hsic(K, K, unbiased), hsic(L, L, unbiased)
-    n = a.shape[0]
-    scale = n * (n - 3) if unbiased else 1  # hsic(K, K) * scale = ||centred K||_F^2
-    check_centred_signal(kk * scale, float(K.abs().max()), n, K.dtype, "a")
-    check_centred_signal(ll * scale, float(L.abs().max()), n, L.dtype, "b")
-    return hsic(K, L, unbiased) / (torch.sqrt(kk * ll) + eps)
+    return score_pair("cka", a, b, normalize, clip_quantile, kernel=kernel, unbiased=unbiased, sigma=sigma, eps=eps)
 
 
 def unbiased_cka(
-    a: torch.Tensor, b: torch.Tensor, kernel: str = "linear", sigma: float | None = None, eps: float = 0.0
+    a: torch.Tensor,
+    b: torch.Tensor,
+    kernel: str = "linear",
+    sigma: float | None = None,
+    eps: float = 0.0,
+    normalize: bool = True,
+    clip_quantile: float | None = None,
 ) -> torch.Tensor:
-    """CKA with the unbiased HSIC estimator (Song et al. 2012); see :func:`cka`. ``n >= 4``."""
-    return cka(a, b, kernel=kernel, unbiased=True, sigma=sigma, eps=eps)
+    """CKA with the unbiased HSIC estimator (Song et al. 2012); see :func:`cka`. ``n >= 4``.
 
+    About 0 for independent features at any ``n`` (the biased estimator is not).
 
-def _neighbour_mask(P: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:
-    idx = knn_from_gram(P, k, exclude_self=exclude_self)
-    return torch.zeros_like(P, dtype=torch.bool).scatter_(1, idx, True)
-
-
-def _cknna_similarity(P: torch.Tensor, Q: torch.Tensor, k: int, unbiased: bool) -> torch.Tensor:
-    mask = _neighbour_mask(P, k, unbiased) & _neighbour_mask(Q, k, unbiased)
-    return hsic(P * mask, Q * mask, unbiased)
-
-
-def cknna(a: torch.Tensor, b: torch.Tensor, k: int = 10, unbiased: bool = True, eps: float = 0.0) -> torch.Tensor:
-    """Centred kernel nearest-neighbour alignment (Huh et al. 2024); returns 0-dim.
-
-    ``K = a a^T``, ``L = b b^T``. For kernels ``P, Q`` let ``M_ij = 1`` iff ``j`` is among the
-    top-``k`` of row ``i`` of both ``P`` and ``Q`` (self excluded when ``unbiased``), and
-    ``sim(P, Q) = HSIC(M∘P, M∘Q)`` (unbiased or biased estimator to match). Then
-    ``CKNNA = sim(K, L) / (sqrt(sim(K, K) sim(L, L)) + eps)``; ``2 <= k < n``. Not exactly
-    symmetric in ``(a, b)`` (the masked kernels are asymmetric), as in the reference.
+    >>> a = torch.randn(64, 8)
+    >>> round(float(unbiased_cka(a, a)), 5)
+    1.0
     """
-    check_pair(a, b)
-    check_k(k, a.shape[0], minimum=2)
-    if unbiased:
-        check_min_samples(a.shape[0], 4, "unbiased CKNNA")
-    K, L = linear_kernel(a), linear_kernel(b)
-    kl = _cknna_similarity(K, L, k, unbiased)
-    kk = _cknna_similarity(K, K, k, unbiased)
-    ll = _cknna_similarity(L, L, k, unbiased)
-    return _normalised(kl, kk, ll, eps, "the CKNNA self-similarity sim")
-
-
-def masked_hsic_from_neighbours(
-    idx_a: torch.Tensor, val_a: torch.Tensor, idx_b: torch.Tensor, val_b: torch.Tensor
-) -> torch.Tensor:
-    """Unbiased ``HSIC(M∘P, M∘Q)`` of CKNNA from neighbour lists, in ``O(n k^2)``.
-
-    Args:
-        idx_a, val_a: ``[..., n, k]`` top-``k`` neighbours of each row of ``P`` (self excluded)
-            and their kernel values ``P[i, idx_a[i, s]]``.
-        idx_b, val_b: the same for ``Q``. Leading dims broadcast (many pairs at once).
-
-    Returns:
-        ``[...]``: the unbiased HSIC of the masked kernels, equal to
-        ``hsic(P * M, Q * M, unbiased=True)`` with ``M`` the shared-neighbour mask.
-    """
-    idx_a, val_a, idx_b, val_b = torch.broadcast_tensors(idx_a, val_a, idx_b, val_b)
-    n = idx_a.shape[-2]
-    equal = idx_a.unsqueeze(-1) == idx_b.unsqueeze(-2)  # [..., n, k, k]
-    p = val_a * equal.any(dim=-1)  # P'[i, idx_a[i, s]]
-    q = (equal * val_b.unsqueeze(-2)).sum(dim=-1)  # Q'[i, idx_a[i, s]]
-    col_p = torch.zeros_like(p[..., 0]).scatter_add_(-1, idx_a.flatten(-2), p.flatten(-2))
-    cross = (col_p * q.sum(dim=-1)).sum(dim=-1)
-    # tr(P'Q') = Σ_(i,j) P'_ij Q'_ji: look row j = idx_a[i, s] up for an entry pointing back at i.
-    lead = idx_a.shape[:-2]
-    k = idx_a.shape[-1]
-    rows = idx_a.reshape(*lead, n * k, 1).expand(*lead, n * k, k)
-    back_idx = torch.gather(idx_a, -2, rows).reshape(*lead, n, k, k)
-    back_q = torch.gather(q, -2, rows).reshape(*lead, n, k, k)
-    me = torch.arange(n, device=idx_a.device).view(n, 1, 1)
-    q_back = ((back_idx == me) * back_q).sum(dim=-1)  # Q'_ji
-    trace = (p * q_back).sum(dim=(-2, -1))
-    sums = p.sum(dim=(-2, -1)) * q.sum(dim=(-2, -1)) / ((n - 1) * (n - 2))
-    return (trace + sums - 2.0 / (n - 2) * cross) / (n * (n - 3))
+    return score_pair("unbiased_cka", a, b, normalize, clip_quantile, kernel=kernel, sigma=sigma, eps=eps)

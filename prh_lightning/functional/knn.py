@@ -1,36 +1,69 @@
-"""k-nearest-neighbour metrics (platonic-rep definitions).
+"""k-nearest-neighbour metrics (platonic-rep definitions) and their plan.
 
-Neighbours are found by inner product on the features as given (callers L2-normalise rows
-for cosine neighbours; ``alignment_matrix(normalize=True)`` does). A sample is never its own
-neighbour. Ties are broken deterministically: larger similarity first, then lower index first
-(what a stable descending sort gives).
+Neighbours are found by inner product on the (by default L2-normalised) features. A sample
+is never its own neighbour. Ties are broken deterministically: larger similarity first, then
+lower index first (what a stable descending sort gives).
 
-Building blocks usable on their own (e.g. by streaming metrics): :func:`knn_indices`,
-:func:`knn_from_gram`, and the ``*_from_indices`` scorers, which broadcast over leading
-batch dimensions so many layer pairs can be scored at once and return exact float64 scores
-(the metrics cast them to the input dtype).
+Numerics: for a fixed row ``i`` the ranking by ``x_i . x_j`` equals the ranking by
+``x_i . (x_j - m)`` for any ``m``, and ``x_i . (x_j - m) = (x_i - m).(x_j - m) + m.(x_j - m)``.
+With ``m`` the column mean both terms are formed from centred features, so a large common
+offset does not swamp the float32 Gram. Rows whose float32 top-``k + 1`` values are closer
+than the rounding error bound are ranked again exactly in float64 from the features, so
+float32 input gives the float64 neighbour lists.
+
+Building blocks (also in :mod:`prh_lightning.functional.utils`): :func:`knn_indices`,
+:func:`knn_from_gram` and the ``*_from_indices`` scorers, which broadcast over leading batch
+dimensions so many layer pairs can be scored at once.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from ._validation import check_features, check_k, check_pair
+from ._numerics import Centred, centre
+from ._plan import MetricPlan, register_plan, score_pair
+from ._validation import check_features, check_k
 
-__all__ = [
-    "knn_from_gram",
-    "knn_indices",
-    "mutual_knn",
-    "cycle_knn",
-    "lcs_knn",
-    "edit_distance_knn",
-    "mutual_knn_from_indices",
-    "cycle_knn_from_indices",
-    "lcs_knn_from_indices",
-    "edit_distance_knn_from_indices",
-    "lcs_lengths",
-    "edit_distances",
-]
+__all__ = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn"]
+
+_BUDGET = 2**26  # elements per streamed block (256 MB in float32)
+_WHOLE_GRAM = 2**27  # up to this many elements (512 MB in float32, n <= 11,585) a whole Gram is kept
+
+
+# -- ranking rows of a similarity matrix ---------------------------------------------------
+
+
+def _top_k(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` columns of each row of ``g [c, n]`` (excluded entries already ``-inf``).
+
+    Returns ``(index [c, k], values [c, k + 1])`` (the ``k + 1``-th value, or ``-inf`` when
+    ``k = n``, tells how far the last kept neighbour is from the first left out). Ties:
+    larger value first, then lower index.
+    """
+    c, n = g.shape
+    values, index = torch.topk(g, min(k + 1, n), dim=1, sorted=True)
+    if k >= n:
+        values = torch.cat([values, values.new_full((c, 1), float("-inf"))], dim=1)
+    # Only rows whose k-th value is tied with the one left out are arbitrary in topk: redo them
+    # with a stable sort (lower index first).
+    ambiguous = values[:, k] == values[:, k - 1]
+    index = index[:, :k]
+    if bool(ambiguous.any()):
+        redo = ambiguous.nonzero().flatten()
+        index[redo] = torch.sort(g[redo], dim=1, descending=True, stable=True).indices[:, :k]
+    # topk orders by value; rows with tied values inside the list need (value desc, index asc).
+    kept = torch.gather(g, 1, index)
+    tied = (kept[:, 1:] == kept[:, :-1]).any(dim=1)
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        sub_index, order = torch.sort(index[rows], dim=1)
+        sub_values = torch.gather(kept[rows], 1, order)
+        order = torch.sort(sub_values, dim=1, descending=True, stable=True).indices
+        index[rows] = torch.gather(sub_index, 1, order)
+    return index, values
 
 
 def knn_from_gram(
@@ -55,9 +88,18 @@ def knn_from_gram(
 
     Returns:
         ``[c, k]`` long indices, most similar first; ties: lower index first.
+
+    >>> knn_from_gram(torch.tensor([[9.0, 1.0, 3.0, 3.0]]), k=2)
+    tensor([[2, 3]])
     """
     c, n = gram_rows.shape
     g = gram_rows if overwrite else gram_rows.clone()
+    _exclude(g, row_offset, groups, exclude_self, k)
+    return _top_k(g, k)[0]
+
+
+def _exclude(g: torch.Tensor, row_offset: int, groups: torch.Tensor | None, exclude_self: bool, k: int) -> None:
+    c, n = g.shape
     if exclude_self:
         rows = torch.arange(c, device=g.device)
         g[rows, rows + row_offset] = float("-inf")
@@ -66,24 +108,6 @@ def knn_from_gram(
         available = n - torch.bincount(groups)[groups[row_offset : row_offset + c]]
         if bool((available < k).any()):
             raise ValueError(f"k={k} exceeds the number of distinct other samples ({int(available.min())})")
-    # One extra candidate tells whether the k-th value is tied with one left out: only then is
-    # topk's choice arbitrary, and those rows are redone with a stable sort (lower index first).
-    values, index = torch.topk(g, min(k + 1, n), dim=1, sorted=True)
-    ambiguous = values[:, k] == values[:, k - 1] if k < n else torch.zeros(c, dtype=torch.bool, device=g.device)
-    values, index = values[:, :k], index[:, :k]
-    if bool(ambiguous.any()):
-        redo = ambiguous.nonzero().flatten()
-        index[redo] = torch.sort(g[redo], dim=1, descending=True, stable=True).indices[:, :k]
-        values[redo] = torch.gather(g[redo], 1, index[redo])
-    # topk already orders by similarity; only rows with tied values need (value desc, index asc).
-    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
-    if bool(tied.any()):
-        rows = tied.nonzero().flatten()
-        sub_index, order = torch.sort(index[rows], dim=1)
-        sub_values = torch.gather(values[rows], 1, order)
-        order = torch.sort(sub_values, dim=1, descending=True, stable=True).indices
-        index[rows] = torch.gather(sub_index, 1, order)
-    return index
 
 
 def _auto_rows(n: int, budget_elements: int = 2**25) -> int:
@@ -93,13 +117,19 @@ def _auto_rows(n: int, budget_elements: int = 2**25) -> int:
 def knn_indices(
     x: torch.Tensor, k: int = 10, groups: torch.Tensor | None = None, batch_size: int | None = None
 ) -> torch.Tensor:
-    """Top-``k`` neighbours of each row of ``x [n, d]`` by inner product ``x @ x.T``.
+    """Top-``k`` neighbours of each row of ``x [n, d]`` by inner product ``x @ x.T``, as given.
 
     Self excluded; ties: lower index first. Computed in row chunks of ``batch_size`` rows
     (default: chunks of at most ~32M similarity entries), so memory stays ``O(batch_size * n)``.
+    A building block: the metrics use the exact, offset-robust search of :class:`Neighbours`.
 
     Returns:
         ``[n, k]`` long indices, most similar first.
+
+    >>> knn_indices(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), k=1)
+    tensor([[1],
+            [0],
+            [1]])
     """
     check_features(x, "x")
     n = x.shape[0]
@@ -107,6 +137,102 @@ def knn_indices(
     step = batch_size or _auto_rows(n)
     out = [knn_from_gram(x[s : s + step] @ x.T, k, s, groups, overwrite=True) for s in range(0, n, step)]
     return torch.cat(out)
+
+
+# -- exact neighbour search on conditioned features ----------------------------------------
+
+
+@dataclass
+class Neighbours:
+    """Per-layer state of the k-NN metrics: ``idx [n, k]`` neighbour lists (most similar first).
+
+    ``x64 [n, d]`` (float64, the conditioned features, possibly rescaled by a power of two)
+    is kept only when a caller needs kernel values at the neighbours (CKNNA).
+    """
+
+    idx: torch.Tensor
+    x64: torch.Tensor | None = None
+
+
+def _symmetric_gram_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [n, n] = x x^T`` for ``x [n, d]``, multiplying only the upper triangle.
+
+    Row block ``s:e`` is multiplied against columns ``s:n`` only and then mirrored into the
+    lower triangle, so 8 blocks cost 9/16 of a full product; the result is exactly symmetric.
+    """
+    n = x.shape[0]
+    rows = max(64, -(-n // 8))
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        torch.mm(x[s:e], x[s:].T, out=out[s:e, s:])
+        out[e:, s:e].copy_(out[s:e, e:].T)
+    return out
+
+
+def gram_buffer(n: int, block_rows: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    """One ``[n, n]`` buffer reused for every layer's whole Gram matrix, or ``None`` to stream
+    row blocks (when ``block_rows`` asks for streaming or ``n^2`` exceeds 512 MB)."""
+    if block_rows is not None or n * n > _WHOLE_GRAM:
+        return None
+    return torch.empty(n, n, dtype=like.dtype, device=like.device)
+
+
+def exact_neighbours(
+    c: Centred,
+    x64: torch.Tensor,
+    k: int,
+    rows: int,
+    gram: torch.Tensor | None = None,
+    exclude_self: bool = True,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[n, k]`` neighbours of ``x64`` by inner product, from its centred copy ``c``.
+
+    Scores are ``r_ij = (xc_i . xc_j) + (m . xc_j)`` in the compute dtype (same ranking per row
+    as ``x_i . x_j``). In float32, rows whose top ``k + 1`` scores are not separated by more
+    than a rounding-error bound are ranked again in float64 from ``x64`` directly.
+    """
+    xc = c.xc
+    n, d = xc.shape
+    exact = xc.dtype == torch.float64
+    shift = (c.xc64 if c.xc64 is not None else xc.double()) @ c.mean  # [n]: m . xc_j
+    shift_c = shift.to(xc.dtype)
+    if not exact:
+        norms = torch.linalg.vector_norm(xc, dim=1)
+        # |fl(r_ij) - r_ij| <~ eps (sqrt(d) |xc_i| |xc_j| + |m . xc_j| + |r_ij|): a generous bound
+        eps = float(torch.finfo(xc.dtype).eps)
+        base = 8 * eps * (math.sqrt(d) * norms * float(norms.max()) + float(shift.abs().max()))
+    idx_blocks, redo_rows = [], []
+    for s in range(0, n, n if gram is not None else rows):
+        e = n if gram is not None else min(n, s + rows)
+        if gram is not None:
+            block = _symmetric_gram_into(xc, gram)
+        else:
+            block = xc[s:e] @ xc.T
+        block.add_(shift_c[None, :])
+        _exclude(block, s, groups, exclude_self, k)
+        idx, values = _top_k(block, k)
+        if not exact:
+            finite = torch.isfinite(values)
+            scale = values.abs().where(finite, 0.0).amax(dim=1)
+            tol = base[s:e] + 8 * eps * scale
+            gaps = (values[:, :-1] - values[:, 1:]).where(finite[:, 1:], float("inf"))
+            redo = (gaps <= 2 * tol[:, None]).any(dim=1).nonzero().flatten()
+            if redo.numel():
+                redo_rows.append(redo + s)
+        idx_blocks.append(idx)
+    idx = torch.cat(idx_blocks)
+    if redo_rows:
+        rows_redo = torch.cat(redo_rows)
+        for s in range(0, rows_redo.numel(), rows):
+            r = rows_redo[s : s + rows]
+            g64 = x64[r] @ x64.T  # the inner products themselves: exact ties stay exact
+            if exclude_self:
+                g64[torch.arange(r.numel(), device=r.device), r] = float("-inf")
+            if groups is not None:
+                g64.masked_fill_(groups[r, None] == groups[None, :], float("-inf"))
+            idx[r] = _top_k(g64, k)[0]
+    return idx
 
 
 # -- scorers on neighbour lists (broadcast over leading dims) ------------------------------
@@ -118,7 +244,11 @@ def _shared(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
 
 
 def mutual_knn_from_indices(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
-    """``mean_i |N_a(i) ∩ N_b(i)| / k`` from ``[..., n, k]`` neighbour lists; returns ``[...]``."""
+    """``mean_i |N_a(i) ∩ N_b(i)| / k`` from ``[..., n, k]`` neighbour lists; returns float64 ``[...]``.
+
+    >>> mutual_knn_from_indices(torch.tensor([[1, 2], [0, 2], [0, 1]]), torch.tensor([[1, 0], [2, 0], [1, 0]]))
+    tensor(0.5000, dtype=torch.float64)
+    """
     n, k = idx_a.shape[-2:]
     return _shared(idx_a, idx_b).sum(dim=(-2, -1)).double() / (n * k)
 
@@ -126,7 +256,7 @@ def mutual_knn_from_indices(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.T
 def cycle_knn_from_indices(
     idx_a: torch.Tensor, idx_b: torch.Tensor, groups: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``mean_i 1[i ∈ N_a(N_b(i))]`` from ``[..., n, k]`` lists; returns ``[...]``.
+    """``mean_i 1[i ∈ N_a(N_b(i))]`` from ``[..., n, k]`` lists; returns float64 ``[...]``.
 
     With ``groups`` (``[n]`` ids), reaching any sample with ``i``'s id counts as a return.
     """
@@ -147,20 +277,30 @@ def _second_hop(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
 
 
 def lcs_lengths(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
-    """Longest-common-subsequence length of each pair of ordered lists ``[..., k]`` -> ``[...]``."""
+    """Longest-common-subsequence length of each pair of ordered lists ``[..., k]`` -> ``[...]``.
+
+    >>> lcs_lengths(torch.tensor([1, 2, 3]), torch.tensor([2, 9, 3]))
+    tensor(2)
+    """
     equal = idx_a.unsqueeze(-1) == idx_b.unsqueeze(-2)  # [..., k, k]
     ka, kb = equal.shape[-2:]
     table = [[torch.zeros(equal.shape[:-2], dtype=torch.long, device=idx_a.device)] * (kb + 1)]
     for i in range(1, ka + 1):
         row = [table[0][0]]
         for j in range(1, kb + 1):
-            row.append(torch.where(equal[..., i - 1, j - 1], table[i - 1][j - 1] + 1, torch.maximum(table[i - 1][j], row[j - 1])))
+            row.append(
+                torch.where(equal[..., i - 1, j - 1], table[i - 1][j - 1] + 1, torch.maximum(table[i - 1][j], row[j - 1]))
+            )
         table.append(row)
     return table[ka][kb]
 
 
 def edit_distances(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
-    """Levenshtein distance (unit insert/delete/substitute) of ordered lists ``[..., k]`` -> ``[...]``."""
+    """Levenshtein distance (unit insert/delete/substitute) of ordered lists ``[..., k]`` -> ``[...]``.
+
+    >>> edit_distances(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4]))
+    tensor(2)
+    """
     equal = idx_a.unsqueeze(-1) == idx_b.unsqueeze(-2)
     ka, kb = equal.shape[-2:]
     zero = torch.zeros(equal.shape[:-2], dtype=torch.long, device=idx_a.device)
@@ -185,46 +325,156 @@ def edit_distance_knn_from_indices(idx_a: torch.Tensor, idx_b: torch.Tensor) -> 
     return 1.0 - edit_distances(idx_a, idx_b).sum(dim=-1).double() / (n * k)
 
 
-# -- metrics on features -------------------------------------------------------------------
+_SCORERS = {
+    "mutual_knn": mutual_knn_from_indices,
+    "cycle_knn": cycle_knn_from_indices,
+    "lcs_knn": lcs_knn_from_indices,
+    "edit_distance_knn": edit_distance_knn_from_indices,
+}
 
 
-def _pair_indices(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    check_pair(a, b)
-    check_k(k, a.shape[0])
-    return knn_indices(a, k), knn_indices(b, k)
+# -- the plan: neighbour lists once per layer, pairs scored in batches ----------------------
 
 
-def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Mutual k-NN alignment of paired features ``a [n, d_a]``, ``b [n, d_b]``.
+def prepare_neighbours(x64: torch.Tensor, ctx, k: int = 10, groups: torch.Tensor | None = None) -> Neighbours:
+    """Per-layer work of the k-NN metrics: exact ``[n, k]`` neighbour lists of ``x64 [n, d]``."""
+    n = x64.shape[0]
+    check_k(k, n)
+    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, keep64=True, exact_mean=False)
+    # x64 rescaled like c (exact power of two): same ranking, no overflow in the float64 redo
+    return Neighbours(exact_neighbours(c, x64 * c.scale, k, ctx.rows, ctx.gram(n), groups=groups))
+
+
+def permute_neighbours(state: Neighbours, perm: torch.Tensor) -> Neighbours:
+    """Neighbour lists of the layer with its samples reordered (row ``i`` <- sample ``perm[i]``):
+    ``N_{x∘π}(i) = π^{-1}(N_x(π(i)))``. ``perm`` may be ``[P, n]`` (many at once)."""
+    inverse = torch.argsort(perm, dim=-1)
+    moved = state.idx[perm]  # [..., n, k]
+    if perm.ndim == 1:
+        return Neighbours(inverse[moved])
+    return Neighbours(torch.gather(inverse, 1, moved.flatten(1)).reshape(moved.shape))
+
+
+def _mutual_knn_matrix(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> torch.Tensor:
+    """``|N_x(i) ∩ N_y(i)|`` summed over samples by looking ``y``'s lists up in ``x``'s 0/1 mask.
+
+    Per x-layer: scatter its ``n k`` neighbours into an ``[n, n]`` bool mask, then gather at the
+    ``n k`` neighbours of every y-layer: ``O(n^2 + L n k)`` instead of ``O(L n k^2)`` comparisons.
+    """
+    n, k = idx_x[0].shape[-2:]
+    stacked = torch.stack(idx_y)  # [Ly, n, k]
+    rows = torch.arange(n, device=stacked.device)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=stacked.device)
+    out = []
+    for idx in idx_x:
+        mask.zero_()
+        mask[rows[:, None], idx] = True
+        hits = mask[rows[None, :, None], stacked]  # [Ly, n, k]
+        out.append(hits.sum(dim=(1, 2)).double() / (n * k))
+    return torch.stack(out)
+
+
+def _pairwise(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor], scorer, cost: int) -> torch.Tensor:
+    step = max(1, _BUDGET // max(1, cost))
+    stacked = torch.stack(idx_y)
+    return torch.stack(
+        [torch.cat([scorer(i, stacked[j : j + step]) for j in range(0, len(idx_y), step)]) for i in idx_x]
+    )
+
+
+def _knn_pairs(name: str):
+    def pairs(xs: list[Neighbours], ys: list[Neighbours], k: int = 10, groups: torch.Tensor | None = None) -> torch.Tensor:
+        ix, iy = [s.idx for s in xs], [s.idx for s in ys]
+        if name == "mutual_knn":
+            return _mutual_knn_matrix(ix, iy)
+        if name == "cycle_knn" and groups is not None:
+            return torch.stack([torch.stack([cycle_knn_from_indices(a, b, groups) for b in iy]) for a in ix])
+        n = ix[0].shape[0]
+        cost = n * k * k * (16 if name in ("lcs_knn", "edit_distance_knn") else 1)
+        return _pairwise(ix, iy, _SCORERS[name], cost)
+
+    return pairs
+
+
+_RANGES = {
+    "mutual_knn": lambda k=10, **_: (0.0, 1.0),
+    "cycle_knn": lambda k=10, **_: (0.0, 1.0),
+    "lcs_knn": lambda k=10, **_: (0.0, float(k)),
+    "edit_distance_knn": lambda k=10, **_: (0.0, 1.0),
+}
+
+for _name in _SCORERS:
+    register_plan(
+        MetricPlan(
+            name=_name,
+            defaults={"k": 10},
+            prepare=prepare_neighbours,
+            pairs=_knn_pairs(_name),
+            bounds=_RANGES[_name],
+            permute=permute_neighbours,
+            resampling="groups",
+        )
+    )
+
+
+def mutual_knn(
+    a: torch.Tensor, b: torch.Tensor, k: int = 10, normalize: bool = True, clip_quantile: float | None = None
+) -> torch.Tensor:
+    """Mutual k-NN alignment of paired features ``a [n, d_a]``, ``b [n, d_b]``; 0-dim.
 
     ``score = (1/n) Σ_i |N_a(i) ∩ N_b(i)| / k`` with ``N_x(i)`` the top-``k`` rows of
     ``x @ x.T`` (self excluded). 1 for identical neighbourhoods, about ``k/(n-1)`` by chance.
-    Returns a 0-dim float32 tensor.
+    ``normalize=True`` (default in every entry point, the PRH protocol) L2-normalises rows
+    first, so neighbours are by cosine similarity.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = torch.randn(50, 8, generator=g)
+    >>> float(mutual_knn(a, 3 * a @ torch.linalg.qr(torch.randn(8, 8, generator=g)).Q, k=5))
+    1.0
     """
-    return mutual_knn_from_indices(*_pair_indices(a, b, k)).to(a.dtype)
+    return score_pair("mutual_knn", a, b, normalize, clip_quantile, k=k)
 
 
-def cycle_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Cycle k-NN: fraction of samples ``i`` found among the a-neighbours of their b-neighbours.
+def cycle_knn(
+    a: torch.Tensor, b: torch.Tensor, k: int = 10, normalize: bool = True, clip_quantile: float | None = None
+) -> torch.Tensor:
+    """Cycle k-NN: fraction of samples ``i`` found among the a-neighbours of their b-neighbours; 0-dim.
 
     ``score = (1/n) Σ_i 1[i ∈ ∪_{j ∈ N_b(i)} N_a(j)]`` (platonic-rep ``knn_A[knn_B]``).
+    ``normalize=True`` (default everywhere) L2-normalises rows first.
+
+    >>> a = torch.randn(40, 6)
+    >>> float(cycle_knn(a, a, k=3))
+    1.0
     """
-    idx_a, idx_b = _pair_indices(a, b, k)
-    return cycle_knn_from_indices(idx_a, idx_b).to(a.dtype)
+    return score_pair("cycle_knn", a, b, normalize, clip_quantile, k=k)
 
 
-def lcs_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Mean longest-common-subsequence length of the ordered neighbour lists.
+def lcs_knn(
+    a: torch.Tensor, b: torch.Tensor, k: int = 10, normalize: bool = True, clip_quantile: float | None = None
+) -> torch.Tensor:
+    """Mean longest-common-subsequence length of the ordered neighbour lists; 0-dim in ``[0, k]``.
 
-    ``score = (1/n) Σ_i LCS(N_a(i), N_b(i))``, in ``[0, k]`` (not divided by ``k``, as in
-    platonic-rep's ``longest_ordinal_sequence``).
+    ``score = (1/n) Σ_i LCS(N_a(i), N_b(i))`` (not divided by ``k``, as in platonic-rep's
+    ``longest_ordinal_sequence``). ``normalize=True`` (default everywhere) L2-normalises rows.
+
+    >>> a = torch.randn(40, 6)
+    >>> float(lcs_knn(a, a, k=4))
+    4.0
     """
-    return lcs_knn_from_indices(*_pair_indices(a, b, k)).to(a.dtype)
+    return score_pair("lcs_knn", a, b, normalize, clip_quantile, k=k)
 
 
-def edit_distance_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """One minus the mean Levenshtein distance of the ordered neighbour lists, over ``k``.
+def edit_distance_knn(
+    a: torch.Tensor, b: torch.Tensor, k: int = 10, normalize: bool = True, clip_quantile: float | None = None
+) -> torch.Tensor:
+    """One minus the mean Levenshtein distance of the ordered neighbour lists over ``k``; 0-dim.
 
-    ``score = 1 - (1/n) Σ_i lev(N_a(i), N_b(i)) / k``, in ``[0, 1]``.
+    ``score = 1 - (1/n) Σ_i lev(N_a(i), N_b(i)) / k``, in ``[0, 1]``. ``normalize=True``
+    (default everywhere) L2-normalises rows first.
+
+    >>> a = torch.randn(40, 6)
+    >>> float(edit_distance_knn(a, a, k=4))
+    1.0
     """
-    return edit_distance_knn_from_indices(*_pair_indices(a, b, k)).to(a.dtype)
+    return score_pair("edit_distance_knn", a, b, normalize, clip_quantile, k=k)

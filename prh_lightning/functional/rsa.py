@@ -1,12 +1,21 @@
-"""Representational similarity analysis: RDMs and their rank / linear correlation."""
+"""Representational similarity analysis: RDMs and their rank / linear correlation, and its plan.
+
+Per layer: one condensed RDM (``n (n - 1) / 2`` pairs ``i < j``), ranked once (Spearman),
+centred and scaled to unit norm in float64; every layer pair is then one dot product, so the
+whole ``[Lx, Ly]`` matrix is a single matrix product. Distances are formed from rows centred
+in float64 (all three distances are functions of ``||u_i - u_j||`` for some row transform
+``u``, which is translation invariant), so common offsets do not cost precision.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ._numerics import centre
+from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_choice, check_features, check_min_samples, check_pair, check_positive
 
-__all__ = ["rdm", "rsa", "condensed", "rankdata"]
+__all__ = ["rsa"]
 
 DISTANCES = ("correlation", "cosine", "euclidean")
 COMPARISONS = ("spearman", "pearson", "kendall")
@@ -56,46 +65,116 @@ def rankdata(v: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _check_spread(u: torch.Tensor, v: torch.Tensor) -> None:
-    for name, w in (("a", u), ("b", v)):
-        if bool((w == w[0]).all()):
-            raise ValueError(
-                f"all dissimilarities equal in the RDM of {name}, so their correlation is undefined (0/0); "
-                "check for collapsed representations"
-            )
+def _check_spread(u: torch.Tensor, name: str) -> None:
+    if bool((u == u[0]).all()):
+        raise ValueError(
+            f"all dissimilarities equal in the RDM of {name}, so its correlation with another RDM is undefined "
+            "(0/0); check for collapsed representations"
+        )
 
 
-def _pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    _check_spread(u, v)
-    u = u - u.mean()
+def _row_transform(x64: torch.Tensor, distance: str, name: str) -> torch.Tensor:
+    """Rows ``u`` with ``distance(x_i, x_j)`` a function of ``||u_i - u_j||`` (float64)."""
+    if distance == "euclidean":
+        return x64
+    rows = x64 - x64.mean(dim=1, keepdim=True) if distance == "correlation" else x64
+    return _unit_rows(rows, distance if distance == "correlation" else "cosine")
+
+
+def _condensed_distances(x64: torch.Tensor, distance: str, ctx) -> torch.Tensor:
+    """Condensed RDM ``[m]`` (float64) of conditioned features ``x64 [n, d]``."""
+    u = _row_transform(x64, distance, ctx.name)
+    c = centre(u, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
+    sq = (c.xc.double() ** 2).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (c.xc @ c.xc.T).double()).clamp_min_(0.0) / c.scale**2
+    v = condensed(d2)
+    if distance == "euclidean":
+        return v.sqrt()
+    return v / 2.0  # 1 - cos(u_i, u_j) = ||u_i - u_j||^2 / 2 for unit rows
+
+
+def _prepare(x64: torch.Tensor, ctx, distance: str = "correlation", compare: str = "spearman", **_) -> torch.Tensor:
+    """Per-layer work of RSA: the condensed RDM, ranked (Spearman), centred, unit norm: ``[m]`` float64."""
+    check_min_samples(x64.shape[0], 3, "rsa")
+    v = _condensed_distances(x64, distance, ctx)
+    _check_spread(v, ctx.name)
+    if compare == "kendall":
+        return v
+    if compare == "spearman":
+        v = rankdata(v)
     v = v - v.mean()
-    denom = u.norm() * v.norm()
-    check_positive(denom, "the spread of an RDM (all dissimilarities equal)")
-    return ((u @ v) / denom).clamp(-1.0, 1.0)  # rounding can leave |r| a hair above 1
+    norm = v.norm()
+    check_positive(norm, f"the spread of the RDM of {ctx.name}")
+    return v / norm
 
 
-def _kendall(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _pairs(xs: list[torch.Tensor], ys: list[torch.Tensor], compare: str = "spearman", **_) -> torch.Tensor:
+    if compare == "kendall":
+        return torch.tensor([[float(_kendall(u, v)) for v in ys] for u in xs], dtype=torch.float64, device=xs[0].device)
+    return (torch.stack(xs) @ torch.stack(ys).T).clamp(-1.0, 1.0)  # rounding can leave |r| a hair above 1
+
+
+def _kendall(u: torch.Tensor, v: torch.Tensor) -> float:
     from scipy.stats import kendalltau  # O(m log m) tau-b; runs on CPU
 
-    _check_spread(u, v)
-    tau = kendalltau(u.detach().double().cpu().numpy(), v.detach().double().cpu().numpy()).statistic
-    return torch.tensor(float(tau), dtype=u.dtype, device=u.device)
+    return float(kendalltau(u.detach().double().cpu().numpy(), v.detach().double().cpu().numpy()).statistic)
 
 
-def rsa(a: torch.Tensor, b: torch.Tensor, distance: str = "correlation", compare: str = "spearman") -> torch.Tensor:
-    """RSA score of ``a [n, d_a]``, ``b [n, d_b]``; returns 0-dim.
+def condensed_positions(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(iu [2, m], pos [n * n])``: the ``m = n(n-1)/2`` pairs ``i < j`` and, for any ``(i, j)``,
+    ``pos[i * n + j]`` = index of the unordered pair in the condensed vector (diagonal unused)."""
+    iu = torch.triu_indices(n, n, offset=1, device=device)
+    slot = torch.arange(iu.shape[1], device=device)
+    pos = torch.zeros(n, n, dtype=torch.long, device=device)
+    pos[iu[0], iu[1]] = slot
+    pos[iu[1], iu[0]] = slot
+    return iu, pos.flatten()
+
+
+def _permute(v: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Condensed vector of the RDM with samples reordered: entry ``(i, j)`` <- ``(perm[i], perm[j])``."""
+    m = v.shape[-1]
+    n = int(round((1 + (1 + 8 * m) ** 0.5) / 2))
+    iu, pos = condensed_positions(n, v.device)
+    return v[pos[perm[iu[0]] * n + perm[iu[1]]]]
+
+
+register_plan(
+    MetricPlan(
+        name="rsa",
+        defaults={"distance": "correlation", "compare": "spearman"},
+        prepare=_prepare,
+        pairs=_pairs,
+        bounds=lambda **_: (-1.0, 1.0),
+        permute=_permute,
+        resampling="jackknife",
+        option_checks={
+            "distance": lambda d: check_choice(d, DISTANCES, "distance"),
+            "compare": lambda c: check_choice(c, COMPARISONS, "compare"),
+        },
+    )
+)
+
+
+def rsa(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    distance: str = "correlation",
+    compare: str = "spearman",
+    normalize: bool = True,
+    clip_quantile: float | None = None,
+) -> torch.Tensor:
+    """RSA score of ``a [n, d_a]``, ``b [n, d_b]``; returns 0-dim in ``[-1, 1]``.
 
     ``score = compare(condensed(rdm(a)), condensed(rdm(b)))`` over the ``n(n-1)/2`` pairs
     ``i < j``: ``spearman`` (Pearson of average-tie ranks), ``pearson``, or ``kendall``
     (tau-b via ``scipy.stats.kendalltau``, computed on CPU). Symmetric in ``a, b``; ``n >= 3``.
+    ``normalize=True`` (default in every entry point) L2-normalises rows first (no effect on
+    correlation and cosine RDMs; pass ``normalize=False`` for Euclidean RDMs of raw features).
+
+    >>> a = torch.randn(30, 5)
+    >>> round(float(rsa(a, 2 * a + 7)), 5)
+    1.0
     """
     check_pair(a, b)
-    check_choice(compare, COMPARISONS, "compare")
-    check_min_samples(a.shape[0], 3, "rsa")
-    # The correlation is taken in float64: in float32 identical RDMs gave 1 + 1.5e-6 on a GPU.
-    u, v = condensed(rdm(a, distance)).double(), condensed(rdm(b, distance)).double()
-    if compare == "kendall":
-        return _kendall(u, v).to(a.dtype)
-    if compare == "spearman":
-        u, v = rankdata(u), rankdata(v)
-    return _pearson(u, v).to(a.dtype)
+    return score_pair("rsa", a, b, normalize, clip_quantile, distance=distance, compare=compare)

@@ -1,20 +1,16 @@
 """Uncertainty for any metric: permutation null (p-value, z-score) and bootstrap CI.
 
-Permutation null: shuffle the pairing (rows of ``b``) and rescore. For the k-NN metrics the
-neighbour lists are computed once and permuted (``N_{b∘π}(i) = π^{-1}(N_b(π(i)))``); for
-``cka`` / ``unbiased_cka`` the centred kernels are computed once and permuted (the
-denominator does not change), so 1,000 permutations at ``n = 1,000`` take seconds. (With
-exactly tied similarities the permuted lists may break ties differently from a recomputation.)
-For ``rsa`` with ``compare="spearman"`` or ``"pearson"`` (a Mantel test) both RDMs are
-computed once and their condensed upper triangles ranked once; shuffling the pairing permutes
-rows and columns of ``b``'s RDM together, which only gathers entries of its condensed vector
-(ranks included), so each permutation costs one gather and one dot product.
-``compare="kendall"`` recomputes the score per permutation.
+Permutation null: shuffle the pairing (rows of ``b``) and rescore from the metric plan's
+prepared per-layer states, permuted rather than recomputed: k-NN lists
+(``N_{b∘π}(i) = π^{-1}(N_b(π(i)))``), CKNNA lists and values, CKA's centred kernels (centring
+commutes with permuting samples; the denominator does not change), RSA's ranked condensed
+RDM (a gather), SVCCA's singular basis. So 1,000 permutations at ``n = 1,000`` take seconds.
+(With exactly tied similarities the permuted lists may break ties differently from a
+recomputation.)
 
-Bootstrap: resample paired rows with replacement. Copies of one sample would be each other's
-nearest neighbours and inflate k-NN scores, so for ``mutual_knn``, ``cycle_knn``, ``lcs_knn``
-and ``edit_distance_knn`` copies are excluded from each other's neighbour lists (and for
-``cycle_knn`` returning to any copy of ``i`` counts). Other metrics see the plain resample.
+Bootstrap: only where resampling is honest (the plan's ``resampling`` policy): k-NN metrics
+keep copies out of each other's neighbour lists; kernel metrics and RSA refuse and point to
+the delete-a-group jackknife.
 """
 
 from __future__ import annotations
@@ -24,25 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_k, check_pair
-from .kernels import center_gram, linear_kernel, rbf_kernel, u_center
-from .knn import (
-    cycle_knn_from_indices,
-    edit_distance_knn_from_indices,
-    knn_indices,
-    lcs_knn_from_indices,
-    mutual_knn_from_indices,
-)
-from .rsa import condensed, rankdata, rdm
+from ._validation import check_pair
 
 __all__ = ["PermutationResult", "permutation_test", "bootstrap_ci"]
-
-_KNN = {
-    "mutual_knn": mutual_knn_from_indices,
-    "cycle_knn": cycle_knn_from_indices,
-    "lcs_knn": lcs_knn_from_indices,
-    "edit_distance_knn": edit_distance_knn_from_indices,
-}
 
 
 @dataclass(frozen=True)
@@ -73,77 +53,20 @@ def _check_count(value: int, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _permutations(n: int, count: int, seed: int, device: torch.device) -> list[torch.Tensor]:
+def _permutations(n: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(seed))
-    return [torch.randperm(n, generator=gen).to(device) for _ in range(count)]
+    return torch.stack([torch.randperm(n, generator=gen) for _ in range(count)]).to(device)
 
 
-def _knn_null(a, b, metric: str, perms: list[torch.Tensor], k: int = 10) -> torch.Tensor:
-    n = a.shape[0]
-    check_k(k, n)
-    idx_a, idx_b = knn_indices(a, k), knn_indices(b, k)
-    scorer = _KNN[metric]
-    step = max(1, 2**24 // (n * k * k * (16 if metric in ("lcs_knn", "edit_distance_knn") else 1)))
+def plan_null(plan, state_a, state_b, perms: torch.Tensor, options: dict) -> torch.Tensor:
+    """``[P]`` float64 scores of ``a`` against ``b`` with ``b``'s samples reordered by each row of
+    ``perms [P, n]``, from prepared per-layer states (nothing is recomputed per permutation)."""
+    if plan.null is not None:
+        return plan.null(state_a, state_b, perms, **options).double().cpu()
     out = []
-    for s in range(0, len(perms), step):
-        perm = torch.stack(perms[s : s + step])  # [P, n]
-        inverse = torch.argsort(perm, dim=1)
-        moved = idx_b[perm].reshape(perm.shape[0], n * k)  # N_b(π(i))
-        idx_bp = torch.gather(inverse, 1, moved).reshape(perm.shape[0], n, k)  # π^{-1}(...)
-        out.append(scorer(idx_a, idx_bp))
-    return torch.cat(out).double()
-
-
-def _cka_null(a, b, perms, kernel="linear", unbiased=False, sigma=None, eps=0.0) -> torch.Tensor:
-    centre = u_center if unbiased else center_gram
-    make = linear_kernel if kernel == "linear" else (lambda x: rbf_kernel(x, sigma))
-    ck, cl = centre(make(a)), centre(make(b))
-    denom = torch.sqrt((ck * ck).sum() * (cl * cl).sum())
-    scale = a.shape[0] * (a.shape[0] - 3) if unbiased else 1.0  # eps is in HSIC units
-    flat_k = ck.flatten()
-    # HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]> (centring commutes with permuting samples).
-    moved = (cl.index_select(1, p).index_select(0, p).flatten() for p in perms)
-    null = [torch.dot(flat_k, m) / scale / (denom / scale + eps) for m in moved]
-    return torch.stack(null).double().cpu()
-
-
-def _condensed_positions(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(iu [2, m], pos [n * n])``: the ``m = n(n-1)/2`` pairs ``i < j`` and, for any ``(i, j)``,
-    ``pos[i * n + j]`` = index of the unordered pair in the condensed vector (diagonal unused)."""
-    iu = torch.triu_indices(n, n, offset=1, device=device)
-    slot = torch.arange(iu.shape[1], device=device)
-    pos = torch.zeros(n, n, dtype=torch.long, device=device)
-    pos[iu[0], iu[1]] = slot
-    pos[iu[1], iu[0]] = slot
-    return iu, pos.flatten()
-
-
-def _rsa_null(a, b, perms, distance="correlation", compare="spearman") -> torch.Tensor:
-    """Mantel null ``[P]`` of ``rsa(a, b[π], distance, compare)`` for ``compare`` spearman / pearson.
-
-    ``condensed(rdm(b[π]))[(i, j)] = rdm(b)[π(i), π(j)]``: a gather of ``b``'s condensed vector,
-    whose mean and norm do not change; Spearman ranks move with their entries (average-tie
-    ranks included), so the ranks are taken once. Arithmetic mirrors :func:`rsa` (float64,
-    same centring and denominator, rounded to the input dtype); a permutation that leaves
-    ``b``'s condensed RDM unchanged (the identity, or swapping identical samples) scores
-    exactly as the observed pairing.
-    """
-    n = a.shape[0]
-    u, v = condensed(rdm(a, distance)).double(), condensed(rdm(b, distance)).double()  # [m], [m]
-    if compare == "spearman":
-        u, v = rankdata(u), rankdata(v)
-    u, v = u - u.mean(), v - v.mean()
-    denom = u.norm() * v.norm()
-    observed = ((u @ v) / denom).clamp(-1.0, 1.0)
-    iu, pos = _condensed_positions(n, v.device)
-    step = max(1, 2**22 // iu.shape[1])  # keeps each [P, m] gather at ~4M entries
-    out = []
-    for s in range(0, len(perms), step):
-        perm = torch.stack(perms[s : s + step])  # [P, n]
-        moved = v[pos[perm[:, iu[0]] * n + perm[:, iu[1]]]]  # [P, m]: condensed(rdm(b[π])), centred
-        null = ((moved @ u) / denom).clamp(-1.0, 1.0)
-        out.append(torch.where((moved == v).all(dim=1), observed, null))
-    return torch.cat(out).to(a.dtype).double()  # rounded like rsa's score, so ties compare equal
+    for perm in perms:
+        out.append(plan.pairs([state_a], [plan.permute(state_b, perm)], **options)[0, 0])
+    return torch.stack(out).double().cpu()
 
 
 def permutation_test(
@@ -164,19 +87,24 @@ def permutation_test(
     """
     check_pair(a, b)
     _check_count(n_permutations, "n_permutations", 1)
+    perms = _permutations(a.shape[0], n_permutations, seed, b.device)
+    if isinstance(metric, str):
+        from ._plan import LayerContext, check_layers, get_plan, prepare_layers
+
+        plan = get_plan(metric)
+        normalize = metric_kwargs.pop("normalize", True)
+        clip_quantile = metric_kwargs.pop("clip_quantile", None)
+        options = plan.bind(metric_kwargs)
+        n, dtype, device = check_layers([a], [b], ["a"], ["b"])
+        ctx = LayerContext(dtype, None, n, 2, device)
+        sa, sb = (prepare_layers(plan, [x], [name], options, normalize, clip_quantile, ctx)[0] for x, name in ((a, "a"), (b, "b")))
+        score = float(plan.pairs([sa], [sb], **options)[0, 0].to(dtype))
+        null = plan_null(plan, sa, sb, perms, options).to(dtype).double()
+        return _summarise(score, null)
     fn = _resolve(metric)
     score = float(fn(a, b, **metric_kwargs))
-    perms = _permutations(a.shape[0], n_permutations, seed, b.device)
-    if metric in _KNN:
-        null = _knn_null(a, b, metric, perms, **metric_kwargs)
-    elif metric in ("cka", "unbiased_cka"):
-        kw = dict(metric_kwargs, unbiased=True) if metric == "unbiased_cka" else metric_kwargs
-        null = _cka_null(a, b, perms, **kw)
-    elif metric == "rsa" and metric_kwargs.get("compare", "spearman") in ("spearman", "pearson"):
-        null = _rsa_null(a, b, perms, **metric_kwargs)
-    else:
-        null = torch.tensor([float(fn(a, b[p], **metric_kwargs)) for p in perms], dtype=torch.float64)
-    return _summarise(score, null.cpu())
+    null = torch.tensor([float(fn(a, b[p], **metric_kwargs)) for p in perms], dtype=torch.float64)
+    return _summarise(score, null)
 
 
 def _summarise(score: float, null: torch.Tensor) -> PermutationResult:
@@ -188,14 +116,6 @@ def _summarise(score: float, null: torch.Tensor) -> PermutationResult:
     else:
         z = float("inf") if score > mean else float("-inf") if score < mean else 0.0
     return PermutationResult(score=score, p_value=p_value, z_score=z, null=null)
-
-
-def _bootstrap_knn(a, b, metric: str, idx: torch.Tensor, k: int = 10) -> torch.Tensor:
-    knn_a = knn_indices(a[idx], k, groups=idx)
-    knn_b = knn_indices(b[idx], k, groups=idx)
-    if metric == "cycle_knn":
-        return cycle_knn_from_indices(knn_a, knn_b, groups=idx)
-    return _KNN[metric](knn_a, knn_b)
 
 
 def bootstrap_ci(
@@ -211,22 +131,49 @@ def bootstrap_ci(
 
     Resamples the ``n`` paired rows with replacement ``n_resamples`` times and returns the
     ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the resampled scores.
-    For the k-NN metrics copies of a sample never count as its neighbours (see module doc).
+    Only where resampling is honest: for the k-NN metrics copies of a sample are never each
+    other's neighbours (and for ``cycle_knn`` returning to any copy counts); SVCCA and user
+    metrics see the plain resample. CKA, unbiased CKA, CKNNA and RSA have no honest bootstrap
+    (a copy doubles kernel entries and is its own nearest neighbour): they raise and point to
+    :func:`prh_lightning.functional.jackknife_ci`.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = torch.randn(60, 5, generator=g)
+    >>> low, high = bootstrap_ci(a, a + 0.1 * torch.randn(60, 5, generator=g), "mutual_knn", n_resamples=20, k=5)
+    >>> 0.0 <= low <= high <= 1.0
+    True
     """
     check_pair(a, b)
     _check_count(n_resamples, "n_resamples", 2)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
-    fn = _resolve(metric)
     gen = torch.Generator().manual_seed(int(seed))
     n = a.shape[0]
-    scores = []
-    for _ in range(n_resamples):
-        idx = torch.randint(n, (n,), generator=gen).to(a.device)
-        if metric in _KNN:
-            scores.append(float(_bootstrap_knn(a, b, metric, idx, **metric_kwargs)))
-        else:
-            scores.append(float(fn(a[idx], b[idx], **metric_kwargs)))
+    draws = [torch.randint(n, (n,), generator=gen).to(a.device) for _ in range(n_resamples)]
+    if isinstance(metric, str):
+        from ._plan import LayerContext, check_layers, get_plan, prepare_layers
+
+        plan = get_plan(metric)
+        if plan.resampling == "jackknife":
+            raise ValueError(
+                f"{metric} has no honest bootstrap: a resampled copy doubles kernel entries (and is its own nearest "
+                "neighbour), which inflates the score; use prh_lightning.functional.jackknife_ci (delete-a-group "
+                "jackknife) instead"
+            )
+        normalize = metric_kwargs.pop("normalize", True)
+        clip_quantile = metric_kwargs.pop("clip_quantile", None)
+        options = plan.bind(metric_kwargs)
+        _, dtype, device = check_layers([a], [b], ["a"], ["b"])
+        scores = []
+        for idx in draws:
+            ctx = LayerContext(dtype, None, n, 2, device)
+            groups = idx if plan.resampling == "groups" else None
+            sa = prepare_layers(plan, [a[idx]], ["a"], options, normalize, clip_quantile, ctx, groups)[0]
+            sb = prepare_layers(plan, [b[idx]], ["b"], options, normalize, clip_quantile, ctx, groups)[0]
+            extra = {"groups": groups} if groups is not None else {}
+            scores.append(float(plan.pairs([sa], [sb], **options, **extra)[0, 0]))
+    else:
+        scores = [float(metric(a[idx], b[idx], **metric_kwargs)) for idx in draws]
     s = torch.tensor(scores, dtype=torch.float64)
     alpha = (1.0 - confidence) / 2
     return float(torch.quantile(s, alpha)), float(torch.quantile(s, 1.0 - alpha))

@@ -97,12 +97,3 @@ def drop_duplicate_ids(ids: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
                 "(e.g. dataset indices), and the model must be deterministic (eval mode) while measuring"
             )
     return tuple(x[keep] for x in tensors)
-
-
-def l2_normalize_rows(x: Tensor, name: str) -> Tensor:
-    """Rows of ``x [n, d]`` scaled to unit L2 norm; raise on an all-zero row."""
-    norms = x.norm(dim=1, keepdim=True)
-    zero = int((norms == 0).sum())
-    if zero:
-        raise ValueError(f"normalize=True but {zero} rows of {name} are all zero and cannot be L2-normalised")
-    return x / norms

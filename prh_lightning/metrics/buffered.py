@@ -19,7 +19,6 @@ from prh_lightning.metrics._checks import (
     check_index_usage,
     check_pair_batch,
     drop_duplicate_ids,
-    l2_normalize_rows,
 )
 
 DEFAULT_MAX_SAMPLES = 10_000
@@ -66,7 +65,7 @@ class BufferedPairMetric(Metric):
 
     def __init__(
         self,
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         *,
@@ -115,7 +114,8 @@ class BufferedPairMetric(Metric):
     def samples(self) -> tuple[Tensor, Tensor]:
         """All buffered samples (the union over DDP ranks inside ``compute``): ``a [n, d_a]``, ``b [n, d_b]``.
 
-        Duplicate sample ids are dropped (first copy kept); rows are L2-normalised if asked.
+        Duplicate sample ids are dropped (first copy kept). Rows are returned as given:
+        ``normalize`` is applied by the functional metric, in float64, as in every entry point.
         """
         if _is_empty(self.a):
             raise RuntimeError(f"{type(self).__name__} has no samples; call update(a, b) before compute()")
@@ -127,8 +127,6 @@ class BufferedPairMetric(Metric):
                 f"{type(self).__name__} gathered {a.shape[0]} samples over all processes, past "
                 f"max_samples={self.max_samples}; raise max_samples or measure on fewer samples"
             )
-        if self.normalize:
-            a, b = l2_normalize_rows(a, "a"), l2_normalize_rows(b, "b")
         return a, b
 
     # -- scoring ---------------------------------------------------------------------
@@ -141,7 +139,7 @@ class BufferedPairMetric(Metric):
         from prh_lightning.functional import METRICS
 
         a, b = self.samples()
-        return METRICS[self.metric_name](a, b, **self.metric_kwargs())
+        return METRICS[self.metric_name](a, b, normalize=self.normalize, **self.metric_kwargs())
 
     def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: _AX_TYPE | None = None) -> _PLOT_OUT_TYPE:
         """Plot one value or a sequence of values (e.g. one per epoch) with torchmetrics' plotting.

@@ -19,7 +19,7 @@ class SVCCA(BufferedPairMetric):
     def __init__(
         self,
         dim: int = 10,
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         **kwargs: Any,
@@ -48,7 +48,7 @@ class RSA(BufferedPairMetric):
         self,
         distance: str = "correlation",
         compare: str = "spearman",
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         **kwargs: Any,

@@ -19,7 +19,7 @@ class _KNNMetric(BufferedPairMetric):
     def __init__(
         self,
         k: int = 10,
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         **kwargs: Any,
@@ -68,7 +68,7 @@ class CKNNA(_KNNMetric):
         self,
         k: int = 10,
         unbiased: bool = True,
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         **kwargs: Any,

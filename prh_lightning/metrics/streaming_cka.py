@@ -18,10 +18,14 @@ import torch
 from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
 
-from prh_lightning.metrics._checks import check_index_usage, check_pair_batch, l2_normalize_rows
+from prh_lightning.functional._numerics import condition
+from prh_lightning.metrics._checks import check_index_usage, check_pair_batch
 from prh_lightning.metrics.buffered import DEFAULT_MAX_SAMPLES, BufferedPairMetric, _is_empty
 
-_CONSTANT_TOL = 1e-10  # centred second moment below this fraction of the raw one: constant features
+# The centred second moment C = X^T X - n mu mu^T carries float64 cancellation error of about
+# eps64 * ||X^T X||; features whose centred moment is within a few hundred of those rounding
+# units of zero (relative spread below ~1e-7) are constant, anything above is signal.
+_CONSTANT_TOL = 256 * torch.finfo(torch.float64).eps
 
 
 def linear_cka_from_moments(
@@ -77,7 +81,7 @@ class CKA(BufferedPairMetric):
         sigma: float | None = None,
         unbiased: bool = False,
         minibatch_unbiased: bool = False,
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         **kwargs: Any,
@@ -116,7 +120,7 @@ class CKA(BufferedPairMetric):
         ids = check_pair_batch(a, b, index)
         a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
         if self.normalize:
-            a64, b64 = l2_normalize_rows(a64, "a"), l2_normalize_rows(b64, "b")
+            a64, b64 = condition(a64, "a"), condition(b64, "b")
         if self.mode == "minibatch":
             self._update_minibatch(a64, b64, ids)
         else:
@@ -165,7 +169,9 @@ class CKA(BufferedPairMetric):
             from prh_lightning.functional import METRICS
 
             a, b = self.samples()
-            return METRICS["cka"](a, b, kernel=self.kernel, unbiased=self.unbiased, sigma=self.sigma).float()
+            return METRICS["cka"](
+                a, b, kernel=self.kernel, unbiased=self.unbiased, sigma=self.sigma, normalize=self.normalize
+            ).float()
         if self.mode == "minibatch":
             return self._compute_minibatch().float()
         return linear_cka_from_moments(*self._deduplicated_moments()).float()
@@ -233,7 +239,7 @@ class UnbiasedCKA(BufferedPairMetric):
         self,
         kernel: str = "linear",
         sigma: float | None = None,
-        normalize: bool = False,
+        normalize: bool = True,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         **kwargs: Any,

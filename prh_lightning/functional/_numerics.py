@@ -1,0 +1,157 @@
+"""Input conditioning shared by every metric and entry point: one place that decides dtypes,
+row normalisation, centring, rescaling and what counts as "constant".
+
+Why: real features sit on large common offsets (post-ReLU layers), vary over many orders of
+magnitude (diverging runs) and arrive in fp16 / bf16. Forming Grams or distances from raw
+float32 rows then loses the signal to rounding. Here rows are normalised and centred in
+float64, rescaled by a power of two (exact), and only then cast back to the compute dtype.
+
+* compute dtype: float64 stays float64; every other floating dtype computes in float32;
+  ``a`` and ``b`` of different dtypes are promoted to the wider one.
+* inputs are detached: no autograd graph is kept by any metric.
+* "constant": the centred features are below ``CONSTANT_RTOL * eps(input dtype)`` times the
+  largest absolute feature, i.e. every sample equals the first up to the input's own rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import check_features
+
+__all__ = ["compute_dtype", "condition", "Centred", "centre", "power_of_two_scale", "CONSTANT_RTOL"]
+
+CONSTANT_RTOL = 16.0
+
+
+def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (fp16 / bf16 compute in float32)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def input_eps(x: torch.Tensor) -> float:
+    """Machine epsilon of the dtype the user gave (the precision the data carries)."""
+    return float(torch.finfo(x.dtype).eps)
+
+
+def power_of_two_scale(max_abs: float) -> float:
+    """``2^-e`` with ``2^e`` close to ``max_abs``: rescaling by it is exact in floating point."""
+    if not math.isfinite(max_abs) or max_abs <= 0:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(max_abs)[1])
+
+
+def condition(
+    x: torch.Tensor,
+    name: str,
+    normalize: bool = True,
+    clip_quantile: float | None = None,
+) -> torch.Tensor:
+    """Validate ``x [n, d]``, detach it, optionally clip outliers and L2-normalise rows in float64.
+
+    Returns a float64 ``[n, d]`` tensor (no graph). Raises on NaN/Inf, on an all-zero row when
+    ``normalize`` (it has no direction), and on a bad ``clip_quantile``.
+    """
+    check_features(x, name)
+    x64 = x.detach().to(torch.float64)
+    if clip_quantile is not None:
+        x64 = clip_outliers(x64, clip_quantile)
+    if normalize:
+        # rescale first (exact): squares of 1e200 or 1e-200 would overflow / underflow
+        x64 = x64 * power_of_two_scale(float(x64.abs().max()))
+        norms = torch.linalg.vector_norm(x64, dim=1, keepdim=True)
+        zero = (norms.squeeze(1) == 0).nonzero().flatten()
+        if zero.numel():
+            raise ValueError(
+                f"{name} has {zero.numel()} all-zero rows (e.g. sample {int(zero[0])}); they have no direction and "
+                "cannot be L2-normalised; drop such samples or pass normalize=False"
+            )
+        x64 = x64 / norms
+    return x64
+
+
+def clip_outliers(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Clamp ``x [n, d]`` to ``[-t, t]``, ``t = mean_i quantile_q(|x_i|)`` (per-sample quantile, averaged).
+
+    platonic-rep's ``remove_outliers(exact=False)`` computes the same threshold over all layers
+    of a model stacked together; here it is computed per layer.
+
+    >>> clip_outliers(torch.tensor([[1.0, -8.0], [2.0, 4.0]]), 0.5)
+    tensor([[ 1.0000, -3.7500],
+            [ 2.0000,  3.0000]])
+    """
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+        raise ValueError(f"clip_quantile must be in (0, 1], got {q!r}")
+    if q == 1.0:
+        return x
+    rows = max(1, 2**23 // x.shape[1])  # torch.quantile refuses inputs above 2**24 elements
+    per_sample = torch.cat([torch.quantile(x[s : s + rows].abs(), q, dim=1) for s in range(0, x.shape[0], rows)])
+    t = per_sample.mean()
+    return x.clamp(-t, t)
+
+
+@dataclass
+class Centred:
+    """A layer centred and rescaled for Gram / distance computations.
+
+    Attributes:
+        xc: ``[n, d]`` centred features times ``scale``, in the compute dtype.
+        mean: ``[d]`` float64 column mean times ``scale`` (``x = (xc + mean) / scale``).
+        scale: the exact power-of-two factor applied.
+        xc64: ``[n, d]`` float64 version of ``xc`` (kept only when asked for).
+    """
+
+    xc: torch.Tensor
+    mean: torch.Tensor
+    scale: float
+    xc64: torch.Tensor | None = None
+
+
+def grid_pivot(x64: torch.Tensor, spread: float) -> torch.Tensor:
+    """``[d]`` the column mean rounded to a power-of-two grid no finer than the data's spread.
+
+    ``x - pivot`` is then exact for data on a grid (integers stay integers, so exact ties stay
+    exact) and for large offsets (Sterbenz), and it does not depend on the order of the rows
+    beyond the last bits of the mean.
+    """
+    step = math.ldexp(1.0, math.frexp(spread)[1] - 1) if spread > 0 else 1.0
+    return torch.round(x64.mean(dim=0) / step) * step
+
+
+def centre(
+    x64: torch.Tensor,
+    input_dtype_eps: float,
+    dtype: torch.dtype,
+    name: str,
+    keep64: bool = False,
+    exact_mean: bool = True,
+) -> Centred:
+    """Centre the columns of a float64 ``x64 [n, d]``, refuse constant data, rescale exactly.
+
+    ``exact_mean=False`` subtracts :func:`grid_pivot` instead of the mean (exact subtraction,
+    ties preserved; enough for rankings and distances, which are translation invariant).
+    ``input_dtype_eps`` is the precision of the data as the user gave it; samples whose
+    differences all sit below ``CONSTANT_RTOL`` of it (relative to the largest feature) are
+    "constant" features and raise: any score would be computed from rounding noise.
+    """
+    first = x64[0]
+    spread = float((x64 - first).abs().max())
+    size = float(x64.abs().max())
+    if spread <= CONSTANT_RTOL * input_dtype_eps * size:
+        raise ValueError(
+            f"{name} is constant across its {x64.shape[0]} samples (constant features: every row equals the "
+            "others up to rounding), so the score is undefined; check for collapsed or all-equal representations"
+        )
+    mean = grid_pivot(x64, spread)
+    xc = x64 - mean
+    if exact_mean:
+        rest = xc.mean(dim=0)
+        xc = xc - rest
+        mean = mean + rest
+    scale = power_of_two_scale(float(xc.abs().max()))
+    xc = xc * scale
+    mean = mean * scale
+    return Centred(xc=xc.to(dtype), mean=mean, scale=scale, xc64=xc if keep64 else None)

@@ -1,0 +1,250 @@
+"""One home per metric: a :class:`MetricPlan` says what is computed once per layer, how layer
+pairs are scored from that, the metric's range and how it may be resampled. Every entry point
+(``functional.<metric>``, ``alignment_matrix`` / ``best_alignment``, the Metric classes,
+``permutation_test`` / ``bootstrap_ci`` / ``calibrate``, callbacks and recipes) runs through
+:func:`score_layers`, so the same data gives the same number everywhere.
+
+A user metric registered with :func:`register_metric` gets layer x layer matrices,
+permutation nulls and calibration for free (scored pair by pair).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._numerics import compute_dtype, condition, input_eps
+from ._validation import check_features
+
+__all__ = ["MetricPlan", "PLANS", "register_plan", "register_metric", "get_plan", "score_layers", "score_pair"]
+
+_BUDGET = 2**26  # elements per streamed block (256 MB in float32)
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    """How one metric is computed.
+
+    Attributes:
+        name: registry key.
+        defaults: the metric's own options and their defaults (``{"k": 10}``).
+        prepare: ``prepare(x64 [n, d], ctx, **options) -> state``: per-layer work on the
+            conditioned float64 features (``ctx`` carries the compute dtype, the input's
+            precision, a name for messages and the memory policy).
+        pairs: ``pairs(states_x, states_y, **options) -> Tensor[Lx, Ly]`` (float64).
+        bounds: ``bounds(**options) -> (low, high)``: the metric's range (``high`` may be None).
+        permute: ``permute(state, perm) -> state`` with samples reordered (row ``i`` <- sample
+            ``perm[i]``) without recomputing the per-layer work; ``None``: prepare again.
+        resampling: ``"groups"`` (bootstrap copies of a sample are kept out of each other's
+            neighbour lists: pass ``groups=`` to prepare), ``"jackknife"`` (no honest bootstrap:
+            kernel entries of copies inflate the score; ``bootstrap_ci`` refuses) or ``"plain"``.
+        scale_invariant: the score does not change when a layer is multiplied by a constant.
+        null: optional fast path ``null(state_a, state_b, perms [P, n], **options) -> [P]`` for
+            the scores of ``a`` against ``b`` permuted by each row of ``perms``.
+    """
+
+    name: str
+    defaults: dict[str, Any]
+    prepare: Callable[..., Any]
+    pairs: Callable[..., torch.Tensor]
+    bounds: Callable[..., tuple[float, float | None]]
+    permute: Callable[[Any, torch.Tensor], Any] | None = None
+    resampling: str = "plain"
+    scale_invariant: bool = True
+    option_checks: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    null: Callable[..., torch.Tensor] | None = None
+
+    def bind(self, metric_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Options with defaults filled in; a clear ``TypeError`` for an unknown option."""
+        unknown = sorted(set(metric_kwargs) - set(self.defaults))
+        if unknown:
+            raise TypeError(
+                f"bad options for metric {self.name!r}: unexpected {unknown}; it takes {sorted(self.defaults) or 'none'}"
+            )
+        options = dict(self.defaults, **metric_kwargs)
+        for key, check in self.option_checks.items():
+            check(options[key])
+        return options
+
+
+PLANS: dict[str, MetricPlan] = {}
+
+
+def register_plan(plan: MetricPlan) -> MetricPlan:
+    """Add (or replace) a plan in :data:`PLANS`; returns it."""
+    PLANS[plan.name] = plan
+    return plan
+
+
+def get_plan(metric: str | MetricPlan) -> MetricPlan:
+    """The plan for a registered name (or the plan itself)."""
+    if isinstance(metric, MetricPlan):
+        return metric
+    if not isinstance(metric, str) or metric not in PLANS:
+        raise ValueError(
+            f"unknown metric {metric!r}; choose one of {sorted(PLANS)} or register one with "
+            "prh_lightning.functional.register_metric(name, fn)"
+        )
+    return PLANS[metric]
+
+
+class LayerContext:
+    """What a plan's ``prepare`` may need besides the features."""
+
+    def __init__(self, dtype: torch.dtype, block_rows: int | None, n: int, layers: int, device: torch.device):
+        self.dtype, self.block_rows, self.device = dtype, block_rows, device
+        self.rows = _rows_per_block(n, 1, block_rows)
+        self.n_layers = layers
+        self.input_eps = float(torch.finfo(dtype).eps)
+        self.name = "x"
+        self._gram: torch.Tensor | None = None
+
+    def gram(self, n: int) -> torch.Tensor | None:
+        """A reusable ``[n, n]`` scratch buffer (compute dtype), or None when memory asks to stream."""
+        from .knn import gram_buffer
+
+        if self._gram is None:
+            self._gram = gram_buffer(n, self.block_rows, torch.empty(0, dtype=self.dtype, device=self.device))
+        return self._gram
+
+
+def _rows_per_block(n: int, layers: int, block_rows: int | None) -> int:
+    """Kernel rows streamed at once: ``block_rows``, or as many as fit a 256 MB block."""
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(f"block_rows must be a positive int (rows per block), got {block_rows!r}")
+        return min(block_rows, n)
+    return max(1, min(n, _BUDGET // max(1, layers * n)))
+
+
+def prepare_layers(
+    plan: MetricPlan,
+    layers: list[torch.Tensor],
+    names: list[str],
+    options: dict[str, Any],
+    normalize: bool,
+    clip_quantile: float | None,
+    ctx: LayerContext,
+    groups: torch.Tensor | None = None,
+) -> list[Any]:
+    """Condition each layer (float64 normalise / clip) and run the plan's per-layer work."""
+    extra = {"groups": groups} if groups is not None else {}
+    states = []
+    for name, x in zip(names, layers):
+        x64 = condition(x, name, normalize, clip_quantile)
+        ctx.name, ctx.input_eps = name, input_eps(x)
+        states.append(plan.prepare(x64, ctx, **options, **extra))
+    return states
+
+
+def check_layers(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, names_x: list[str], names_y: list[str] | None):
+    """Same ``n`` everywhere, same device everywhere; return ``(n, dtype, device)``."""
+    everything = list(zip(names_x, xs)) + (list(zip(names_y, ys)) if ys is not None else [])
+    for name, x in everything:
+        check_features(x, name, finite=False)
+    n = xs[0].shape[0]
+    for name, x in everything:
+        if x.shape[0] != n:
+            raise ValueError(
+                f"{name} has {x.shape[0]} samples but {names_x[0]} has {n}; row i must be sample i in every layer"
+            )
+    devices = {str(x.device) for _, x in everything}
+    if len(devices) > 1:
+        raise ValueError(f"layers are on different devices {sorted(devices)}; move them all to the same device")
+    return n, compute_dtype(*(x for _, x in everything)), everything[0][1].device
+
+
+def score_layers(
+    metric: str | MetricPlan,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor] | None,
+    normalize: bool = True,
+    clip_quantile: float | None = None,
+    block_rows: int | None = None,
+    names_x: list[str] | None = None,
+    names_y: list[str] | None = None,
+    **metric_kwargs: Any,
+) -> torch.Tensor:
+    """``[Lx, Ly]`` float64 scores of every layer pair (``ys=None``: ``xs`` against itself)."""
+    plan = get_plan(metric)
+    options = plan.bind(metric_kwargs)
+    names_x = names_x or [f"xs[{i}]" for i in range(len(xs))]
+    if ys is not None:
+        names_y = names_y or [f"ys[{i}]" for i in range(len(ys))]
+    n, dtype, device = check_layers(xs, ys, names_x, names_y)
+    ctx = LayerContext(dtype, block_rows, n, len(xs) + len(ys or []), device)
+    sx = prepare_layers(plan, xs, names_x, options, normalize, clip_quantile, ctx)
+    sy = sx if ys is None else prepare_layers(plan, ys, names_y, options, normalize, clip_quantile, ctx)
+    return plan.pairs(sx, sy, **options)
+
+
+def score_pair(
+    metric: str, a: torch.Tensor, b: torch.Tensor, normalize: bool, clip_quantile: float | None, **metric_kwargs: Any
+) -> torch.Tensor:
+    """The functional form of a plan: ``metric(a [n, d_a], b [n, d_b])`` as a 0-dim tensor in the
+    compute dtype (float64 for float64 input, else float32)."""
+    from ._validation import check_pair
+
+    check_pair(a, b)
+    scores = score_layers(metric, [a], [b], normalize, clip_quantile, None, ["a"], ["b"], **metric_kwargs)
+    return scores[0, 0].to(compute_dtype(a, b))
+
+
+# -- user metrics: pair by pair ------------------------------------------------------------
+
+
+def register_metric(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    bounds: tuple[float, float | None] = (0.0, 1.0),
+    scale_invariant: bool = False,
+) -> MetricPlan:
+    """Register ``fn(a [n, d_a], b [n, d_b], **options) -> 0-dim`` under ``name``.
+
+    It then works everywhere a built-in metric does (``alignment_matrix``, ``best_alignment``,
+    ``permutation_test``, ``calibrate``, the Metric classes' ``AlignmentMatrix``, the monitor),
+    scored pair by pair on the conditioned features (float64, normalised when asked).
+    ``bounds``: the metric's range, used by plots and calibration.
+
+    >>> def neg_distance(a, b):
+    ...     return -(a - b).norm(dim=1).mean()
+    >>> plan = register_metric("neg_distance", neg_distance, bounds=(float("-inf"), 0.0))
+    >>> from prh_lightning import alignment_matrix
+    >>> alignment_matrix([torch.eye(3)], [torch.eye(3)], metric="neg_distance")
+    tensor([[0.]])
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable f(a, b, **options), got {type(fn).__name__}")
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    defaults = {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    defaults = {key: (None if value is inspect.Parameter.empty else value) for key, value in defaults.items()}
+
+    def prepare(x64: torch.Tensor, ctx: LayerContext, **_: Any) -> torch.Tensor:
+        return x64.to(ctx.dtype)
+
+    def pairs(xs: list[torch.Tensor], ys: list[torch.Tensor], **options: Any) -> torch.Tensor:
+        return torch.tensor(
+            [[float(fn(x, y, **options)) for y in ys] for x in xs], dtype=torch.float64, device=xs[0].device
+        )
+
+    def permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        return x[perm]
+
+    return register_plan(
+        MetricPlan(
+            name=name,
+            defaults=defaults,
+            prepare=prepare,
+            pairs=pairs,
+            bounds=lambda **_: bounds,
+            permute=permute,
+            resampling="plain",
+            scale_invariant=scale_invariant,
+        )
+    )
