@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``import prh_lightning`` stays cheap):
 ``LayerTaps``, ``record_representations``, ``Representations``, ``alignment_matrix``,
-``best_alignment``, and the sub-packages ``functional``, ``metrics`` and ``callbacks``.
+``best_alignment``, ``calibrate``, and the sub-packages ``functional``, ``metrics`` and ``callbacks``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _EXPORTS = {
     "record_representations": "prh_lightning.recording",
     "alignment_matrix": "prh_lightning.alignment",
     "best_alignment": "prh_lightning.alignment",
+    "calibrate": "prh_lightning.calibration",
 }
 _SUBMODULES = {"functional", "metrics", "callbacks", "taps", "alignment", "models", "data", "plotting", "recipes"}
 

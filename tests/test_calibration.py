@@ -1,0 +1,94 @@
+"""calibrate() against the paper's formulas applied in the test to a brute-force loop that
+rescores every layer pair under the same explicit permutations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prh_lightning.calibration import calibrate
+from prh_lightning.functional import METRICS
+
+
+def _layers(seed, n=48, count=2):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return [base @ torch.randn(4, 5, generator=g, dtype=torch.float64) + torch.randn(n, 5, generator=g, dtype=torch.float64) for _ in range(count)]
+
+
+def _paper(observed, null, alpha, high):
+    K = len(null)
+    pooled = np.sort(np.concatenate([[observed], null]))
+    tau = pooled[math.ceil((1 - alpha) * (K + 1)) - 1]
+    p = (1 + np.sum(null >= observed)) / (K + 1)
+    cal = min(max((observed - tau) / (high - tau), 0.0), 1.0)
+    return tau, p, cal
+
+
+@pytest.mark.parametrize(("metric", "kw"), [("mutual_knn", {"k": 5}), ("cka", {}), ("cknna", {"k": 5}), ("rsa", {}), ("svcca", {"dim": 3})])
+def test_matches_a_brute_force_loop_over_the_same_permutations(metric, kw):
+    xs, ys = _layers(0), _layers(0)[:1] + _layers(1)[:1]
+    g = torch.Generator().manual_seed(3)
+    perms = torch.stack([torch.randperm(48, generator=g) for _ in range(30)])
+    out = calibrate(xs, ys, metric, permutations=perms, alpha=0.1, aggregate="max", **kw)
+    fn = METRICS[metric]
+    high = {"cknna": None}.get(metric, 1.0)
+    brute_null = np.array([[[float(fn(x, y[p], **kw)) for y in ys] for x in xs] for p in perms])
+    raw = np.array([[float(fn(x, y, **kw)) for y in ys] for x in xs])
+    np.testing.assert_allclose(out.raw.numpy(), raw, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(out.null.numpy(), brute_null, rtol=1e-6, atol=1e-9)
+    if high is not None:
+        for i in range(2):
+            for j in range(2):
+                tau, p, cal = _paper(raw[i, j], brute_null[:, i, j], 0.1, high)
+                assert float(out.tau[i, j]) == pytest.approx(tau, rel=1e-6, abs=1e-9)
+                assert float(out.p_value[i, j]) == pytest.approx(p)
+                assert float(out.calibrated[i, j]) == pytest.approx(cal, rel=1e-6, abs=1e-9)
+        tau, p, cal = _paper(raw.max(), brute_null.reshape(30, -1).max(axis=1), 0.1, high)
+        assert out.aggregate.p_value == pytest.approx(p)
+        assert out.aggregate.calibrated == pytest.approx(cal, rel=1e-6, abs=1e-9)
+        assert out.aggregate.null_mean == pytest.approx(brute_null.reshape(30, -1).max(axis=1).mean(), rel=1e-6)
+
+
+def test_rotated_copy_gets_the_smallest_p_value_and_a_high_calibrated_score():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(80, 6, generator=g)
+    q = torch.linalg.qr(torch.randn(6, 6, generator=g)).Q
+    out = calibrate([a], [a @ q], "mutual_knn", n_permutations=49, generator=g, k=5)
+    assert out.aggregate.p_value == pytest.approx(1 / 50)
+    assert out.aggregate.calibrated > 0.9
+
+
+def test_independent_features_calibrate_to_zero_with_roughly_uniform_p():
+    ps, cal = [], []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(100 + seed)
+        a, b = torch.randn(60, 5, generator=g), torch.randn(60, 5, generator=g)
+        out = calibrate([a], [b], "cka", n_permutations=39, generator=g)
+        ps.append(out.aggregate.p_value)
+        cal.append(out.aggregate.calibrated)
+    assert np.mean(cal) < 0.05 and np.median(cal) == 0.0
+    assert 0.3 < np.mean(ps) < 0.7  # uniform on (0, 1]: mean 0.5
+    assert sum(p <= 0.05 for p in ps) <= 3
+
+
+def test_best_of_layers_null_is_inflated_relative_to_a_single_cell():
+    # 10 x 10 unrelated random layers: the max over 100 cells of each permuted matrix sits far
+    # above any single cell's chance level, so aggregation-aware calibration differs from per cell.
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(50, 4, generator=g) for _ in range(10)]
+    ys = [torch.randn(50, 4, generator=g) for _ in range(10)]
+    out = calibrate(xs, ys, "mutual_knn", n_permutations=30, generator=g, k=5)
+    assert out.aggregate.null_mean > float(out.null_mean.max())
+    assert out.aggregate.p_value > float(out.p_value.min())
+
+
+def test_bad_permutations_are_refused():
+    a = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="permutation"):
+        calibrate([a], [a], "cka", permutations=torch.zeros(3, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="aggregate"):
+        calibrate([a], [a], "cka", aggregate="median")
