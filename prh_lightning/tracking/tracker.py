@@ -176,6 +176,7 @@ class AlignmentTracker:
             raise RuntimeError("AlignmentTracker has no probe yet: pass probe=... or call set_probe(...) first")
         if self.last_step is not None and step <= self.last_step:
             return {}
+        model = unwrap_model(model)
         features = self._safe_model_features(model, context)
         device = next(iter(features.values())).device if features else torch.device("cpu")
         self.move_snapshots(device)
@@ -361,6 +362,16 @@ class AlignmentTracker:
             self._initial = {k: v.to(device) for k, v in self._initial.items()}
         if self._previous is not None:
             self._previous = {k: v.to(device) for k, v in self._previous.items()}
+
+
+_WRAPPERS = ("_FabricModule", "DistributedDataParallel", "DataParallel")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside Lightning Fabric's / DDP's wrappers (layer names as the user wrote them)."""
+    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def metric_kwargs_for(metric: str, k: int, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
