@@ -115,7 +115,7 @@ def surprises(point, claims: list[dict], metrics: list[str]) -> str:
     firm = [c["id"].split("/")[1] for c in claims if c["id"].startswith("ood_lower/") and c["verdict"] == "does not hold"]
     return (f"**Unexpected: for {len(above)} of {len(metrics)} metrics ({', '.join(above)}) the pretrained pairs align "
             f"more on the OOD set than on the in-distribution set** (point estimates). With corrected intervals this "
-            f"reversal is firm for: {', '.join(firm) or 'none (the intervals cover 0)'}. One reading: the OOD images are "
+            f"reversal is firm for: {', '.join(firm) or 'none (the intervals cover 0)'}. One possible reading, not tested here: the OOD images are "
             "simpler (few objects on a plain background), so every model sorts them by the same few factors.")
 
 

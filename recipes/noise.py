@@ -32,8 +32,10 @@ from prh_lightning.recipes import _common as common
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
 
-FULL = {"n_images": 250, "levels": 100, "image_size": 224, "bootstrap": 500, "permutations": 500}
-QUICK = {"n_images": 128, "levels": 20, "image_size": 128, "bootstrap": 200, "permutations": 200}
+# Holm over L levels can only reach p < 0.05 when the smallest permutation p, 1 / (P + 1), is below
+# 0.05 / L: P >= 20 L (checked in check_args).
+FULL = {"n_images": 250, "levels": 100, "image_size": 224, "bootstrap": 500, "permutations": 4000}
+QUICK = {"n_images": 128, "levels": 20, "image_size": 128, "bootstrap": 200, "permutations": 1000}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +70,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise common.RecipeInputError(f"--max-sigma must be > 0, got {args.max_sigma}")
     if not 1 <= args.k < args.n_images - 1:
         raise common.RecipeInputError(f"--k must be in [1, n_images - 2], got k={args.k}, n_images={args.n_images}")
+    if (args.permutations + 1) * 0.05 <= args.levels:
+        raise common.RecipeInputError(
+            f"--permutations {args.permutations} is too few for {args.levels} levels: the smallest Holm-adjusted p-value "
+            f"would be {args.levels}/{args.permutations + 1} >= 0.05, so no level could be told apart from chance; "
+            f"use at least {20 * args.levels} permutations")
     if args.bootstrap < 10 or args.permutations < 10:
         raise common.RecipeInputError("--bootstrap and --permutations must be >= 10")
     return vs.parse_model_names(args.models)

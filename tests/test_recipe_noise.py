@@ -12,7 +12,7 @@ import torch
 from prh_lightning.recipes import noise
 
 TINY = ["--n-images", "24", "--levels", "3", "--image-size", "64", "--models", "lite0,lite1",
-        "--k", "3", "--bootstrap", "10", "--permutations", "20", "--max-sigma", "3"]
+        "--k", "3", "--bootstrap", "10", "--permutations", "99", "--max-sigma", "3"]
 
 
 @pytest.mark.slow
@@ -63,7 +63,7 @@ def test_first_level_at_chance_uses_adjusted_p_values():
 @pytest.mark.parametrize(
     "extra, message",
     [(["--models", "lite0"], "at least two"), (["--models", "lite0,vit"], "unknown model"),
-     (["--k", "40"], "--k"), (["--levels", "1"], "--levels")],
+     (["--k", "40"], "--k"), (["--levels", "1"], "--levels"), (["--permutations", "50"], "too few for 3 levels")],
 )
 def test_bad_input_gives_a_message(tmp_path, capsys, extra, message):
     assert noise.main(["--out", str(tmp_path), *TINY, *extra]) == 2
