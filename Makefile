@@ -2,8 +2,9 @@
 # mode) and `make test` (set up, then the whole test suite). Set-up is idempotent.
 VENV ?= .venv
 OUT ?= runs/fashion-mnist
+LOGDIR ?= $(OUT)/tensorboard
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench tensorboard
 setup:
 	@bash scripts/setup.sh
 
@@ -15,3 +16,7 @@ test: setup
 
 bench: setup
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done
+
+# TensorBoard on the logs of `make run` (or LOGDIR=...), without activating the venv.
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
