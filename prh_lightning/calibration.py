@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .alignment import Layers, _resolve_metric, as_layer_list
-from .functional._plan import LayerContext, check_layers, get_plan, prepare_layers
+from .functional._plan import LayerContext, check_layers, get_plan, permuted_scores, prepare_layers
 
 __all__ = ["Calibrated", "CalibratedScore", "calibrate"]
 
@@ -127,14 +127,7 @@ def calibrate(
     sx = prepare_layers(plan, lx, names_x, options, normalize, clip_quantile, ctx)
     sy = prepare_layers(plan, ly, names_y, options, normalize, clip_quantile, ctx)
     observed = plan.pairs(sx, sy, **options).double().cpu()
-    null = []
-    for perm in permutations:
-        if plan.permute is None:
-            moved = prepare_layers(plan, [y[perm] for y in ly], names_y, options, normalize, clip_quantile, ctx)
-        else:
-            moved = [plan.permute(s, perm) for s in sy]
-        null.append(plan.pairs(sx, moved, **options).double().cpu())
-    null = torch.stack(null)  # [K, Lx, Ly]
+    null = permuted_scores(plan, sx, sy, permutations, options).cpu()  # [K, Lx, Ly]
     high = plan.bounds(**options)[1]
     mean, tau, p, cal, z = _calibrate(observed, null, alpha, high)
     agg = None

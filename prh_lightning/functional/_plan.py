@@ -43,8 +43,9 @@ class MetricPlan:
             neighbour lists: pass ``groups=`` to prepare), ``"jackknife"`` (no honest bootstrap:
             kernel entries of copies inflate the score; ``bootstrap_ci`` refuses) or ``"plain"``.
         scale_invariant: the score does not change when a layer is multiplied by a constant.
-        null: optional fast path ``null(state_a, state_b, perms [P, n], **options) -> [P]`` for
-            the scores of ``a`` against ``b`` permuted by each row of ``perms``.
+        null: optional fast path ``null(states_x, states_y, perms [P, n], **options) -> [P, Lx, Ly]``
+            (float64): every layer pair with all layers of ``y`` permuted by each row of ``perms``.
+            Default: :func:`permuted_scores` (``permute`` then ``pairs``, per permutation).
     """
 
     name: str
@@ -192,6 +193,16 @@ def score_pair(
     check_pair(a, b)
     scores = score_layers(metric, [a], [b], normalize, clip_quantile, None, ["a"], ["b"], **metric_kwargs)
     return scores[0, 0].to(compute_dtype(a, b))
+
+
+def permuted_scores(plan: MetricPlan, sx: list, sy: list, perms: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
+    """``[P, Lx, Ly]`` float64: scores with every layer of ``y`` reordered by each row of
+    ``perms [P, n]`` (row ``i`` <- sample ``perm[i]``), from the prepared states."""
+    if plan.null is not None:
+        return plan.null(sx, sy, perms, **options).double()
+    if plan.permute is None:
+        raise ValueError(f"metric {plan.name!r} has neither a permute nor a null function; cannot permute it")
+    return torch.stack([plan.pairs(sx, [plan.permute(s, p) for s in sy], **options).double() for p in perms])
 
 
 # -- user metrics: pair by pair ------------------------------------------------------------

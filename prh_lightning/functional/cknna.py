@@ -119,9 +119,25 @@ def _cknna_pairs(xs: list[CknnaLayer], ys: list[CknnaLayer], unbiased: bool = Tr
     return torch.stack(cross) / (torch.sqrt(self_x[:, None] * self_y[None, :]) + eps)
 
 
+def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor, unbiased: bool = True, eps: float = 0.0, **_):
+    """``[P, Lx, Ly]`` with every ``y`` layer permuted; each x layer's dense maps are built once."""
+    n = xs[0].idx.shape[0]
+    maps = [_maps(a, n) for a in xs]
+    self_x = torch.stack([a.self_sim for a in xs])
+    self_y = torch.stack([b.self_sim for b in ys])
+    denom = torch.sqrt(self_x[:, None] * self_y[None, :]) + eps
+    out = []
+    for p in perms:
+        moved = [b.permuted(p) for b in ys]
+        cross = torch.stack([_masked_hsic_against(a, moved, m, v, unbiased) for a, (m, v) in zip(xs, maps)])
+        out.append(cross / denom)
+    return torch.stack(out)
+
+
 register_plan(
     MetricPlan(
         name="cknna",
+        null=_cknna_null,
         defaults={"k": 10, "unbiased": True, "eps": 0.0},
         prepare=prepare_cknna,
         pairs=_cknna_pairs,

@@ -234,17 +234,28 @@ class CentredKernel:
         return out
 
 
-def _cka_null(a: CentredKernel, b: CentredKernel, perms: torch.Tensor, eps: float = 0.0, unbiased: bool = False, **_):
-    """``[P]`` CKA of ``a`` against ``b`` permuted by each row of ``perms``: centring commutes with
-    permuting samples, so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominator is unchanged."""
-    ck, cl = a.dense(), b.dense()
-    kk, ll = (ck.double() ** 2).sum(), (cl.double() ** 2).sum()
-    n = a.n
+def _cka_null(
+    xs: list[CentredKernel], ys: list[CentredKernel], perms: torch.Tensor, eps: float = 0.0, unbiased: bool = False, **_
+) -> torch.Tensor:
+    """``[P, Lx, Ly]`` CKA with every ``y`` layer permuted: centring commutes with permuting samples,
+    so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominators do not change. The centred
+    kernels are formed once (``[L, n, n]``); each permutation is a gather and one GEMM."""
+    n = xs[0].n
+    cx = torch.stack([k.dense() for k in xs]).flatten(1)  # [Lx, n^2]
+    cy = torch.stack([k.dense() for k in ys])  # [Ly, n, n]
+    self_x = (cx.double() ** 2).sum(dim=1)
+    self_y = (cy.double() ** 2).flatten(1).sum(dim=1)
     c = n * (n - 3) if unbiased else 1.0
-    denom = torch.sqrt(kk * ll) + eps * c * a.kernel_scale * b.kernel_scale
-    flat = ck.flatten()
-    null = [torch.dot(flat, cl.index_select(0, p).index_select(1, p).flatten()).double() for p in perms]
-    return torch.stack(null) / denom
+    denom = torch.sqrt(self_x[:, None] * self_y[None, :])
+    if eps:
+        sx = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=denom.device)
+        sy = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=denom.device)
+        denom = denom + eps * c * sx[:, None] * sy[None, :]
+    out = []
+    for p in perms:
+        moved = cy[:, p][:, :, p].flatten(1)  # [Ly, n^2]
+        out.append((cx @ moved.T).double() / denom)
+    return torch.stack(out)
 
 
 def prepare_kernel(
@@ -333,7 +344,7 @@ for _name, _unbiased in (("cka", False), ("unbiased_cka", True)):
             pairs=_pairs,
             bounds=(lambda _fixed=_unbiased, unbiased=None, **o: _cka_bounds(_fixed if unbiased is None else unbiased)),
             permute=CentredKernel.permuted,
-            null=(lambda a, b, perms, _fixed=_unbiased, unbiased=None, **o: _cka_null(a, b, perms, unbiased=_fixed if unbiased is None else unbiased, **o)),
+            null=(lambda xs, ys, perms, _fixed=_unbiased, unbiased=None, **o: _cka_null(xs, ys, perms, unbiased=_fixed if unbiased is None else unbiased, **o)),
             resampling="jackknife",
             option_checks={"kernel": _check_kernel_name, "sigma": _check_sigma},
         )

@@ -58,17 +58,6 @@ def _permutations(n: int, count: int, seed: int, device: torch.device) -> torch.
     return torch.stack([torch.randperm(n, generator=gen) for _ in range(count)]).to(device)
 
 
-def plan_null(plan, state_a, state_b, perms: torch.Tensor, options: dict) -> torch.Tensor:
-    """``[P]`` float64 scores of ``a`` against ``b`` with ``b``'s samples reordered by each row of
-    ``perms [P, n]``, from prepared per-layer states (nothing is recomputed per permutation)."""
-    if plan.null is not None:
-        return plan.null(state_a, state_b, perms, **options).double().cpu()
-    out = []
-    for perm in perms:
-        out.append(plan.pairs([state_a], [plan.permute(state_b, perm)], **options)[0, 0])
-    return torch.stack(out).double().cpu()
-
-
 def permutation_test(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -89,7 +78,7 @@ def permutation_test(
     _check_count(n_permutations, "n_permutations", 1)
     perms = _permutations(a.shape[0], n_permutations, seed, b.device)
     if isinstance(metric, str):
-        from ._plan import LayerContext, check_layers, get_plan, prepare_layers
+        from ._plan import LayerContext, check_layers, get_plan, permuted_scores, prepare_layers
 
         plan = get_plan(metric)
         normalize = metric_kwargs.pop("normalize", True)
@@ -99,7 +88,7 @@ def permutation_test(
         ctx = LayerContext(dtype, None, n, 2, device)
         sa, sb = (prepare_layers(plan, [x], [name], options, normalize, clip_quantile, ctx)[0] for x, name in ((a, "a"), (b, "b")))
         score = float(plan.pairs([sa], [sb], **options)[0, 0].to(dtype))
-        null = plan_null(plan, sa, sb, perms, options).to(dtype).double()
+        null = permuted_scores(plan, [sa], [sb], perms, options)[:, 0, 0].cpu().to(dtype).double()
         return _summarise(score, null)
     fn = _resolve(metric)
     score = float(fn(a, b, **metric_kwargs))
