@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -255,25 +257,36 @@ def test_the_debian_gz_files_are_accepted_although_their_gz_checksums_differ(tmp
     assert len(FashionMNIST(str(hidden), train=True, download=False)) == 60000
 
 
-def test_the_data_step_runs_as_a_non_root_user_with_nothing_installed(real_files):
-    """A fresh user: no root, no Debian package, an empty home; the loader downloads from the mirror."""
+# The recipe's smallest settings (as in test_recipe_fashion_mnist.py).
+TINY = ["--n-samples", "100", "--train-size", "2000", "--epochs", "1", "--resnet-weights", "scratch",
+        "--resnet-epochs", "1", "--resnet-train-size", "400", "--val-size", "100", "--test-size", "200",
+        "--batch-size", "64", "--permutations", "99", "--bootstraps", "20", "--umap-points", "100",
+        "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "10", "--no-progress"]
+
+
+def test_the_main_job_runs_as_a_non_root_user_without_local_data(real_files):
+    """`make run`'s command for a new user: no root, no Debian package, an empty home and cache;
+    Fashion-MNIST comes from the mirror (a local server standing in for the internet)."""
     home = Path(tempfile.mkdtemp(prefix="prh-nonroot-"))
     try:
         served = _serve(home / "www", real_files)
         home.chmod(0o777)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PRH_", "XDG_"))}
-        env.update(HOME=str(home), PRH_FASHION_MNIST_DEBIAN_DIR=str(home / "no-debian"), **{fm.MIRROR_ENV: served.url})
-        code = ("import os; from prh_lightning.data.fashion_mnist import FashionMNISTDataModule as D; "
-                "assert os.geteuid() != 0; d = D(train_size=100, val_size=0, test_size=100); d.setup(); "
-                "print(d.prepare_data() or len(d.test_set), d.train_set.tensors[0].shape)")
+        env.update(HOME=str(home), HF_HUB_OFFLINE="1", PRH_FASHION_MNIST_DEBIAN_DIR=str(home / "no-debian"),
+                   NUMBA_CACHE_DIR=str(home / "numba"),  # numba cannot write next to a venv owned by root
+                   **{fm.MIRROR_ENV: served.url})
         user = [] if os.geteuid() != 0 else ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-        done = subprocess.run([*user, sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=home)
+        command = [*user, sys.executable, "-m", "prh_lightning.cli", "fashion-mnist", "--out", str(home / "out"), *TINY]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=home)
         served.close()
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split() == ["100", "torch.Size([100,", "1,", "28,", "28])"]
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(served.requests) == sorted(f"/{name}.gz" for name in fm.FILES)
         raw = home / ".cache" / "prh-lightning" / "fashion-mnist" / "FashionMNIST" / "raw"
-        assert (raw / "train-labels-idx1-ubyte").read_bytes() == real_files["train-labels-idx1-ubyte"]
-        assert len(served.requests) == 4
+        for name, data in real_files.items():
+            assert (raw / name).read_bytes() == data
+        summary = json.loads((home / "out" / "summary.json").read_text())
+        assert str(raw.parent.parent) in json.dumps(summary)  # the summary says which copy was used
+        assert (home / "out" / "report.md").is_file()
+        assert (home / "out").stat().st_uid == (os.getuid() if not user else pwd.getpwnam("nobody").pw_uid)
     finally:
         shutil.rmtree(home, ignore_errors=True)
