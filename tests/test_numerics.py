@@ -288,3 +288,14 @@ def test_streaming_cka_is_exact_under_large_offsets():
         metric.update(a32[:90], b32[:90])
         metric.update(a32[90:], b32[90:])
         assert float(metric.compute()) == pytest.approx(reference("cka", a32, b32, False), rel=rel)
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_alignment_matrix_cells_equal_independent_references(case):
+    a, b = _pair(n=90, seed=6)
+    c, d = _pair(n=90, seed=7)
+    xs, ys = [a.float(), (c + 50).float()], [b.float(), 1e-3 * d.float()]
+    name, opts = OPTIONS[case]
+    got = alignment_matrix(xs, ys, metric=name, **opts)
+    want = np.array([[reference(case, x, y) for y in ys] for x in xs])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
