@@ -29,35 +29,21 @@ from ._validation import check_pair
 
 __all__ = ["JackknifeResult", "jackknife_ci", "jackknife_groups", "jackknife_interval", "metric_range"]
 
-_UNIT = (0.0, 1.0)
-_SIGNED = (-1.0, 1.0)
-#: value range of each registered metric (``lcs_knn`` is in ``[0, k]``; CKNNA is not bounded)
-_RANGES: dict[str, tuple[float, float] | None] = {
-    "mutual_knn": _UNIT,
-    "cycle_knn": _UNIT,
-    "edit_distance_knn": _UNIT,
-    "cka": _UNIT,
-    "unbiased_cka": _SIGNED,
-    "svcca": _UNIT,
-    "rsa": _SIGNED,
-    "cknna": None,
-}
-
-
 def metric_range(metric: str | Callable[..., Any], **metric_kwargs: Any) -> tuple[float, float]:
-    """``(low, high)``: the values ``metric`` can take; ``(-inf, inf)`` when unknown or unbounded.
+    """``(low, high)``: the values ``metric`` can take, from the metric's registered plan
+    (``-inf`` / ``inf`` for an open side, e.g. CKNNA); ``(-inf, inf)`` for a plain callable.
 
     >>> metric_range("cycle_knn")
     (0.0, 1.0)
     >>> metric_range("lcs_knn", k=5)
     (0.0, 5.0)
     """
+    from ._plan import get_plan
+
     if not isinstance(metric, str):
         return (-np.inf, np.inf)
-    if metric == "lcs_knn":
-        return (0.0, float(metric_kwargs.get("k", 10)))
-    bounds = _RANGES.get(metric)
-    return (-np.inf, np.inf) if bounds is None else bounds
+    low, high = get_plan(metric).bounds(**metric_kwargs)
+    return (-np.inf if low is None else float(low), np.inf if high is None else float(high))
 
 
 @dataclass(frozen=True)
