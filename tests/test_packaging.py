@@ -1,19 +1,40 @@
 """Packaging: the sub-packages callbacks/ and recipes/ import from the installed package and
-ship inside a built wheel as prh_lightning.callbacks / prh_lightning.recipes."""
+ship inside a built wheel as prh_lightning.callbacks / prh_lightning.recipes; the wheel's
+requirements are ranges with a small core; the core alone imports in a fresh virtual
+environment that holds only the core requirements and what they require."""
 
 from __future__ import annotations
 
+import email
 import json
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from prh_lightning._optional import OPTIONAL
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["setup.py", "pyproject.toml", "README.md", "prh_lightning", "callbacks", "recipes"]
+
+#: what `pip install prh-lightning` installs (the README states the same set)
+CORE_REQUIREMENTS = {
+    "torch>=2.1,<3",
+    "torchmetrics>=1.4,<2",
+    "lightning>=2.4,<3",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "tqdm>=4.66",
+}
+EXTRAS = {"hf", "vision", "plot", "stats", "recipes", "all", "assets", "dev"}
+CORE_IMPORTS = "import prh_lightning, prh_lightning.functional, prh_lightning.metrics, prh_lightning.callbacks"
 
 
 def _origins(cwd: Path, *path_first: str) -> dict[str, Path]:
@@ -34,6 +55,15 @@ def test_installed_package_finds_subpackages_outside_the_checkout(tmp_path):
     assert found["prh_lightning"] == ROOT / "prh_lightning" / "__init__.py"
     assert found["prh_lightning.callbacks"] == ROOT / "callbacks" / "__init__.py"
     assert found["prh_lightning.recipes"] == ROOT / "recipes" / "__init__.py"
+
+
+def test_only_the_package_is_importable_not_the_checkout(tmp_path):
+    code = ("import importlib.util, json; print(json.dumps([n for n in ('prh_lightning.tests', "
+            "'prh_lightning.benchmarks', 'prh_lightning.scripts', 'prh_lightning.docs') "
+            "if importlib.util.find_spec(n) is not None]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == []
 
 
 def test_public_names_import():
@@ -92,3 +122,120 @@ def test_unpacked_wheel_resolves_its_own_subpackages(wheel, tmp_path):
     assert found["prh_lightning"] == package / "__init__.py"
     assert found["prh_lightning.callbacks"] == package / "callbacks" / "__init__.py"
     assert found["prh_lightning.recipes"] == package / "recipes" / "__init__.py"
+
+
+def test_wheel_ships_the_type_marker(wheel):
+    assert "prh_lightning/py.typed" in zipfile.ZipFile(wheel).namelist()
+
+
+def _wheel_metadata(wheel: Path) -> email.message.Message:
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        return email.message_from_bytes(archive.read(name))
+
+
+def test_wheel_requirements_are_ranges_with_a_small_core(wheel):
+    meta = _wheel_metadata(wheel)
+    requirements = [Requirement(r) for r in meta.get_all("Requires-Dist")]
+    core = {r for r in requirements if r.marker is None}
+    assert {str(r) for r in core} == {str(Requirement(r)) for r in CORE_REQUIREMENTS}
+    assert set(meta.get_all("Provides-Extra")) == EXTRAS
+    for r in requirements:  # never replace a user's torch build
+        if canonicalize_name(r.name) in {"torch", "torchvision"}:
+            assert not any(spec.operator in ("==", "===") for spec in r.specifier), str(r)
+            assert r.specifier, f"{r.name} needs a version range"
+
+
+def test_every_optional_import_names_an_extra_that_installs_it():
+    """prh_lightning._optional's table (used for the error messages) agrees with pyproject.toml."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def closure(extra: str) -> set[str]:
+        names = set()
+        for line in extras[extra]:
+            r = Requirement(line)
+            if canonicalize_name(r.name) == "prh-lightning":
+                for inner in r.extras:
+                    names |= closure(inner)
+            else:
+                names.add(canonicalize_name(r.name))
+        return names
+
+    for module, (distribution, extra) in OPTIONAL.items():
+        assert canonicalize_name(distribution) in closure(extra), f"{module}: {distribution} is not in [{extra}]"
+        assert canonicalize_name(distribution) in closure("all"), f"{distribution} is not in [all]"
+
+
+def _installed_closure(requirements: list[Requirement]) -> list[metadata.Distribution]:
+    """The installed distributions that ``requirements`` need, recursively (markers evaluated
+    without extras): what `pip install` of those requirements would have put in a venv."""
+    found: dict[str, metadata.Distribution] = {}
+    todo = list(requirements)
+    while todo:
+        r = todo.pop()
+        if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+            continue
+        key = canonicalize_name(r.name)
+        if key in found:
+            continue
+        dist = metadata.distribution(r.name)  # PackageNotFoundError: the test venv lacks a core dependency
+        found[key] = dist
+        todo += [Requirement(x) for x in dist.requires or []]
+    return list(found.values())
+
+
+@pytest.fixture(scope="module")
+def core_venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel (pip, no dependencies) beside links to the installed
+    distributions of its core requirements only: no transformers, timm, torchvision, scipy,
+    matplotlib, tensorboard, umap, scikit-learn, datasets."""
+    venv = tmp_path_factory.mktemp("core") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    core = [Requirement(r) for r in _wheel_metadata(wheel).get_all("Requires-Dist")]
+    linked = set()
+    for dist in _installed_closure([r for r in core if r.marker is None]):
+        here = Path(dist.locate_file(""))
+        for file in dist.files or []:
+            top = file.parts[0]
+            if top != ".." and top not in linked and (here / top).exists():
+                (site / top).symlink_to(here / top)
+                linked.add(top)
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check"]
+    done = subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check = subprocess.run([*pip, "check"], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, f"the core venv misses requirements:\n{check.stdout}{check.stderr}"
+    return python
+
+
+def _run_in(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_core_imports_with_only_the_core_requirements(core_venv, tmp_path):
+    optional = sorted(OPTIONAL)
+    code = (
+        f"{CORE_IMPORTS}; import importlib.util, json, sys; "
+        "from prh_lightning.representations import Representations; import torch; "
+        "p = Representations({'a': torch.ones(3, 2)}).save('r.safetensors'); "
+        "ok = Representations.load(p)['a'].sum().item() == 6; "
+        f"print(json.dumps([ok, prh_lightning.__file__, [m for m in {optional!r} if importlib.util.find_spec(m)]]))"
+    )
+    done = _run_in(core_venv, code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ok, origin, installed_optional = json.loads(done.stdout.splitlines()[-1])
+    assert ok and str(core_venv.parent.parent) in origin  # the wheel's copy, not the checkout
+    assert installed_optional == []  # the venv really lacks the extras
+
+
+def test_a_missing_extra_is_named_in_the_core_venv(core_venv, tmp_path):
+    code = ("from prh_lightning._optional import require\n"
+            "try:\n    require('scipy.stats', purpose='Kendall tau')\n"
+            "except ModuleNotFoundError as err:\n    print(err)\n")
+    done = _run_in(core_venv, code, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Kendall tau needs scipy.stats" in done.stdout and "pip install 'prh-lightning[stats]'" in done.stdout
