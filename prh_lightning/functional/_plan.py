@@ -94,32 +94,121 @@ def get_plan(metric: str | MetricPlan) -> MetricPlan:
 
 
 class LayerContext:
-    """What a plan's ``prepare`` may need besides the features."""
+    """What a plan's ``prepare`` may need besides the features: compute dtype, the input's
+    precision, a name for messages and the memory policy.
 
-    def __init__(self, dtype: torch.dtype, block_rows: int | None, n: int, layers: int, device: torch.device):
+    Memory policy: ``block_rows`` (rows per streamed block, as given) or ``max_memory`` (a
+    budget in bytes for the working memory that grows faster than ``n * d``: streamed
+    ``[rows, n]`` blocks, the reusable whole-Gram buffer, dense ``[n, n]`` lookup maps). With
+    neither, blocks of about 256 MB and a whole Gram up to 512 MB. Per-layer copies of the
+    features (float64 during preparation, ``O(n d)``) come on top of the budget.
+    """
+
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        block_rows: int | None,
+        n: int,
+        layers: int,
+        device: torch.device,
+        max_memory: int | str | None = None,
+    ):
         self.dtype, self.block_rows, self.device = dtype, block_rows, device
-        self.rows = _rows_per_block(n, 1, block_rows)
+        self.n = n
+        self.budget = parse_memory(max_memory)
+        self.rows = _rows_per_block(n, 1, block_rows, self.budget, torch.finfo(dtype).bits // 8)
         self.n_layers = layers
         self.input_eps = float(torch.finfo(dtype).eps)
         self.name = "x"
         self._gram: torch.Tensor | None = None
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the compute dtype."""
+        return torch.finfo(self.dtype).bits // 8
+
+    def block(self, width: int, bytes_per_entry: int) -> int:
+        """Rows of a ``[rows, width]`` working block costing ``bytes_per_entry`` per entry
+        (temporaries included): ``block_rows`` when given, else as many as the budget allows
+        (without a budget: about 256 MB of compute-dtype entries)."""
+        return _rows_per_block(self.n, 1, self.block_rows, self.budget, bytes_per_entry, width)
+
+    def fits(self, nbytes: int) -> bool:
+        """May one allocation of ``nbytes`` be made at once (half the budget at most)?
+        Without a budget: up to 512 MB."""
+        limit = _WHOLE_BYTES if self.budget is None else self.budget // 2
+        return nbytes <= limit
+
     def gram(self, n: int) -> torch.Tensor | None:
         """A reusable ``[n, n]`` scratch buffer (compute dtype), or None when memory asks to stream."""
-        from .knn import gram_buffer
-
+        if self.block_rows is not None:
+            return None
+        if self.budget is None and n * n > _WHOLE_GRAM or self.budget is not None and not self.fits(n * n * self.itemsize):
+            return None
         if self._gram is None:
-            self._gram = gram_buffer(n, self.block_rows, torch.empty(0, dtype=self.dtype, device=self.device))
+            self._gram = torch.empty(n, n, dtype=self.dtype, device=self.device)
         return self._gram
 
 
-def _rows_per_block(n: int, layers: int, block_rows: int | None) -> int:
-    """Kernel rows streamed at once: ``block_rows``, or as many as fit a 256 MB block."""
+_WHOLE_GRAM = 2**27  # without a budget: a whole [n, n] Gram up to n = 11,585 (512 MB in float32)
+_WHOLE_BYTES = 2**29  # without a budget: one allocation up to 512 MB
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """Bytes of a memory budget: an int, or a string such as ``"512MB"``, ``"4GB"``, ``"1.5GiB"``
+    (decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB); ``None`` stays ``None``.
+
+    >>> parse_memory("4GB"), parse_memory("512 MiB"), parse_memory(1000)
+    (4000000000, 536870912, 1000)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"max_memory must be bytes (int) or a string like '4GB', got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        unit = text[len(digits):]
+        if unit not in _UNITS or not digits:
+            raise ValueError(f"max_memory must look like '512MB', '4GB' or '2GiB', got {value!r}")
+        try:
+            number = int(float(digits) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(f"max_memory must look like '512MB', '4GB' or '2GiB', got {value!r}") from None
+    else:
+        raise TypeError(f"max_memory must be bytes (int) or a string like '4GB', got {type(value).__name__}")
+    if number <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return number
+
+
+def _rows_per_block(
+    n: int,
+    layers: int,
+    block_rows: int | None,
+    budget: int | None = None,
+    bytes_per_entry: int = 4,
+    width: int | None = None,
+) -> int:
+    """Rows streamed at once: ``block_rows``, or as many ``[rows, width]`` rows (``width``
+    defaults to ``n``, ``layers`` blocks at once) as fit the budget (default: 256 MB of float32)."""
     if block_rows is not None:
         if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
             raise ValueError(f"block_rows must be a positive int (rows per block), got {block_rows!r}")
         return min(block_rows, n)
-    return max(1, min(n, _BUDGET // max(1, layers * n)))
+    width = n if width is None else width
+    if budget is None:
+        return max(1, min(n, _BUDGET // max(1, layers * width)))
+    rows = budget // max(1, layers * width * bytes_per_entry)
+    if rows < 1:
+        raise ValueError(
+            f"max_memory={budget} bytes is too small: one row of a [rows, {width}] block of {layers} layer(s) "
+            f"needs {layers * width * bytes_per_entry} bytes; raise max_memory"
+        )
+    return min(n, rows)
 
 
 def prepare_layers(
@@ -168,16 +257,18 @@ def score_layers(
     block_rows: int | None = None,
     names_x: list[str] | None = None,
     names_y: list[str] | None = None,
+    max_memory: int | str | None = None,
     **metric_kwargs: Any,
 ) -> torch.Tensor:
-    """``[Lx, Ly]`` float64 scores of every layer pair (``ys=None``: ``xs`` against itself)."""
+    """``[Lx, Ly]`` float64 scores of every layer pair (``ys=None``: ``xs`` against itself).
+    ``max_memory``: budget for the streamed blocks (see :class:`LayerContext`)."""
     plan = get_plan(metric)
     options = plan.bind(metric_kwargs)
     names_x = names_x or [f"xs[{i}]" for i in range(len(xs))]
     if ys is not None:
         names_y = names_y or [f"ys[{i}]" for i in range(len(ys))]
     n, dtype, device = check_layers(xs, ys, names_x, names_y)
-    ctx = LayerContext(dtype, block_rows, n, len(xs) + len(ys or []), device)
+    ctx = LayerContext(dtype, block_rows, n, len(xs) + len(ys or []), device, max_memory)
     sx = prepare_layers(plan, xs, names_x, options, normalize, clip_quantile, ctx)
     sy = sx if ys is None else prepare_layers(plan, ys, names_y, options, normalize, clip_quantile, ctx)
     return plan.pairs(sx, sy, **options)

@@ -4,7 +4,9 @@ Per layer: exact neighbour lists (as the k-NN metrics), the kernel values ``K_ij
 at those neighbours computed in float64 from the conditioned features (the masked kernel is
 not centred, so its values must not come from a float32 Gram of offset features), back links
 ``K_ji`` where ``i`` is also a neighbour of ``j``, and the layer's self-similarity. A pair
-is then scored from neighbour lists in ``O(n k)`` (plus two dense ``[n, n]`` maps per x-layer).
+is then scored from neighbour lists in ``O(n k log(n k))``: membership of ``(i, j)`` and
+``K_ij`` are looked up by binary search in the sorted keys ``i n + j`` of each layer's
+neighbour pairs, so no ``[n, n]`` map is ever formed.
 Both the unbiased (default) and the biased HSIC estimator have this batched path.
 """
 
@@ -16,8 +18,9 @@ import torch
 
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
+from ._ties import check_copies_at_boundary
 from ._validation import check_k, check_min_samples, check_positive
-from .knn import exact_neighbours
+from .knn import _BLOCK_BYTES, exact_neighbours
 
 __all__ = ["cknna"]
 
@@ -25,46 +28,57 @@ __all__ = ["cknna"]
 @dataclass
 class CknnaLayer:
     """``idx [n, k]`` neighbours, ``val [n, k]`` = ``K[i, idx[i, t]]`` (float64), ``back [n, k]`` =
-    ``K[j, i]`` if ``i`` is a neighbour of ``j = idx[i, t]`` else 0, and ``self_sim`` = sim(K, K)."""
+    ``K[j, i]`` if ``i`` is a neighbour of ``j = idx[i, t]`` else 0, and ``self_sim`` = sim(K, K).
+
+    ``keys [n k]``: the sorted ``i n + j`` of every neighbour pair, with ``sorted_val`` the
+    kernel values in that order (built on first use): membership and kernel lookups by binary
+    search, with no ``[n, n]`` map.
+    """
 
     idx: torch.Tensor
     val: torch.Tensor
     back: torch.Tensor
     self_sim: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    sorted_val: torch.Tensor | None = None
 
     def permuted(self, perm: torch.Tensor) -> "CknnaLayer":
         """Samples reordered (row ``i`` <- sample ``perm[i]``); self-similarity unchanged."""
         inverse = torch.argsort(perm)
         return CknnaLayer(inverse[self.idx[perm]], self.val[perm], self.back[perm], self.self_sim)
 
+    def lookup(self, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For index tensors ``i``, ``j`` (broadcast): ``(found, value)``, ``found = j in N(i)``,
+        ``value = K_ij`` there and 0 elsewhere (float64)."""
+        if self.keys is None:
+            n = self.idx.shape[0]
+            ordered, order = torch.sort(self.idx, dim=1)  # keys of row i lie in [i n, (i + 1) n): sorted overall
+            rows = torch.arange(n, device=self.idx.device)[:, None]
+            self.keys = (rows * n + ordered).flatten()
+            self.sorted_val = torch.gather(self.val, 1, order).flatten()
+        n = self.idx.shape[0]
+        query = i * n + j
+        pos = torch.searchsorted(self.keys, query).clamp_(max=self.keys.numel() - 1)
+        found = self.keys[pos] == query
+        return found, torch.where(found, self.sorted_val[pos], 0.0)
 
-def _maps(layer: CknnaLayer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[n, n]`` maps of one layer: ``mask[i, j] = j in N(i)``, ``value[i, j] = K_ij`` there (else 0)."""
-    rows = torch.arange(n, device=layer.idx.device)[:, None]
-    mask = torch.zeros(n, n, dtype=torch.bool, device=layer.idx.device)
-    mask[rows, layer.idx] = True
-    value = torch.zeros(n, n, dtype=torch.float64, device=layer.idx.device)
-    value[rows, layer.idx] = layer.val
-    return mask, value
 
-
-def _masked_hsic_against(
-    a: CknnaLayer, bs: list[CknnaLayer], mask: torch.Tensor, value: torch.Tensor, unbiased: bool
-) -> torch.Tensor:
-    """``HSIC(M∘K_a, M∘L_b)`` for layer ``a`` (dense maps ``mask``, ``value``) against every ``b``: ``[Lb]``.
+def _masked_hsic_against(a: CknnaLayer, bs: list[CknnaLayer], unbiased: bool) -> torch.Tensor:
+    """``HSIC(M∘K_a, M∘L_b)`` for layer ``a`` against every ``b``: ``[Lb]``.
 
     The entries of ``M`` are enumerated through ``b``'s lists (``j = idx_b[i, t]``) and looked up
-    in ``a``'s maps: ``P'_ij = K_ij``, ``Q'_ij = L_ij`` on ``M``. With row / column sums of
+    in ``a``'s sorted keys: ``P'_ij = K_ij``, ``Q'_ij = L_ij`` on ``M``. With row / column sums of
     ``P'``, ``Q'`` and ``tr(P'Q') = Σ P'_ij Q'_ji``:
     biased ``tr(P'Q') - (colsum P' . rowsum Q' + rowsum P' . colsum Q') / n + ΣP' ΣQ' / n^2``;
     unbiased (zero diagonals) ``[tr(P'Q') + ΣP' ΣQ' / ((n-1)(n-2)) - 2 colsum P' . rowsum Q' / (n-2)] / (n(n-3))``.
+    Memory ``O(L_b n k)``.
     """
     n = a.idx.shape[0]
     i = torch.arange(n, device=a.idx.device)[None, :, None]
     idx_b = torch.stack([b.idx for b in bs])  # [Lb, n, k]
-    p = value[i, idx_b]  # P'_ij: zero unless j in N_a(i) (j in N_b(i) by construction)
-    q = torch.stack([b.val for b in bs]) * mask[i, idx_b]  # Q'_ij
-    q_back = torch.stack([b.back for b in bs]) * mask[idx_b, i]  # Q'_ji: i in N_b(j) and in N_a(j)
+    found, p = a.lookup(i, idx_b)  # P'_ij: zero unless j in N_a(i) (j in N_b(i) by construction)
+    q = torch.stack([b.val for b in bs]) * found  # Q'_ij
+    q_back = torch.stack([b.back for b in bs]) * a.lookup(idx_b, i)[0]  # Q'_ji: i in N_b(j) and in N_a(j)
     trace = (p * q_back).sum(dim=(1, 2))
     flat = idx_b.flatten(1)
     col_p = torch.zeros(len(bs), n, dtype=p.dtype, device=p.device).scatter_add_(1, flat, p.flatten(1))
@@ -87,19 +101,22 @@ def prepare_cknna(
     check_k(k, n, minimum=2)
     if unbiased:
         check_min_samples(n, 4, "unbiased CKNNA")
-    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, keep64=True, exact_mean=False)
-    idx = exact_neighbours(c, x64 * c.scale, k, ctx.rows, ctx.gram(n), exclude_self=unbiased, groups=groups)
-    val = _gathered_products(x64, idx, ctx.rows)
+    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
+    rows = ctx.block(n, _BLOCK_BYTES)
+    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups)
+    del c
+    if groups is None:
+        check_copies_at_boundary(x64, idx, ctx.name, exclude_self=unbiased)
+    val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
     layer = CknnaLayer(idx, val, torch.zeros_like(val))
-    mask, value = _maps(layer, n)
-    layer.back = value[idx, torch.arange(n, device=idx.device)[:, None]]
-    layer.self_sim = _masked_hsic_against(layer, [layer], mask, value, unbiased)[0]
+    layer.back = layer.lookup(idx, torch.arange(n, device=idx.device)[:, None])[1]
+    layer.self_sim = _masked_hsic_against(layer, [layer], unbiased)[0]
     check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {ctx.name}")
     return layer
 
 
 def _gathered_products(x64: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[n, k]`` float64 ``x_i . x_{idx[i, t]}``, in row blocks."""
+    """``[n, k]`` float64 ``x_i . x_{idx[i, t]}``, with ``rows * k`` gathered rows at a time at most."""
     out = []
     step = max(1, rows // max(1, idx.shape[1]))
     for s in range(0, x64.shape[0], step):
@@ -109,27 +126,21 @@ def _gathered_products(x64: torch.Tensor, idx: torch.Tensor, rows: int) -> torch
 
 
 def _cknna_pairs(xs: list[CknnaLayer], ys: list[CknnaLayer], unbiased: bool = True, eps: float = 0.0, **_):
-    n = xs[0].idx.shape[0]
-    cross = []
-    for a in xs:
-        mask, value = _maps(a, n)
-        cross.append(_masked_hsic_against(a, ys, mask, value, unbiased))
+    cross = torch.stack([_masked_hsic_against(a, ys, unbiased) for a in xs])
     self_x = torch.stack([a.self_sim for a in xs])
     self_y = torch.stack([b.self_sim for b in ys])
-    return torch.stack(cross) / (torch.sqrt(self_x[:, None] * self_y[None, :]) + eps)
+    return cross / (torch.sqrt(self_x[:, None] * self_y[None, :]) + eps)
 
 
 def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor, unbiased: bool = True, eps: float = 0.0, **_):
-    """``[P, Lx, Ly]`` with every ``y`` layer permuted; each x layer's dense maps are built once."""
-    n = xs[0].idx.shape[0]
-    maps = [_maps(a, n) for a in xs]
+    """``[P, Lx, Ly]`` with every ``y`` layer permuted; each x layer's sorted keys are built once."""
     self_x = torch.stack([a.self_sim for a in xs])
     self_y = torch.stack([b.self_sim for b in ys])
     denom = torch.sqrt(self_x[:, None] * self_y[None, :]) + eps
     out = []
     for p in perms:
         moved = [b.permuted(p) for b in ys]
-        cross = torch.stack([_masked_hsic_against(a, moved, m, v, unbiased) for a, (m, v) in zip(xs, maps)])
+        cross = torch.stack([_masked_hsic_against(a, moved, unbiased) for a in xs])
         out.append(cross / denom)
     return torch.stack(out)
 

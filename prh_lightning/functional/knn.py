@@ -25,6 +25,7 @@ import torch
 
 from ._numerics import Centred, centre
 from ._plan import MetricPlan, register_plan, score_pair
+from ._ties import check_copies_at_boundary
 from ._validation import check_features, check_k
 
 __all__ = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn"]
@@ -177,6 +178,27 @@ def gram_buffer(n: int, block_rows: int | None, like: torch.Tensor) -> torch.Ten
     return torch.empty(n, n, dtype=like.dtype, device=like.device)
 
 
+# bytes per entry of a streamed [rows, n] block: the block, and the copy, values and int64
+# indices a stable sort of its ambiguous rows may need
+_BLOCK_BYTES = 24
+
+
+def _scaled_rows(x64: torch.Tensor, scale: float, r: torch.Tensor | slice) -> torch.Tensor:
+    return x64[r] * scale
+
+
+def _exact_rows(x64: torch.Tensor, scale: float, r: torch.Tensor, cols: int) -> torch.Tensor:
+    """``[len(r), n]`` float64 inner products of rows ``r`` of ``x64 * scale`` with all rows,
+    multiplying ``cols`` rescaled rows at a time (no rescaled copy of the whole layer)."""
+    n = x64.shape[0]
+    left = _scaled_rows(x64, scale, r)
+    out = torch.empty(r.numel(), n, dtype=torch.float64, device=x64.device)
+    for s in range(0, n, cols):
+        e = min(n, s + cols)
+        torch.mm(left, _scaled_rows(x64, scale, slice(s, e)).T, out=out[:, s:e])
+    return out
+
+
 def exact_neighbours(
     c: Centred,
     x64: torch.Tensor,
@@ -190,12 +212,17 @@ def exact_neighbours(
 
     Scores are ``r_ij = (xc_i . xc_j) + (m . xc_j)`` in the compute dtype (same ranking per row
     as ``x_i . x_j``). In float32, rows whose top ``k + 1`` scores are not separated by more
-    than a rounding-error bound are ranked again in float64 from ``x64`` directly.
+    than a rounding-error bound are ranked again in float64 from ``x64 * c.scale`` (exact
+    power-of-two rescaling: same ranking, no overflow), ``rows`` rows at a time.
+
+    Memory: the whole ``[n, n]`` ``gram`` buffer when given, else ``[rows, n]`` blocks; the
+    rescaled float64 features are formed ``rows`` rows at a time, never as a whole copy.
     """
     xc = c.xc
     n, d = xc.shape
     exact = xc.dtype == torch.float64
-    shift = (c.xc64 if c.xc64 is not None else xc.double()) @ c.mean  # [n]: m . xc_j
+    # [n]: m . xc_j with xc_j = x_j * scale - m (exact), in row blocks
+    shift = torch.cat([(_scaled_rows(x64, c.scale, slice(s, s + rows)) - c.mean) @ c.mean for s in range(0, n, rows)])
     shift_c = shift.to(xc.dtype)
     if not exact:
         norms = torch.linalg.vector_norm(xc, dim=1)
@@ -212,6 +239,7 @@ def exact_neighbours(
         block.add_(shift_c[None, :])
         _exclude(block, s, groups, exclude_self, k)
         idx, values = _top_k(block, k)
+        del block
         if not exact:
             finite = torch.isfinite(values)
             scale = values.abs().where(finite, 0.0).amax(dim=1)
@@ -224,9 +252,10 @@ def exact_neighbours(
     idx = torch.cat(idx_blocks)
     if redo_rows:
         rows_redo = torch.cat(redo_rows)
-        for s in range(0, rows_redo.numel(), rows):
-            r = rows_redo[s : s + rows]
-            g64 = x64[r] @ x64.T  # the inner products themselves: exact ties stay exact
+        step = max(1, rows // 2)  # float64 rows: twice the bytes of float32 ones
+        for s in range(0, rows_redo.numel(), step):
+            r = rows_redo[s : s + step]
+            g64 = _exact_rows(x64, c.scale, r, step)  # the inner products themselves: exact ties stay exact
             if exclude_self:
                 g64[torch.arange(r.numel(), device=r.device), r] = float("-inf")
             if groups is not None:
@@ -340,9 +369,12 @@ def prepare_neighbours(x64: torch.Tensor, ctx, k: int = 10, groups: torch.Tensor
     """Per-layer work of the k-NN metrics: exact ``[n, k]`` neighbour lists of ``x64 [n, d]``."""
     n = x64.shape[0]
     check_k(k, n)
-    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, keep64=True, exact_mean=False)
-    # x64 rescaled like c (exact power of two): same ranking, no overflow in the float64 redo
-    return Neighbours(exact_neighbours(c, x64 * c.scale, k, ctx.rows, ctx.gram(n), groups=groups))
+    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
+    rows = ctx.block(n, _BLOCK_BYTES)
+    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups)
+    if groups is None:  # bootstrap copies are handled by their groups
+        check_copies_at_boundary(x64, idx, ctx.name)
+    return Neighbours(idx)
 
 
 def permute_neighbours(state: Neighbours, perm: torch.Tensor) -> Neighbours:
@@ -356,21 +388,23 @@ def permute_neighbours(state: Neighbours, perm: torch.Tensor) -> Neighbours:
 
 
 def _mutual_knn_matrix(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> torch.Tensor:
-    """``|N_x(i) ∩ N_y(i)|`` summed over samples by looking ``y``'s lists up in ``x``'s 0/1 mask.
-
-    Per x-layer: scatter its ``n k`` neighbours into an ``[n, n]`` bool mask, then gather at the
-    ``n k`` neighbours of every y-layer: ``O(n^2 + L n k)`` instead of ``O(L n k^2)`` comparisons.
-    """
+    """``|N_x(i) ∩ N_y(i)|`` summed over samples, by binary search of ``y``'s neighbours in the
+    sorted lists of ``x`` (row by row): ``O(L n k log k)`` time, no ``[n, n]`` mask; rows in
+    blocks of at most ~16M lookups."""
     n, k = idx_x[0].shape[-2:]
-    stacked = torch.stack(idx_y)  # [Ly, n, k]
-    rows = torch.arange(n, device=stacked.device)
-    mask = torch.zeros(n, n, dtype=torch.bool, device=stacked.device)
+    stacked = torch.stack(idx_y).permute(1, 0, 2).reshape(n, -1)  # [n, Ly * k]
+    ly = len(idx_y)
+    step = max(1, min(n, 2**24 // max(1, ly * k)))
     out = []
     for idx in idx_x:
-        mask.zero_()
-        mask[rows[:, None], idx] = True
-        hits = mask[rows[None, :, None], stacked]  # [Ly, n, k]
-        out.append(hits.sum(dim=(1, 2)).double() / (n * k))
+        ordered = torch.sort(idx, dim=1).values
+        hits = torch.zeros(ly, dtype=torch.long, device=idx.device)
+        for s in range(0, n, step):
+            queries = stacked[s : s + step]
+            pos = torch.searchsorted(ordered[s : s + step], queries).clamp_(max=k - 1)
+            found = torch.gather(ordered[s : s + step], 1, pos) == queries
+            hits += found.view(-1, ly, k).sum(dim=(0, 2))
+        out.append(hits.double() / (n * k))
     return torch.stack(out)
 
 
