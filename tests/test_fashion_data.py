@@ -176,6 +176,9 @@ def test_download_from_a_mirror_is_checked_unpacked_and_cached(mirror, hidden, r
     split = load_fashion_mnist(train=False)
     assert len(split) == 10000 and len(mirror.requests) == 4
     assert not [p for p in hidden.rglob(".raw-*")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (root / "FashionMNIST" / "raw").stat().st_mode & 0o777 == 0o777 & ~umask  # not a private temp dir
 
 
 def test_processes_preparing_the_cache_at_once_download_it_once(mirror, hidden, real_files):

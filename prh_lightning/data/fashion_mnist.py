@@ -39,9 +39,9 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,7 +96,13 @@ class FashionMNISTChecksumError(FashionMNISTNotFound):
 
 def default_cache_dir() -> Path:
     """``$PRH_CACHE_DIR/fashion-mnist``, else ``$XDG_CACHE_HOME/prh-lightning/fashion-mnist``,
-    else ``~/.cache/prh-lightning/fashion-mnist``."""
+    else ``~/.cache/prh-lightning/fashion-mnist``.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"PRH_CACHE_DIR": "", "XDG_CACHE_HOME": "/var/cache/me"}):
+    ...     default_cache_dir()
+    PosixPath('/var/cache/me/prh-lightning/fashion-mnist')
+    """
     if os.environ.get("PRH_CACHE_DIR"):
         return Path(os.environ["PRH_CACHE_DIR"]) / "fashion-mnist"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -104,7 +110,13 @@ def default_cache_dir() -> Path:
 
 
 def mirrors() -> list[str]:
-    """Base URLs to download from: ``$PRH_FASHION_MNIST_MIRROR`` (comma-separated) or :data:`MIRRORS`."""
+    """Base URLs to download from: ``$PRH_FASHION_MNIST_MIRROR`` (comma-separated) or :data:`MIRRORS`.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {MIRROR_ENV: "http://127.0.0.1:8000, file:///srv/fashion"}):
+    ...     mirrors()
+    ['http://127.0.0.1:8000/', 'file:///srv/fashion/']
+    """
     custom = [u.strip() for u in os.environ.get(MIRROR_ENV, "").split(",") if u.strip()]
     return [u if u.endswith("/") else u + "/" for u in custom] or list(MIRRORS)
 
@@ -177,7 +189,8 @@ def _install(root: Path, fill) -> Path:
     with _locked(parent):
         if _has_raw(root):  # prepared by another process while we waited
             return root
-        tmp = Path(tempfile.mkdtemp(prefix=".raw-", dir=parent))
+        tmp = parent / f".raw-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()  # with the user's umask, unlike tempfile.mkdtemp's private 0700
         try:
             fill(tmp)
             raw = parent / "raw"
@@ -257,9 +270,10 @@ def fashion_mnist_root(data_dir: str | os.PathLike | None = None, download: bool
     the checks). Raises :class:`FashionMNISTNotFound` (with how to get the data) otherwise, and
     :class:`FashionMNISTChecksumError` for files that are not Fashion-MNIST.
 
-    >>> root = fashion_mnist_root(download=False)  # doctest: +SKIP
-    >>> sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir())  # doctest: +SKIP
-    ['t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte', 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte']
+    Example (prepares the data on first use)::
+
+        root = fashion_mnist_root()
+        FashionMNIST(str(root), train=False)  # torchvision reads root/FashionMNIST/raw
     """
     chosen = data_dir if data_dir is not None else os.environ.get("PRH_FASHION_MNIST_DIR") or None
     cache = default_cache_dir()
