@@ -11,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from prh_lightning.analysis.claims import verdict_from_p
+
 MIN_POINTS = 3
+RULE_P = ("A model pair's alignment is **above chance** (holds) when its p-value, Holm-adjusted over all model "
+          "pairs, is below 0.05; otherwise we **cannot tell**.")
 
 
 def figures(result: dict, fig_dir: Path) -> dict[str, str]:
@@ -51,6 +55,26 @@ def best_pair_table(result: dict) -> str:
     return markdown_table(["language", "vision", "score", "language layer", "vision layer"], rows)
 
 
+def calibrated_table(result: dict) -> str:
+    from prh_lightning.reporting import markdown_table
+
+    cal, rows = result["calibrated"], []
+    for i, lm in enumerate(result["language"]):
+        for j, vm in enumerate(result["vision"]):
+            rows.append([lm, vm, float(cal["raw"][i][j]), float(cal["null_mean"][i][j]), float(cal["calibrated"][i][j]),
+                         float(cal["p_value"][i][j]), float(cal["p_holm"][i][j]),
+                         verdict_from_p(float(cal["p_holm"][i][j]))])
+    return markdown_table(["language", "vision", "raw", "chance (null mean)", "calibrated", "p", "Holm p",
+                           "above chance"], rows)
+
+
+def calibrated_text(result: dict) -> str:
+    cal = result["calibrated"]
+    return (f"Each best-layer-pair score next to its permutation null ({cal['n_permutations']} shuffles of the pairing; "
+            "on every shuffle the best over all layer pairs is taken again, so the null carries the same selection). "
+            "Calibrated = (raw - tau) / (max - tau), tau the null's 95% quantile. " + RULE_P)
+
+
 def write_report(result: dict, extract: dict, seconds: float, out: Path) -> None:
     from prh_lightning.reporting import Report, markdown_table
 
@@ -66,6 +90,8 @@ def write_report(result: dict, extract: dict, seconds: float, out: Path) -> None
                    table=markdown_table(["language \\ vision"] + vis, rows))
     report.section("Best layer pairs", "The layer pair that gives each score (the maximum over all layer pairs).",
                    table=best_pair_table(result))
+    if result.get("calibrated"):
+        report.section("Calibrated scores", calibrated_text(result), table=calibrated_table(result))
     if "shuffled" in result:
         sh = result["shuffled"]
         chance = "" if sh["chance"] is None else f"; chance for mutual k-NN is k/(n-1) = {sh['chance']:.4f}"

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prh_lightning.analysis.model_matrix import best_layer_pair_matrix
+from prh_lightning.analysis.claims import holm
+from prh_lightning.analysis.model_matrix import best_layer_pair_matrix, calibrated_best_layer_pairs
 from prh_lightning.data.paired import PRH_SUBSET, PairedDataError, load_paired
 from prh_lightning.extraction import LANGUAGE_POOLS, VISION_POOLS, extract_model
 from prh_lightning.models.pretrained import PretrainedUnavailable
@@ -157,6 +158,9 @@ def _add_measure_args(p: argparse.ArgumentParser, control_flag: bool = True) -> 
                    help="clip each layer at the mean per-sample |x| quantile before normalising, as the paper "
                         "(default: %(default)s; 1 = no clipping)")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise rows (the paper normalises)")
+    p.add_argument("--permutations", type=int, default=200,
+                   help="permutations of the calibrated score and p-value of each model pair (the best-of-layers "
+                        "null, prh_lightning.calibrate; 0 = none; default: %(default)s)")
     if control_flag:  # the recipe always runs the control
         p.add_argument("--shuffle-control", action="store_true",
                        help="also score with the captions permuted (seed 0): k-NN alignment should fall to k/(n-1)")
@@ -217,7 +221,8 @@ def _stem(metric: str, k: int) -> str:
 
 
 def run_measure(out: Path, dataset: str | None, pool_language: str, pool_vision: str, metric: str, k: int,
-                clip_quantile: float | None, normalize: bool, shuffle_control: bool, log=print) -> dict:
+                clip_quantile: float | None, normalize: bool, shuffle_control: bool, log=print,
+                n_permutations: int = 200) -> dict:
     """Score matrix (and optional shuffled control) saved under ``<out>/alignment/<dataset>/``."""
     from prh_lightning.plotting import heatmap_figure
 
@@ -242,6 +247,12 @@ def run_measure(out: Path, dataset: str | None, pool_language: str, pool_vision:
         "num_params": {name: rep.metadata.get("num_params") for name, rep in {**language, **vision}.items()},
         "bits_per_byte": {name: rep.metadata.get("bits_per_byte") for name, rep in language.items()},
     }
+    if n_permutations < 0:
+        raise RecipeError(f"--permutations must be >= 0, got {n_permutations}")
+    if n_permutations:
+        cal = calibrated_best_layer_pairs(language, vision, n_permutations=n_permutations, seed=SHUFFLE_SEED, **opts)
+        cal["p_holm"] = holm(cal["p_value"].ravel()).reshape(cal["p_value"].shape)
+        result["calibrated"] = {**cal, "n_permutations": n_permutations, "alpha": 0.05}
     if shuffle_control:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(SHUFFLE_SEED))
         control = best_layer_pair_matrix(language, vision, **opts, permutation=perm)
@@ -281,7 +292,8 @@ def measure_main(argv: list[str] | None = None) -> int:
     """``prh-lightning measure``: see ``--help``."""
     a = _measure_parser().parse_args(argv)
     return _guarded(lambda: run_measure(a.out, a.dataset, a.pool_language, a.pool_vision, a.metric, a.k,
-                                        a.clip_quantile, not a.no_normalize, a.shuffle_control), a.out, "measure")
+                                        a.clip_quantile, not a.no_normalize, a.shuffle_control,
+                                        n_permutations=a.permutations), a.out, "measure")
 
 
 # -- the recipe -------------------------------------------------------------------------------
@@ -305,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         with common.cpu_threads(args.threads):
             extract = run_extract(args)
         result = run_measure(args.out, extract["dataset"], args.pool_language, args.pool_vision, args.metric, args.k,
-                             args.clip_quantile, not args.no_normalize, shuffle_control=True)
+                             args.clip_quantile, not args.no_normalize, shuffle_control=True,
+                             n_permutations=args.permutations)
         figures = platonic_report.figures(result, args.out / "figures")
         seconds = time.perf_counter() - start
         summary = {
@@ -313,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             "language_models": result["language"], "vision_models": result["vision"],
             "data": extract["data"], "score_matrix": result["scores"], "best_layer_pairs": result["indices"],
             "best_layer_names": result["best_layer_names"], "layers": result["layers"],
-            "shuffled_control": result["shuffled"], "bits_per_byte": result["bits_per_byte"],
+            "shuffled_control": result["shuffled"], "calibrated": result.get("calibrated"),
+            "bits_per_byte": result["bits_per_byte"],
             "num_params": result["num_params"], "unavailable_models": extract["unavailable"],
             "extract_seconds": extract["seconds"], "seconds": round(seconds, 1), "figures": figures,
             "alignment_files": result["files"],

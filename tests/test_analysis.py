@@ -185,3 +185,23 @@ def test_bad_dynamics_input_is_refused():
 @pytest.mark.parametrize("module", [mm_module, crsa_module, dyn_module])
 def test_doctests(module):
     assert doctest.testmod(module).failed == 0
+
+
+def test_calibrated_best_layer_pairs_against_a_brute_force_max_null():
+    from prh_lightning.analysis import calibrated_best_layer_pairs
+
+    gen = torch.Generator().manual_seed(4)
+    n, k, K = 30, 3, 19
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    rows = {"lm": {"h0": x, "h1": torch.randn(n, 4, generator=gen, dtype=torch.float64)}}
+    cols = {"v": {"b0": x + 0.5 * torch.randn(n, 5, generator=gen, dtype=torch.float64),
+                  "b1": torch.randn(n, 3, generator=gen, dtype=torch.float64)}}
+    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(K)])
+    res = calibrated_best_layer_pairs(rows, cols, metric="mutual_knn", permutations=perms, k=k)
+    xs, ys = list(rows["lm"].values()), list(cols["v"].values())
+    observed = max(_np_mutual_knn(a.numpy(), b.numpy(), k) for a in xs for b in ys)
+    null = [max(_np_mutual_knn(a.numpy(), b[p].numpy(), k) for a in xs for b in ys) for p in perms]
+    assert res["raw"][0, 0] == pytest.approx(observed, abs=1e-6)
+    assert res["null_mean"][0, 0] == pytest.approx(np.mean(null), abs=1e-6)
+    assert res["p_value"][0, 0] == pytest.approx((1 + sum(v >= observed - 1e-9 for v in null)) / (K + 1))
+    assert 0.0 <= res["calibrated"][0, 0] <= 1.0

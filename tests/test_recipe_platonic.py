@@ -44,6 +44,12 @@ def test_recipe_writes_summary_figures_report_and_alignment_files(run):
     assert lang_layer in summary["layers"]["all-MiniLM-L6-v2"] and vis_layer in summary["layers"]["efficientnet-lite0"]
     assert f"| {lang_layer} | {vis_layer} |" in report
     assert summary["data"]["n_items"] == N and len(summary["data"]["sha256"]) == 64
+    # calibrated next to raw: the raw aggregate is the best-layer-pair score; true pairs beat every shuffle
+    cal = summary["calibrated"]
+    assert cal["raw"][0][0] == pytest.approx(summary["score_matrix"][0][0], abs=1e-6)
+    assert cal["p_value"][0][0] == pytest.approx(1 / 201) and cal["p_holm"][0][0] == pytest.approx(1 / 201)
+    assert 0 < cal["calibrated"][0][0] <= 1 and cal["null_mean"][0][0] < cal["raw"][0][0]
+    assert "Calibrated scores" in report
     folder = out / "alignment" / f"flickr8k-1024_n{N}"
     scores = np.load(folder / f"mutual_knn_k{K}.npy", allow_pickle=False)  # plain arrays, no pickle
     np.testing.assert_allclose(scores, summary["score_matrix"])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BestLayerPairs", "best_layer_pair_matrix"]
+__all__ = ["BestLayerPairs", "best_layer_pair_matrix", "calibrated_best_layer_pairs"]
 
 
 @dataclass
@@ -110,3 +110,39 @@ def best_layer_pair_matrix(
             c0 += len(col_layers[cname])
         r0 += len(row_layers[rname])
     return BestLayerPairs(scores, indices, full, rows, cols, row_layers, col_layers)
+
+
+def calibrated_best_layer_pairs(
+    row_models: Mapping[str, Any],
+    col_models: Mapping[str, Any],
+    metric: str = "mutual_knn",
+    n_permutations: int = 200,
+    alpha: float = 0.05,
+    seed: int = 0,
+    permutations: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> dict[str, np.ndarray]:
+    """Permutation-calibrated best-layer-pair score of every (row model, column model) pair.
+
+    For each model pair, :func:`prh_lightning.calibrate` with ``aggregate="max"``: the rows of
+    every column-model layer are permuted with the same permutation, and the best score over layer
+    pairs is recomputed on each, so the null carries the same best-of-layers selection as the
+    observed score. Returns ``[R, C]`` arrays ``raw``, ``null_mean`` (the chance level),
+    ``tau``, ``p_value`` and ``calibrated``. ``kwargs``: ``normalize``, ``clip_quantile`` and the
+    metric's options.
+    """
+    from prh_lightning.calibration import calibrate
+
+    keys = ("raw", "null_mean", "tau", "p_value", "calibrated")
+    out = {key: np.zeros((len(row_models), len(col_models))) for key in keys}
+    clip = kwargs.pop("clip_quantile", None)
+    clip = None if clip is None or clip >= 1 else clip
+    for a, rows in enumerate(row_models.values()):
+        for b, cols in enumerate(col_models.values()):
+            gen = torch.Generator().manual_seed(int(seed))
+            res = calibrate(_layers(rows)[1], _layers(cols)[1], metric, n_permutations=n_permutations,
+                            permutations=permutations, alpha=alpha, aggregate="max", generator=gen,
+                            clip_quantile=clip, **kwargs)
+            for key in keys:
+                out[key][a, b] = getattr(res.aggregate, key)
+    return out
