@@ -3,6 +3,10 @@
 Public API (imported lazily, so ``import prh_lightning`` stays cheap):
 ``LayerTaps``, ``record_representations``, ``Representations``, ``alignment_matrix``,
 ``best_alignment``, ``calibrate``, and the sub-packages ``functional``, ``metrics`` and ``callbacks``.
+
+>>> import prh_lightning
+>>> prh_lightning.Representations.__module__
+'prh_lightning.representations'
 """
 
 from __future__ import annotations

@@ -29,11 +29,23 @@ VISION_POOLS = ("none", "avg")
 
 
 def feature_path(out: str | Path, dataset_slug: str, model_name: str, pool: str) -> Path:
-    """``<out>/features/<dataset-slug>/<model-slug>_pool-<pool>.safetensors``."""
+    """``<out>/features/<dataset-slug>/<model-slug>_pool-<pool>.safetensors``.
+
+    >>> feature_path("runs", "flickr8k-1024_n256", "hf-lm:bigscience/bloomz-560m", "avg").as_posix()
+    'runs/features/flickr8k-1024_n256/hf-lm-bigscience-bloomz-560m_pool-avg.safetensors'
+    """
     return Path(out) / "features" / dataset_slug / f"{slugify(model_name)}_pool-{pool}.safetensors"
 
 
 def check_pool(modality: str, pool: str) -> None:
+    """Refuse a pooling that is not defined for the modality.
+
+    >>> check_pool("vision", "avg")
+    >>> check_pool("vision", "last")
+    Traceback (most recent call last):
+    ...
+    ValueError: --pool 'last' is not defined for vision models; use one of ('none', 'avg')
+    """
     allowed = LANGUAGE_POOLS if modality == "language" else VISION_POOLS
     if pool not in allowed:
         raise ValueError(f"--pool {pool!r} is not defined for {modality} models; use one of {allowed}")

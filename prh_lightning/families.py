@@ -27,9 +27,13 @@ state is the normed output of the last block; both the last block and the final 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from prh_lightning.taps.reduction import ReduceSpec
+    from prh_lightning.taps.selection import Selection
 
 GENERIC = "*"
 
@@ -43,7 +47,11 @@ def _is_instance(model: nn.Module, module_name: str, class_name: str) -> bool:
 
 def model_family(model: nn.Module) -> str:
     """One of ``"huggingface"``, ``"sentence-transformers"``, ``"timm"``, ``"torchvision"``,
-    ``"efficientnet"``, ``"lightning"``, ``"generic"``."""
+    ``"efficientnet"``, ``"lightning"``, ``"generic"``.
+
+    >>> model_family(nn.Sequential(nn.Linear(4, 4)))
+    'generic'
+    """
     if _is_instance(model, "sentence_transformers", "SentenceTransformer"):
         return "sentence-transformers"
     if _is_instance(model, "transformers", "PreTrainedModel"):
@@ -63,7 +71,11 @@ def model_family(model: nn.Module) -> str:
 
 
 def default_layers(model: nn.Module) -> list[str] | str:
-    """Layer names to tap for ``model`` (``"*"`` for the generic all-leaves selection)."""
+    """Layer names to tap for ``model`` (``"*"`` for the generic all-leaves selection).
+
+    >>> default_layers(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    '*'
+    """
     family = model_family(model)
     if family == "huggingface":
         return _huggingface_layers(model)
@@ -87,7 +99,11 @@ def default_layers(model: nn.Module) -> list[str] | str:
 
 
 def default_reduce(model: nn.Module) -> str:
-    """The pooling that suits ``model``'s family (see the module table)."""
+    """The pooling that suits ``model``'s family (see the module table).
+
+    >>> default_reduce(nn.Conv2d(1, 8, 3))
+    'mean'
+    """
     family = model_family(model)
     if family == "timm":
         has_cls = getattr(model, "cls_token", None) is not None
@@ -100,8 +116,12 @@ def default_reduce(model: nn.Module) -> str:
     return "mean"
 
 
-def default_tap_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``{"layers": ..., "reduce": ...}`` for ``LayerTaps(model, **default_tap_kwargs(model))``."""
+def default_tap_kwargs(model: nn.Module) -> dict[str, Selection | ReduceSpec]:
+    """``{"layers": ..., "reduce": ...}`` for ``LayerTaps(model, **default_tap_kwargs(model))``.
+
+    >>> default_tap_kwargs(nn.Sequential(nn.Linear(4, 4)))
+    {'layers': '*', 'reduce': 'mean'}
+    """
     return {"layers": default_layers(model), "reduce": default_reduce(model)}
 
 

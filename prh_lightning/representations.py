@@ -34,6 +34,12 @@ class Representations(Mapping[str, torch.Tensor]):
         sample_ids: optional ``n`` ids (str or int), e.g. dataset indices.
         labels: optional ``[n]`` integer tensor (class labels).
         metadata: free JSON-serialisable dict (model name, dataset, pooling, ...).
+
+    >>> reps = Representations({"conv1": torch.randn(5, 8), "fc": torch.randn(5, 3)}, labels=[0, 1, 0, 1, 2])
+    >>> reps
+    Representations(n=5, {conv1: (8,), fc: (3,)})
+    >>> reps.layers, reps["fc"].shape
+    (['conv1', 'fc'], torch.Size([5, 3]))
     """
 
     def __init__(
@@ -109,18 +115,32 @@ class Representations(Mapping[str, torch.Tensor]):
         return Representations(features, sample_ids=ids, labels=labels, metadata=self.metadata)
 
     def select(self, layers: Sequence[str]) -> Representations:
-        """The given layers only, in the given order."""
+        """The given layers only, in the given order.
+
+        >>> Representations({"a": torch.zeros(2, 1), "b": torch.ones(2, 4)}).select(["b"]).layers
+        ['b']
+        """
         return self._like({name: self[name] for name in layers})
 
     def subset(self, index: torch.Tensor | Sequence[int]) -> Representations:
-        """The samples at ``index`` (``[m]`` ints or a ``[n]`` bool mask), for every layer."""
+        """The samples at ``index`` (``[m]`` ints or a ``[n]`` bool mask), for every layer.
+
+        >>> reps = Representations({"a": torch.arange(6.0).reshape(3, 2)}, sample_ids=["x", "y", "z"])
+        >>> part = reps.subset([2, 0])
+        >>> part.sample_ids, part["a"].tolist()
+        (['z', 'x'], [[4.0, 5.0], [0.0, 1.0]])
+        """
         index = torch.as_tensor(index)
         if index.dtype == torch.bool:
             index = index.nonzero().flatten()
         return self._like({k: v[index] for k, v in self._features.items()}, index=index)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Representations:
-        """A copy with every layer moved to ``device`` / cast to ``dtype``."""
+        """A copy with every layer moved to ``device`` / cast to ``dtype``.
+
+        >>> Representations({"a": torch.zeros(2, 2)}).to(dtype=torch.float64)["a"].dtype
+        torch.float64
+        """
         return self._like({k: v.to(device=device, dtype=dtype) for k, v in self._features.items()})
 
     # -- storage -------------------------------------------------------------------
@@ -131,6 +151,12 @@ class Representations(Mapping[str, torch.Tensor]):
         ``path`` is the old file or the complete new one; a save killed midway leaves a
         ``.<name>.*.prh-tmp`` folder that the next save of ``path`` removes. Raises ``OSError``
         naming ``path`` when it cannot be written (disk full, no permission).
+
+        >>> import tempfile
+        >>> path = Representations({"a": torch.ones(3, 2)}, metadata={"model": "toy"}).save(
+        ...     Path(tempfile.mkdtemp()) / "toy.safetensors")
+        >>> Representations.load(path).metadata
+        {'model': 'toy'}
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +181,18 @@ class Representations(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Representations:
-        """Read a file written by :meth:`save`, validating its header against its tensors."""
+        """Read a file written by :meth:`save`, validating its header against its tensors.
+
+        Never unpickles; a file that is not a complete :meth:`save` output raises ``ValueError``.
+
+        >>> import tempfile
+        >>> bad = Path(tempfile.mkdtemp()) / "bad.safetensors"
+        >>> _ = bad.write_bytes(b"not a safetensors file")
+        >>> Representations.load(bad)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...bad.safetensors is not a readable safetensors file (corrupted or truncated?): ...
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no representations file at {path}")
