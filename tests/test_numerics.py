@@ -299,3 +299,22 @@ def test_alignment_matrix_cells_equal_independent_references(case):
     got = alignment_matrix(xs, ys, metric=name, **opts)
     want = np.array([[reference(case, x, y) for y in ys] for x in xs])
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbour_sets_cut_through_identical_rows_are_refused():
+    # 120 probe samples against 6 distinct "class name" embeddings, 20 copies each: which copies
+    # are a sample's 5 neighbours is decided by row order alone.
+    g = torch.Generator().manual_seed(8)
+    names = torch.randn(6, 8, generator=g)
+    labels = torch.arange(120) % 6
+    probe = names[labels] + 0.3 * torch.randn(120, 8, generator=g)
+    for metric in ("mutual_knn", "cycle_knn", "cknna"):
+        with pytest.raises(ValueError, match="identical copies"):
+            METRICS[metric](probe, names[labels], k=5)
+    # one duplicated sample among 400 (two identical captions) is tolerated with a warning
+    x = torch.randn(400, 8, generator=g)
+    dup = torch.cat([x[:399], x[:1]])
+    with pytest.warns(UserWarning, match="identical copies"):
+        mutual = METRICS["mutual_knn"](dup, dup.flip(1), k=5)
+    assert float(mutual) == 1.0
+    assert float(METRICS["cka"](probe, names[labels])) > 0  # no neighbour lists, no ambiguity
