@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
-from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
 from prh_lightning.callbacks._probe import make_probe, probe_features, split_batch
+from prh_lightning.recording import batch_indices
 from prh_lightning.representations import Representations
 from prh_lightning.taps import LayerTaps
 
@@ -158,7 +158,7 @@ class RepresentationRecorder(Callback):
             self._flush()
             self._current = self._parts.setdefault(dataloader_idx, _Part(dataloader_idx))
             if dataloader_idx not in self._index_lists:
-                self._index_lists[dataloader_idx] = _sampler_batches(_loader(trainer, self._stage, dataloader_idx))
+                self._index_lists[dataloader_idx] = batch_indices(_loader(trainer, self._stage, dataloader_idx))
         taps.enabled = self.max_samples is None or self._current.rows + taps.n < self.max_samples
         self._rows_before = taps.n
 
@@ -341,29 +341,6 @@ def _loader(trainer: Trainer, stage: str | None, dataloader_idx: int) -> Any:
         values = list(loaders.values())
         return values[dataloader_idx] if dataloader_idx < len(values) else None
     return loaders if dataloader_idx == 0 else None
-
-
-def _deterministic(sampler: Any) -> bool:
-    """Whether iterating ``sampler`` again gives the order the dataloader uses, without touching
-    the global RNG: ``SequentialSampler``, and ``DistributedSampler`` (seeded by seed + epoch)
-    over a dataset or over Lightning's wrapper of a deterministic sampler."""
-    if isinstance(sampler, SequentialSampler):
-        return True
-    if isinstance(sampler, DistributedSampler):
-        inner = getattr(sampler.dataset, "_sampler", None)  # Lightning's DistributedSamplerWrapper
-        return inner is None or _deterministic(inner)
-    return False
-
-
-def _sampler_batches(loader: Any) -> list[list[int]] | None:
-    """The dataset indices of every batch ``loader`` yields this epoch, or ``None`` when the
-    sampler does not tell them reliably."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    batch_sampler = getattr(batch_sampler, "_batch_sampler", batch_sampler)  # Lightning's predict wrapper
-    if type(batch_sampler) is not BatchSampler or not _deterministic(batch_sampler.sampler):
-        return None
-    with torch.random.fork_rng(devices=[]):
-        return [[int(i) for i in batch] for batch in batch_sampler]
 
 
 def _gather(

@@ -1,4 +1,5 @@
-"""`record_representations`: one pass over a dataloader with :class:`LayerTaps`."""
+"""`record_representations`: one pass over a dataloader with :class:`LayerTaps`, and
+:func:`batch_indices`, the dataset indices a DataLoader's batches hold."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from prh_lightning.representations import Representations
@@ -52,7 +54,9 @@ def record_representations(
             ``max_bytes``, ...).
 
     Returns:
-        :class:`Representations` with features ``[n, d]`` per layer and labels when found.
+        :class:`Representations` with features ``[n, d]`` per layer, labels when found, and
+        the dataset indices as ``sample_ids`` when the DataLoader's sampler tells them (see
+        :func:`batch_indices`).
     """
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
@@ -89,7 +93,51 @@ def record_representations(
         label_tensor = None  # labels did not line up with the recorded rows; better none than wrong ones
     meta = {"model": type(model).__name__, "reduce": reduce if isinstance(reduce, str) or reduce is None else "callable"}
     meta.update(metadata or {})
-    return Representations(features, labels=label_tensor, metadata=meta)
+    return Representations(features, sample_ids=_sample_ids(dataloader, n, seen), labels=label_tensor, metadata=meta)
+
+
+def _sample_ids(dataloader: Iterable[Any], rows: int, seen: int) -> list[int] | None:
+    """The dataset indices of the ``rows`` recorded rows, when the sampler tells them and the
+    model made one row per sample (``seen`` samples fed)."""
+    batches = batch_indices(dataloader)
+    if batches is None or rows != seen:
+        return None
+    flat = [i for batch in batches for i in batch]
+    return flat[:rows] if len(flat) >= rows else None
+
+
+def _deterministic(sampler: Any) -> bool:
+    """Whether iterating ``sampler`` again gives the order the DataLoader uses, without touching
+    the global RNG: ``SequentialSampler``, and ``DistributedSampler`` (seeded by seed + epoch)
+    over a dataset or over Lightning's wrapper of a deterministic sampler."""
+    if isinstance(sampler, SequentialSampler):
+        return True
+    if isinstance(sampler, DistributedSampler):
+        inner = getattr(sampler.dataset, "_sampler", None)  # Lightning's DistributedSamplerWrapper
+        return inner is None or _deterministic(inner)
+    return False
+
+
+def batch_indices(loader: Any) -> list[list[int]] | None:
+    """The dataset indices of every batch ``loader`` yields (this epoch, on this rank), or
+    ``None`` when its sampler does not tell them reliably (a ``RandomSampler``, a custom batch
+    sampler, an ``IterableDataset``).
+
+    >>> from torch.utils.data import DataLoader, DistributedSampler
+    >>> data = list(range(5))
+    >>> batch_indices(DataLoader(data, batch_size=2))
+    [[0, 1], [2, 3], [4]]
+    >>> batch_indices(DataLoader(data, batch_size=2, sampler=DistributedSampler(data, 2, 1, shuffle=False)))
+    [[1, 3], [0]]
+    >>> batch_indices(DataLoader(data, shuffle=True)) is None
+    True
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    batch_sampler = getattr(batch_sampler, "_batch_sampler", batch_sampler)  # Lightning's predict wrapper
+    if type(batch_sampler) is not BatchSampler or not _deterministic(batch_sampler.sampler):
+        return None
+    with torch.random.fork_rng(devices=[]):
+        return [[int(i) for i in batch] for batch in batch_sampler]
 
 
 def _total_batches(dataloader: Iterable[Any]) -> int | None:

@@ -104,3 +104,22 @@ def test_progress_bar_and_metadata(net, capsys):
     reps = record_representations(net, [torch.randn(3, 4)], layers="lin", progress=True, metadata={"dataset": "toy"})
     assert reps.metadata["dataset"] == "toy" and reps.metadata["model"] == "TinyNet"
     assert "recording" in capsys.readouterr().err
+
+
+def test_dataset_indices_become_sample_ids_when_the_sampler_tells_them(net):
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    x = torch.randn(9, 4)
+    data = TensorDataset(x, torch.arange(9))
+    net.eval()
+    rank1 = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3))
+    reps = record_representations(net, rank1, layers="lin", progress=False)
+    ids = list(DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3))  # what rank 1 gets
+    assert reps.sample_ids == ids and reps.labels.tolist() == ids  # labels are the indices here
+    with torch.no_grad():
+        torch.testing.assert_close(reps["lin"], net.lin(x[ids]))
+    plain = record_representations(net, DataLoader(data, batch_size=4), layers="lin", max_samples=6, progress=False)
+    assert plain.sample_ids == [0, 1, 2, 3, 4, 5]
+    torch.manual_seed(0)
+    shuffled = record_representations(net, DataLoader(data, batch_size=4, shuffle=True), layers="lin", progress=False)
+    assert shuffled.sample_ids is None and sorted(shuffled.labels.tolist()) == list(range(9))
