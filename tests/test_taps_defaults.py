@@ -246,3 +246,28 @@ def test_padding_mask_under_another_name_and_passed_positionally():
     torch.testing.assert_close(taps.features()["inner"], masked_mean(3 * x, keep))
     with pytest.raises(ValueError, match="mask_key"):
         LayerTaps(wrapper, mask_key="")
+
+
+def test_losses_and_metrics_held_by_a_lightning_module_are_not_layers():
+    import lightning as L
+    import torchmetrics
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+            self.loss = nn.CrossEntropyLoss()
+            self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Classifier()
+    x = torch.randn(5, 4)
+    with LayerTaps(model) as taps:
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing reported as never-ran
+        feats = taps.features()
+    assert list(feats) == ["body.0", "body.1", "body.2"]
+    torch.testing.assert_close(feats["body.2"], model(x).detach())

@@ -11,6 +11,8 @@ The default ``"*"`` is every leaf module a user would compare, which is not quit
 - modules that are the identity in eval mode are left out (``nn.Dropout*``, ``nn.Identity``,
   timm's ``DropPath``, torchvision's ``StochasticDepth``, ``DropBlock``, quantization stubs):
   their features would duplicate their input's;
+- loss modules (``nn.CrossEntropyLoss``, ...) and torchmetrics metrics are left out: they
+  score the model, they are not part of its representation;
 - ``nn.MultiheadAttention`` counts as one leaf. Its ``out_proj`` is an ``nn.Linear`` that
   attention calls through ``F.multi_head_attention_forward`` (its weights, not the module), so a
   hook on ``out_proj`` never runs; the attention module's first output *is* ``out_proj``'s
@@ -85,9 +87,14 @@ def is_eval_identity(module: nn.Module) -> bool:
     return type(module).__name__ in _EVAL_IDENTITY_NAMES
 
 
+def _scores_the_model(module: nn.Module) -> bool:
+    """A loss module or a torchmetrics metric."""
+    return isinstance(module, nn.modules.loss._Loss) or type(module).__module__.startswith("torchmetrics.")
+
+
 def default_leaves(model: nn.Module) -> list[TapTarget]:
     """The ``"*"`` selection: leaf modules in registration order, ``nn.MultiheadAttention`` as one
-    leaf (its ``out_proj`` never runs as a module), eval-mode identities left out.
+    leaf (its ``out_proj`` never runs as a module), eval-mode identities, losses and metrics left out.
 
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.MultiheadAttention(8, 2))
     >>> [t.name for t in default_leaves(net)]
@@ -98,11 +105,11 @@ def default_leaves(model: nn.Module) -> list[TapTarget]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in opaque):
             continue
-        if isinstance(module, nn.MultiheadAttention):
-            opaque.append(name)
+        if isinstance(module, nn.MultiheadAttention) or _scores_the_model(module):
+            opaque.append(name)  # not descended into (a metric may hold sub-metrics)
         elif any(True for _ in module.children()):
             continue
-        if not is_eval_identity(module):
+        if not is_eval_identity(module) and not _scores_the_model(module):
             leaves.append(TapTarget(name, name, module, explicit=False))
     return leaves
 
@@ -112,10 +119,11 @@ def resolve_layers(model: nn.Module, layers: Selection) -> list[TapTarget]:
 
     Args:
         model: the root module (never tapped itself).
-        layers: ``None`` or ``"*"``: every leaf module (see :func:`default_leaves`; modules whose
-            output is not a tensor are skipped at run time); a name; a glob (``"layer*.relu"``, matched against every
-            module name, containers included); a module class (``nn.Conv2d``); a predicate
-            ``f(name, module) -> bool``; or a list mixing these.
+        layers: ``None`` or ``"*"``: every leaf module (see :func:`default_leaves`; modules
+            whose output is not a tensor are skipped at run time); a name; a glob
+            (``"layer*.relu"``, matched against every module name, containers included); a
+            module class (``nn.Conv2d``); a predicate ``f(name, module) -> bool``; or a list
+            mixing these.
 
     Raises:
         KeyError: an exact name is not in the model (the message lists close matches).
