@@ -59,6 +59,9 @@ class Reference:
         forward_fn: ``forward_fn(model, inputs_chunk) -> output`` to call the model yourself.
         batch_size: probe rows per forward call.
         frozen: the reference does not change during training, so it is computed once and cached.
+        metrics: the metrics computed against this reference (``None``: all of the tracker's).
+            k-NN metrics are undefined against class names (``n`` rows, 10 distinct): use
+            ``metrics=("cka",)`` there.
     """
 
     model: Any
@@ -69,6 +72,7 @@ class Reference:
     batch_size: int = 64
     frozen: bool = True
     class_names: Sequence[str] | None = field(default=None)
+    metrics: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, (str, Mapping)):
@@ -197,6 +201,11 @@ def check_references(references: Mapping[str, Any]) -> dict[str, Any]:
             )
         out[name] = spec
     return out
+
+
+def reference_metrics(spec: Any) -> tuple[str, ...] | None:
+    """The metrics a reference asks for (``None``: all)."""
+    return tuple(spec.metrics) if isinstance(spec, Reference) and spec.metrics is not None else None
 
 
 def is_frozen(spec: Any) -> bool:

@@ -28,7 +28,7 @@ from torch import nn
 from prh_lightning.tracking.failures import Failures
 from prh_lightning.tracking.history import History
 from prh_lightning.tracking.probe import ForwardError, Probe, check_layer_selection, make_probe, probe_features
-from prh_lightning.tracking.references import check_references, is_frozen, reference_features
+from prh_lightning.tracking.references import check_references, is_frozen, reference_features, reference_metrics
 from prh_lightning.tracking.scoring import SNAPSHOTS, check_metrics, metric_kwargs, scalars, score_matrix
 from prh_lightning.tracking.sinks import as_sink
 
@@ -105,6 +105,13 @@ class AlignmentTracker:
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"prefix must be a non-empty string not ending in '/', got {prefix!r}")
         self.references = check_references(references or {})
+        for name, spec in self.references.items():
+            wanted = reference_metrics(spec)
+            if wanted is not None and not set(wanted) <= set(self.metrics):
+                raise ValueError(
+                    f"reference {name!r} asks for metrics {sorted(set(wanted) - set(self.metrics))} that the tracker "
+                    f"does not compute ({list(self.metrics)})"
+                )
         self.layers = layers
         self.reduce = reduce
         self.every_n_steps = every_n_steps
@@ -183,7 +190,7 @@ class AlignmentTracker:
         references, failed = self._safe_reference_features(device)
         matrices = self.compute_matrices(features, references) if features else {}
         for name in failed:  # a failed reference: NaN for every layer (its layers as last seen)
-            for metric in self.metrics:
+            for metric in self._metrics_for(name):
                 width = max(1, len(self._reference_layers.get(name, ())))
                 matrices[f"{metric}/{name}"] = torch.full((len(self._model_layers), width), float("nan"))
         if features:
@@ -266,6 +273,8 @@ class AlignmentTracker:
         matrices = {}
         for metric in self.metrics:
             for name, ys in targets.items():
+                if metric not in self._metrics_for(name):
+                    continue
                 try:
                     matrix = score_matrix(features, ys, metric, self.metric_kwargs[metric], self.failures, name)
                 except Exception as err:  # noqa: BLE001 - the metric itself failed
@@ -273,6 +282,10 @@ class AlignmentTracker:
                     matrix = torch.full((len(features), len(features if ys is None else ys)), float("nan"))
                 matrices[f"{metric}/{name}"] = matrix
         return matrices
+
+    def _metrics_for(self, target: str) -> tuple[str, ...]:
+        spec = self.references.get(target)
+        return (reference_metrics(spec) or self.metrics) if spec is not None else self.metrics
 
     # -- output --------------------------------------------------------------------------
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
