@@ -238,23 +238,34 @@ def _cka_null(
     xs: list[CentredKernel], ys: list[CentredKernel], perms: torch.Tensor, eps: float = 0.0, unbiased: bool = False, **_
 ) -> torch.Tensor:
     """``[P, Lx, Ly]`` CKA with every ``y`` layer permuted: centring commutes with permuting samples,
-    so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominators do not change. The centred
-    kernels are formed once (``[L, n, n]``); each permutation is a gather and one GEMM."""
+    so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominators do not change.
+
+    The centred kernels are formed once. They are symmetric, so each permutation gathers only
+    the upper triangles of the permuted ``y`` kernels (``n (n - 1) / 2`` entries per layer) and
+    scores every pair with one GEMM against the ``x`` triangles, plus the diagonals.
+    """
     n = xs[0].n
-    cx = torch.stack([k.dense() for k in xs]).flatten(1)  # [Lx, n^2]
-    cy = torch.stack([k.dense() for k in ys])  # [Ly, n, n]
-    self_x = (cx.double() ** 2).sum(dim=1)
-    self_y = (cy.double() ** 2).flatten(1).sum(dim=1)
-    c = n * (n - 3) if unbiased else 1.0
+    device = xs[0].x.device
+    iu = torch.triu_indices(n, n, offset=1, device=device)
+    dense_x = [k.dense() for k in xs]
+    tri_x = torch.stack([c[iu[0], iu[1]] for c in dense_x])  # [Lx, m]
+    diag_x = torch.stack([c.diagonal() for c in dense_x])  # [Lx, n]
+    self_x = torch.stack([(c.double() ** 2).sum() for c in dense_x])
+    del dense_x
+    cy = torch.stack([k.dense() for k in ys]).flatten(1)  # [Ly, n * n]
+    self_y = (cy.double() ** 2).sum(dim=1)
     denom = torch.sqrt(self_x[:, None] * self_y[None, :])
     if eps:
-        sx = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=denom.device)
-        sy = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=denom.device)
+        c = n * (n - 3) if unbiased else 1.0
+        sx = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=device)
+        sy = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=device)
         denom = denom + eps * c * sx[:, None] * sy[None, :]
     out = []
     for p in perms:
-        moved = cy[:, p][:, :, p].flatten(1)  # [Ly, n^2]
-        out.append((cx @ moved.T).double() / denom)
+        moved = cy.index_select(1, p[iu[0]] * n + p[iu[1]])  # [Ly, m]: C_y[p_i, p_j] for i < j
+        moved_diag = cy.index_select(1, p * (n + 1))  # [Ly, n]: C_y[p_i, p_i]
+        inner = 2.0 * (tri_x @ moved.T).double() + (diag_x @ moved_diag.T).double()
+        out.append(inner / denom)
     return torch.stack(out)
 
 
