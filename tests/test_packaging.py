@@ -239,3 +239,40 @@ def test_a_missing_extra_is_named_in_the_core_venv(core_venv, tmp_path):
     done = _run_in(core_venv, code, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Kendall tau needs scipy.stats" in done.stdout and "pip install 'prh-lightning[stats]'" in done.stdout
+
+
+FIT_WITH_MONITOR = """
+import json, torch, lightning as L
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from prh_lightning.callbacks import AlignmentMonitor
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.fc = nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)
+    def forward(self, x):
+        return self.fc(self.act(self.l1(x)))
+    def training_step(self, batch, i):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+    def validation_step(self, batch, i):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=16)
+trainer = L.Trainer(max_epochs=2, callbacks=[AlignmentMonitor()], enable_progress_bar=False, accelerator="cpu",
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir="run")
+trainer.fit(Net(), data, data)
+print(json.dumps([type(lg).__name__ for lg in trainer.loggers] + sorted(trainer.callback_metrics)))
+"""
+
+
+def test_the_monitor_runs_a_fit_with_only_the_core(core_venv, tmp_path):
+    """The README's first use (a Trainer with the monitor) needs no extra: without tensorboard
+    Lightning logs to CSV and the monitor still computes its scores."""
+    done = _run_in(core_venv, FIT_WITH_MONITOR, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = json.loads(done.stdout.splitlines()[-1])
+    assert names[0] == "CSVLogger"
+    assert any(n.startswith("alignment/cka/") for n in names), names
