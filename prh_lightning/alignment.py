@@ -6,9 +6,13 @@ is scored in batches by the plan (one GEMM per kernel row block for CKA, one mat
 for RSA, batched small SVDs for SVCCA, neighbour-list lookups for the k-NN metrics and
 CKNNA). The functional metrics run through exactly the same code, so a cell of the matrix
 equals the functional score of that pair. Only torch ops are used: everything runs where the
-inputs live (CPU or GPU). Memory: kernels are streamed in row blocks of at most 256 MB, and
-neighbour search keeps one reusable ``[n, n]`` Gram buffer up to 512 MB (``n <= 11,585``;
-beyond that, or with ``block_rows``, it streams row blocks).
+inputs live (CPU or GPU).
+
+Memory: no metric but RBF CKA (median bandwidth), RSA and SVCCA forms an ``[n, n]`` matrix
+beyond what the budget allows. Kernels and Grams are streamed in row blocks (by default
+about 256 MB; neighbour search keeps one reusable ``[n, n]`` Gram buffer up to 512 MB, i.e.
+``n <= 11,585``); ``max_memory="4GB"`` sizes every block from a budget instead. Linear CKA at
+large ``n`` is scored from ``d x d`` cross-covariances (``O(d^2)`` memory, the same value).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 
 from .functional import get_plan
 from .functional._numerics import clip_outliers
-from .functional._plan import PLANS, register_metric, score_layers
+from .functional._linear_cka import feature_space_plan, prefer_feature_space
+from .functional._plan import PLANS, MetricPlan, register_metric, score_layers
 
 __all__ = ["alignment_matrix", "best_alignment", "layer_names", "clip_outliers"]
 
@@ -76,6 +81,7 @@ def alignment_matrix(
     normalize: bool = True,
     clip_quantile: float | None = None,
     block_rows: int | None = None,
+    max_memory: int | str | None = None,
     **metric_kwargs,
 ) -> torch.Tensor:
     """Score every layer pair: ``scores[i, j] = metric(xs[i], ys[j])``; returns ``[Lx, Ly]``.
@@ -91,6 +97,12 @@ def alignment_matrix(
             ``t = mean_i quantile_q(|x_i|)`` (see :func:`clip_outliers`).
         block_rows: kernel / Gram rows streamed at once (default: blocks of ~256 MB, and a
             whole Gram for neighbour search up to 512 MB). Not a data batch size.
+        max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
+            memory that grows faster than ``n * d``: it sets the streamed block sizes and
+            whether a whole ``[n, n]`` Gram may be kept, so the k-NN metrics, CKNNA and linear
+            CKA run at ``n = 100,000`` and beyond without an ``n x n`` matrix. Per-layer
+            ``[n, d]`` copies (float64 while a layer is prepared) come on top; RBF CKA with the
+            median bandwidth, RSA and SVCCA still need ``[n, n]`` memory.
         **metric_kwargs: options of the metric (``k=10``, ``kernel="rbf"``, ...).
 
     Returns float32 scores (float64 if any input is float64); each cell equals the functional
@@ -113,9 +125,32 @@ def alignment_matrix(
     name = _resolve_metric(metric)
     names_x, lx = as_layer_list(xs, "xs")
     names_y, ly = (None, None) if ys is None else as_layer_list(ys, "ys")
-    scores = score_layers(name, lx, ly, normalize, clip_quantile, block_rows, names_x, names_y, **metric_kwargs)
+    plan = _large_n_plan(name, lx, ly, metric_kwargs)
+    scores = score_layers(
+        plan, lx, ly, normalize, clip_quantile, block_rows, names_x, names_y, max_memory=max_memory, **metric_kwargs
+    )
     dtype = torch.float64 if any(x.dtype == torch.float64 for x in lx + (ly or [])) else torch.float32
     return scores.to(dtype)
+
+
+_FEATURE_SPACE_MIN_N = 4096  # below this the kernel path is fast and its numbers stay as they were
+
+
+def _large_n_plan(name: str, lx: list[torch.Tensor], ly: list[torch.Tensor] | None, metric_kwargs) -> str | MetricPlan:
+    """Linear CKA at large ``n`` from feature-space statistics when that is cheaper than
+    streaming ``n x n`` kernels (same value within rounding); otherwise the registered plan."""
+    if name not in ("cka", "unbiased_cka"):
+        return name
+    plan = get_plan(name)
+    options = plan.bind(metric_kwargs)
+    if any(not isinstance(x, torch.Tensor) or x.ndim != 2 for x in lx + (ly or [])):
+        return name  # score_layers gives the clear error
+    n = lx[0].shape[0]
+    if options["kernel"] != "linear" or n < _FEATURE_SPACE_MIN_N:
+        return name
+    dims_x = [x.shape[1] for x in lx]
+    dims_y = dims_x if ly is None else [y.shape[1] for y in ly]
+    return feature_space_plan(plan) if prefer_feature_space(n, dims_x, dims_y) else name
 
 
 def best_alignment(
