@@ -66,6 +66,9 @@ def test_default_selection_skips_eval_identities_and_taps_attention_whole(batch_
         torch.testing.assert_close(feats["attn"], a.mean(1))
         torch.testing.assert_close(feats["norm"], model.norm(a).mean(1))
         torch.testing.assert_close(model(x), out)
+    with LayerTaps(model, layers="attn:input") as taps:  # the query, [T, n, d] when not batch first
+        model(x)
+    torch.testing.assert_close(taps.features()["attn:input"], h.mean(1))
 
 
 def test_lightning_demo_transformer_attention_matches_a_hand_computation():

@@ -155,7 +155,7 @@ class LayerTaps:
         self.reduce = reduce
         self._reducers: dict[str, tuple[Reducer, Reducer]] = {
             t.name: (
-                make_reducer(reduce, is_channels_first(t.module), is_sequence_first(t.module) and not t.tap_input),
+                make_reducer(reduce, is_channels_first(t.module), is_sequence_first(t.module)),
                 make_reducer(reduce, True),
             )
             for t in self.targets
