@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from functools import cache
@@ -67,6 +68,12 @@ def test_the_readme_has_blocks_and_every_opt_out_says_why():
         assert block.not_run is None or len(block.not_run) > 10, f"line {block.line}: say why it cannot run"
 
 
+def is_ours(filename: str) -> bool:
+    """A file of this checkout's code (not the README itself, not the virtual environment inside it)."""
+    path = Path(filename).resolve()
+    return path.is_relative_to(ROOT) and path != README and not path.is_relative_to(Path(sys.prefix).resolve())
+
+
 @pytest.mark.parametrize("block", [b for b in PYTHON if b.not_run is None], ids=lambda b: f"README.md:{b.line}")
 def test_python_block_runs_as_written(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the blocks write files (feats.safetensors, runs/): keep them here
@@ -76,7 +83,12 @@ def test_python_block_runs_as_written(block, tmp_path, monkeypatch):
         monkeypatch.setenv("PRH_FLICKR_DIR", str(SHARED_FLICKR))
     monkeypatch.setenv("PRH_FASHION_MNIST_MIRROR", "http://127.0.0.1:9/")  # the tests never download
     code = compile(block.code, f"{README}:{block.line}", "exec")
-    exec(code, {"__name__": "__readme__"})  # a fresh namespace: each block stands alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(code, {"__name__": "__readme__"})  # a fresh namespace: each block stands alone
+    # An example that makes this package warn (a metric recorded as NaN, a bad setting) is a wrong example.
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if is_ours(w.filename)]
+    assert not ours, "\n".join(ours)
 
 
 # -- shell commands ---------------------------------------------------------------------------------
