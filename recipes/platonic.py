@@ -16,12 +16,10 @@ layer pair ``[L, V, 2]``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from prh_lightning.analysis.claims import holm
@@ -32,8 +30,8 @@ from prh_lightning.models.pretrained import PretrainedUnavailable
 from prh_lightning.models.zoo import MODELSETS, modality_of
 from prh_lightning.recipes import _common as common
 from prh_lightning.recipes import _platonic_report as platonic_report
+from prh_lightning.recipes._platonic_data import _dataset_dir, data_record, data_source, load_features, save_npy
 from prh_lightning.reporting import save_figure, write_json
-from prh_lightning.representations import Representations
 
 KNN_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna")
 METRICS = KNN_METRICS + ("cka", "unbiased_cka", "svcca", "rsa")
@@ -89,22 +87,6 @@ def _apply_pool(args: argparse.Namespace) -> None:
     if args.pool not in allowed:
         raise RecipeError(f"--pool {args.pool!r} is not defined for {args.modality} models; use one of {allowed}")
     setattr(args, f"pool_{args.modality}", args.pool)
-
-
-def data_source(data: str | None) -> str:
-    """The ``--data`` to load: a local folder (checked, ``$PRH_FLICKR_DIR`` / ``../shared`` when None)
-    or a hub dataset id such as ``minhuh/prh``."""
-    if data is None or Path(data).exists() or data.startswith((".", "/", "~")) or data.count("/") != 1:
-        return str(common.resolve_flickr_dir(data))
-    return data
-
-
-def data_record(data, source: str) -> dict:
-    """``{"path", "n_items", "sha256"}``: SHA-256 over the captions and decoded pixels, in order."""
-    digest = hashlib.sha256()
-    for text, image in zip(data.texts, data.images):
-        digest.update(text.encode() + b"\0" + image.tobytes())
-    return {"path": source, "name": data.name, "n_items": len(data), "sha256": digest.hexdigest()}
 
 
 def run_extract(args: argparse.Namespace, log=print) -> dict:
@@ -176,46 +158,6 @@ def _measure_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dataset_dir(out: Path, dataset: str | None) -> Path:
-    root = out / "features"
-    if dataset is not None:
-        if not (root / dataset).is_dir():
-            raise RecipeError(f"no features for dataset {dataset!r} under {root}; run prh-lightning extract first")
-        return root / dataset
-    found = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
-    if len(found) != 1:
-        what = "no feature folders" if not found else f"several datasets ({', '.join(p.name for p in found)}); pick one with --dataset"
-        raise RecipeError(f"{root}: {what}. Run prh-lightning extract --out {out} first")
-    return found[0]
-
-
-def load_features(folder: Path, pool_language: str = "avg", pool_vision: str = "none") -> tuple[dict, dict]:
-    """``(language, vision)``: model name -> :class:`Representations` from one dataset folder.
-
-    Every file must hold the same samples (``n`` and sample ids), else :class:`RecipeError`.
-    """
-    reps: dict[str, dict[str, Representations]] = {"language": {}, "vision": {}}
-    reference: tuple[Path, Representations] | None = None
-    for path in sorted(folder.glob("*.safetensors")):
-        rep = Representations.load(path)
-        modality, pool = rep.metadata.get("modality"), rep.metadata.get("pool")
-        if modality not in reps or pool != (pool_language if modality == "language" else pool_vision):
-            continue
-        if reference is None:
-            reference = (path, rep)
-        elif rep.n != reference[1].n or rep.sample_ids != reference[1].sample_ids:
-            raise RecipeError(
-                f"{path.name} holds {rep.n} samples but {reference[0].name} holds {reference[1].n} "
-                "(or their sample ids differ): every feature file must come from the same pairs; "
-                "re-run extract with the same --data and --n (use --force)"
-            )
-        reps[modality][rep.metadata.get("model", path.stem)] = rep
-    for modality in reps:
-        if not reps[modality]:
-            raise RecipeError(f"{folder}: no {modality} feature files (pool {pool_language if modality == 'language' else pool_vision}); run extract first")
-    return reps["language"], reps["vision"]
-
-
 def _stem(metric: str, k: int) -> str:
     return f"{metric}_k{k}" if metric in KNN_METRICS else metric
 
@@ -264,10 +206,10 @@ def run_measure(out: Path, dataset: str | None, pool_language: str, pool_vision:
     dest = out / "alignment" / folder.name
     dest.mkdir(parents=True, exist_ok=True)
     stem = _stem(metric, k)
-    _save_npy(dest / f"{stem}.npy", scores)
-    _save_npy(dest / f"{stem}_indices.npy", indices)
+    save_npy(dest / f"{stem}.npy", scores)
+    save_npy(dest / f"{stem}_indices.npy", indices)
     if shuffle_control:
-        _save_npy(dest / f"{stem}_shuffled.npy", result["shuffled"]["scores"])
+        save_npy(dest / f"{stem}_shuffled.npy", result["shuffled"]["scores"])
     write_json(dest / f"{stem}.json", result)
     fig = heatmap_figure(scores, list(language), list(vision), title=f"{metric} (best layer pair), n={n}",
                          xlabel="vision model", ylabel="language model")
@@ -275,17 +217,6 @@ def run_measure(out: Path, dataset: str | None, pool_language: str, pool_vision:
     result["files"] = {"npy": str(dest / f"{stem}.npy"), "json": str(dest / f"{stem}.json"), "heatmap": str(dest / f"{stem}.png")}
     log(f"scores ({metric}) saved to {dest / stem}.{{npy,json,png}}")
     return result
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` of a plain numeric array (loads with ``allow_pickle=False``), atomically."""
-    import io
-
-    from prh_lightning.reporting import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def measure_main(argv: list[str] | None = None) -> int:

@@ -24,19 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from prh_lightning.analysis.claims import RULE, corrected_confidence, verdict
+from prh_lightning.analysis.claims import corrected_confidence, verdict
 from prh_lightning.analysis.dynamics import between_runs, drift, step_difference_interval
 from prh_lightning.recipes import _common as common
-from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
+from prh_lightning.recipes._dynamics_report import between_figure, drift_figure, write_report
+from prh_lightning.reporting import save_figure, write_json
 from prh_lightning.representations import Representations
 
 FULL = {"seeds": 3, "max_steps": 940, "every": 40, "probe_size": 1000, "bootstrap": 300, "archs": "fashion_cnn,resnet18"}
 QUICK = {"seeds": 3, "max_steps": 200, "every": 20, "probe_size": 300, "bootstrap": 50, "archs": "fashion_cnn"}
 ARCHS = ("fashion_cnn", "resnet18")
-COMPARED_LAYER = "avgpool"  # present in both FashionCNN and GrayResNet18
+COMPARED_LAYER = "avgpool"  # present in both FashionCNN and GrayResNet18 (also named in the report)
 
 Checkpoints = dict[str, dict[int, Representations]]  # run name -> step -> probe features
 
@@ -238,82 +238,6 @@ def change_over_training(between: dict, k: int, n: int) -> dict:
         "more_alike_at_end": verdict(low, high, "greater"), "less_alike_at_end": verdict(low, high, "less"),
         "chance": k / (n - 1),
     }
-
-
-# -- figures and report ---------------------------------------------------------------------------
-def _axes(title: str, ylabel: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.6, 3.9), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
-
-
-def between_figure(between: dict, chance: float):
-    fig, ax = _axes("Alignment between runs along training (compared layer)", "mutual k-NN")
-    steps = between["steps"]
-    for name, values in between["per_pair"].items():
-        ax.plot(steps, values, linewidth=0.9, alpha=0.7, label=name)
-    ax.fill_between(steps, between["ci_low"], between["ci_high"], color="C3", alpha=0.25, label="mean, bootstrap 95% CI")
-    ax.plot(steps, between["mean"], color="C3", linewidth=2)
-    ax.axhline(chance, color="grey", linestyle=":", label="chance k/(n-1)")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return fig
-
-
-def drift_figure(drifts: dict):
-    fig, ax = _axes("Within-run drift (compared layer)", "mutual k-NN")
-    for i, (name, d) in enumerate(drifts.items()):
-        ax.plot(d["steps"], d["vs_final"], color=f"C{i}", label=f"{name}: vs final")
-        ax.plot(d["steps"][1:], d["vs_previous"][1:], color=f"C{i}", linestyle="--", label=f"{name}: vs previous")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return fig
-
-
-def write_report(out: Path, between: dict, drifts: dict, change: dict, runs: list[str], args, seconds: float) -> None:
-    c = change
-    text = (f"Between-run alignment is {c['first']:.3f} (95% CI {c['first_ci'][0]:.3f}-{c['first_ci'][1]:.3f}) at step "
-            f"{c['first_step']} and {c['last']:.3f} ({c['last_ci'][0]:.3f}-{c['last_ci'][1]:.3f}) at step {c['last_step']}; "
-            f"chance k/(n-1) = {c['chance']:.3f}. End minus start: {c['difference']:.3f}, "
-            f"{100 * c['confidence']:.1f}% paired bootstrap interval [{c['difference_ci'][0]:.3f}, {c['difference_ci'][1]:.3f}].")
-    best = np.mean(list(between["best_layer_pair"].values()), axis=0)
-    text += f" At the best layer pair the mean is {best[0]:.3f} at the start and {best[-1]:.3f} at the end (no interval)."
-    rows = [[s, float(m), float(lo), float(hi)] for s, m, lo, hi in zip(between["steps"], between["mean"], between["ci_low"], between["ci_high"])]
-    source = (f"Hugging Face models {args.hf_models} at revisions {args.revisions}, on {args.texts} Flickr8k captions"
-              if args.hf_models else
-              f"{len(runs)} Lightning runs ({', '.join(runs)}) on Fashion-MNIST, {args.max_steps} steps of batch "
-              f"{args.batch_size}, probe of {args.probe_size} test images recorded every {args.every} steps and at step 0")
-    report = Report(
-        "Alignment between runs during training",
-        f"{source}. Compared layer: `{COMPARED_LAYER}` (last layer for HF models), mean-pooled, rows "
-        f"L2-normalised; mutual k-NN with k = {args.k}; {args.bootstrap} bootstrap resamples over probe "
-        f"images (the same resamples at every step). Run time {seconds:.0f} s.",
-    )
-    report.section("Between runs", text, figure="figures/between_runs.png",
-                   table=markdown_table(["step", "mean over pairs", "CI low", "CI high"], rows))
-    final_prev = {n: d["vs_previous"][-1] for n, d in drifts.items()}
-    report.section(
-        "Within-run drift",
-        "Each checkpoint against the run's final one (solid) and its previous one (dashed). Last-interval "
-        "self-similarity: " + ", ".join(f"{n}: {v:.3f}" for n, v in final_prev.items()) + " (descriptive, no test).",
-        figure="figures/drift.png",
-    )
-    report.section(
-        "Claims",
-        f"{RULE} Two claims are judged on the end-minus-start interval ({100 * c['confidence']:.1f}%, Bonferroni over 2).\n\n"
-        f"- the runs grow more alike with training -> **{c['more_alike_at_end']}**\n"
-        f"- the runs grow less alike with training -> **{c['less_alike_at_end']}**\n\n"
-        "Against the seed: it tracked six LLMs over 100 checkpoints but reported no result, only the aim of finding "
-        "phases of rising or falling similarity, so its claim **cannot be checked** (cannot tell). Pythia revisions "
-        "run through the same code with --hf-models/--revisions when online.",
-    )
-    report.write(out / "report.md")
 
 
 def run(args: argparse.Namespace) -> dict:

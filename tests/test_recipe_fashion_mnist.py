@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import pdist
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import spearmanr
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from prh_lightning import Representations
