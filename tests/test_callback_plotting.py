@@ -58,3 +58,19 @@ def test_line_figure_one_line_per_series():
 def test_bad_input(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_layer_step_figure_puts_each_layer_on_a_row_and_steps_in_columns():
+    from prh_lightning.plotting import curves_figure, layer_step_figure
+
+    series = {"a": ([0, 10, 20], [0.1, 0.2, 0.3]), "b": ([10, 20], [0.5, 0.6])}
+    fig = layer_step_figure(series, vmin=0, vmax=1)
+    ax = fig.axes[0]
+    shown = ax.images[0].get_array().filled(np.nan)
+    assert np.allclose(shown[0], [0.1, 0.2, 0.3]) and np.isnan(shown[1, 0]) and np.allclose(shown[1, 1:], [0.5, 0.6])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "10", "20"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    many = {f"l{i}": ([0, 1], [0.1, 0.2]) for i in range(13)}
+    assert curves_figure(many).axes[0].images and not curves_figure(series).axes[0].images  # lines up to 12
+    with pytest.raises(ValueError, match="2 steps but 1 values"):
+        layer_step_figure({"a": ([0, 1], [0.5])})
