@@ -269,7 +269,8 @@ TINY = ["--n-samples", "100", "--train-size", "2000", "--epochs", "1", "--resnet
 
 def test_the_main_job_runs_as_a_non_root_user_without_local_data(real_files):
     """`make run`'s command for a new user: no root, no Debian package, an empty home and cache;
-    Fashion-MNIST comes from the mirror (a local server standing in for the internet)."""
+    Fashion-MNIST comes from the mirror (a local server standing in for the internet). The code is
+    this checkout's, as installed (editable) in the test environment."""
     home = Path(tempfile.mkdtemp(prefix="prh-nonroot-"))
     try:
         served = _serve(home / "www", real_files)
