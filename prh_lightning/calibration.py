@@ -59,7 +59,7 @@ def _calibrate(observed: torch.Tensor, null: torch.Tensor, alpha: float, high: f
     pooled = torch.cat([observed.unsqueeze(0), null])
     rank = math.ceil((1 - alpha) * (K + 1))
     tau = torch.sort(pooled, dim=0).values[rank - 1]
-    p = (1 + (null >= observed.unsqueeze(0)).sum(dim=0)) / (K + 1)
+    p = (1 + (null >= observed.unsqueeze(0)).sum(dim=0)).double() / (K + 1)
     if high is None or not math.isfinite(high):
         calibrated = (observed - tau).clamp_min(0.0)
     else:
@@ -68,7 +68,7 @@ def _calibrate(observed: torch.Tensor, null: torch.Tensor, alpha: float, high: f
     mean = null.mean(dim=0)
     std = null.std(dim=0) if K > 1 else torch.zeros_like(mean)
     z = torch.where(std > 0, (observed - mean) / std.where(std > 0, 1.0), torch.zeros_like(mean))
-    return mean, tau, p.double(), calibrated, z
+    return mean, tau, p, calibrated, z
 
 
 def calibrate(

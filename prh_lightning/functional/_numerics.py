@@ -81,7 +81,7 @@ def clip_outliers(x: torch.Tensor, q: float) -> torch.Tensor:
 
     >>> clip_outliers(torch.tensor([[1.0, -8.0], [2.0, 4.0]]), 0.5)
     tensor([[ 1.0000, -3.7500],
-            [ 2.0000,  3.0000]])
+            [ 2.0000,  3.7500]])
     """
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
         raise ValueError(f"clip_quantile must be in (0, 1], got {q!r}")

@@ -312,12 +312,12 @@ def register_metric(
     scored pair by pair on the conditioned features (float64, normalised when asked).
     ``bounds``: the metric's range, used by plots and calibration.
 
-    >>> def neg_distance(a, b):
-    ...     return -(a - b).norm(dim=1).mean()
-    >>> plan = register_metric("neg_distance", neg_distance, bounds=(float("-inf"), 0.0))
+    >>> def mean_distance(a, b):
+    ...     return (a - b).norm(dim=1).mean()
+    >>> plan = register_metric("mean_distance", mean_distance, bounds=(0.0, 2.0))
     >>> from prh_lightning import alignment_matrix
-    >>> alignment_matrix([torch.eye(3)], [torch.eye(3)], metric="neg_distance")
-    tensor([[0.]])
+    >>> alignment_matrix([torch.eye(3)], [torch.eye(3), torch.eye(3).flip(0)], metric="mean_distance")
+    tensor([[0.0000, 0.9428]])
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")

@@ -480,8 +480,8 @@ def cycle_knn(
     ``normalize=True`` (default everywhere) L2-normalises rows first.
 
     >>> a = torch.randn(40, 6)
-    >>> float(cycle_knn(a, a, k=3))
-    1.0
+    >>> float(cycle_knn(a, a, k=3)) > 0.8  # i need not be a neighbour of its own neighbours
+    True
     """
     return score_pair("cycle_knn", a, b, normalize, clip_quantile, k=k)
 
