@@ -1,0 +1,328 @@
+"""Streaming linear CKA between every layer of two models, computed while the features are
+extracted, so they are never stored: :func:`model_cka` and its accumulator
+:class:`StreamingLinearCKA`.
+
+For layers ``a_i [n, d_i]`` and ``b_j [n, d_j]`` (rows L2-normalised first when
+``normalize=True``), linear CKA depends on the samples only through the centred second
+moments, which add up over batches::
+
+    C_ij = sum_batches a_i^T b_j - n mu_i mu_j^T            # [d_i, d_j]
+    CKA(i, j) = ||C_ij||_F^2 / (||C_ii||_F ||C_jj||_F)
+
+This is full-batch linear CKA exactly (not the minibatch estimator of Nguyen et al.), for any
+batching. The moments are kept in float64 around a shift (the first batch's mean; CKA is
+translation invariant, so the shift only removes cancellation error). All layer pairs come
+from one cross-moment matrix ``[D_a, D_b]`` (``D = sum of the layers' d``) updated with one
+matrix product per batch.
+
+Memory: ``8 * (D_a * D_b + sum_i d_i^2 + sum_j d_j^2)`` bytes, independent of ``n``. For the
+blocks of EfficientNet-Lite0 against Lite1 (``D_a = 3,088``, ``D_b = 3,600``) that is about
+140 MB; storing float32 features costs ``4 n (D_a + D_b)`` bytes, less for
+``n`` below about 5,000. Above ``max_bytes`` (default 1 GiB), ``store="auto"`` keeps the
+features instead and scores them with :func:`prh_lightning.alignment_matrix`
+(``metric="cka"``); ``store="moments"`` raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prh_lightning.functional._numerics import condition
+from prh_lightning.recording import _split_batch, _to_device
+from prh_lightning.taps import LayerTaps
+from prh_lightning.taps.layer_taps import call_model
+
+__all__ = ["StreamingLinearCKA", "MomentBudgetExceeded", "model_cka", "moment_bytes", "DEFAULT_MAX_BYTES"]
+
+DEFAULT_MAX_BYTES = 2**30
+STORES = ("auto", "moments", "features")
+# Centring leaves float64 rounding error of about eps64 * ||raw moment||; a centred moment within
+# a few hundred of those units of zero is a constant layer (as in prh_lightning.metrics.CKA).
+_CONSTANT_TOL = 256 * torch.finfo(torch.float64).eps
+
+
+class MomentBudgetExceeded(ValueError):
+    """The float64 moments of the requested layers would need more than ``max_bytes``."""
+
+
+def moment_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None) -> int:
+    """Bytes of the float64 moments for layers of widths ``dims_a`` x ``dims_b`` (``None``: self).
+
+    >>> moment_bytes([2, 3], [4])  # 8 * (5 * 4 + (4 + 9) + 16 + 5 + 4)
+    464
+    """
+    da = sum(dims_a)
+    if dims_b is None:
+        return 8 * (da * da + da)
+    db = sum(dims_b)
+    return 8 * (da * db + sum(d * d for d in dims_a) + sum(d * d for d in dims_b) + da + db)
+
+
+class StreamingLinearCKA:
+    """Accumulates the moments of two sets of layers batch by batch; ``compute()`` -> ``[La, Lb]``.
+
+    Args:
+        normalize: L2-normalise each row first (the default in every entry point).
+        max_bytes: refuse (:class:`MomentBudgetExceeded`) moments larger than this, at the first
+            update; see :func:`moment_bytes`. ``None``: no limit.
+
+    ``update(feats_a, feats_b)`` takes mappings name -> ``[batch, d]`` (row ``k`` of every layer
+    is the same sample); ``feats_b=None`` compares the ``a`` layers with each other (one moment
+    matrix). Layer names and widths are fixed by the first update.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(40, 6, generator=g)
+    >>> acc = StreamingLinearCKA(normalize=False)
+    >>> for rows in x.split(16):
+    ...     acc.update({"x": rows}, {"2x+1": 2 * rows + 1, "x^2": rows**2})
+    >>> acc.compute().shape, round(float(acc.compute()[0, 0]), 6)
+    (torch.Size([1, 2]), 1.0)
+    """
+
+    def __init__(self, normalize: bool = True, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
+        self.normalize = normalize
+        self.max_bytes = max_bytes
+        self.names_a: list[str] | None = None
+        self.names_b: list[str] | None = None
+        self.n = 0
+
+    # -- layout -------------------------------------------------------------------
+    @property
+    def self_comparison(self) -> bool:
+        return self.names_b is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the moments (0 before the first update)."""
+        if self.names_a is None:
+            return 0
+        return moment_bytes(self._dims_a, None if self.self_comparison else self._dims_b)
+
+    def _start(self, feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor] | None) -> None:
+        self.names_a = list(feats_a)
+        self._dims_a = [_width(feats_a[k], k) for k in self.names_a]
+        if feats_b is not None:
+            self.names_b = list(feats_b)
+            self._dims_b = [_width(feats_b[k], k) for k in self.names_b]
+        need = self.nbytes
+        if self.max_bytes is not None and need > self.max_bytes:
+            self.names_a = self.names_b = None
+            raise MomentBudgetExceeded(
+                f"streaming linear CKA needs {need / 2**20:.0f} MiB of float64 moments for layers of total width "
+                f"{sum(self._dims_a)} x {sum(self._dims_b) if feats_b is not None else sum(self._dims_a)} "
+                f"(max_bytes={self.max_bytes}); tap fewer or narrower layers, raise max_bytes, or store the "
+                "features (model_cka(store='features') or record_representations + alignment_matrix)"
+            )
+
+    def _conditioned(self, feats: Mapping[str, torch.Tensor], names: list[str], dims: list[int], side: str) -> torch.Tensor:
+        if list(feats) != names:
+            raise ValueError(f"layers of {side} changed between updates: first {names}, now {list(feats)}")
+        blocks = []
+        for name, d in zip(names, dims):
+            x = feats[name]
+            if x.ndim != 2 or x.shape[1] != d:
+                raise ValueError(f"{side}[{name!r}] must be [batch, {d}] as in the first update, got {tuple(x.shape)}")
+            blocks.append(condition(x, f"{side}[{name!r}]", self.normalize))
+        return torch.cat(blocks, dim=1)
+
+    # -- accumulation ---------------------------------------------------------------
+    def update(self, feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Add one batch: ``feats_a`` / ``feats_b`` map layer names to ``[batch, d]``."""
+        if not feats_a or (feats_b is not None and not feats_b):
+            raise ValueError("update() needs at least one layer on each side")
+        if self.names_a is None:
+            self._start(feats_a, feats_b)
+        elif (feats_b is None) != self.self_comparison:
+            raise ValueError("pass feats_b on every update or on none")
+        a = self._conditioned(feats_a, self.names_a, self._dims_a, "a")
+        b = None if feats_b is None else self._conditioned(feats_b, self.names_b, self._dims_b, "b")
+        if b is not None and b.shape[0] != a.shape[0]:
+            raise ValueError(f"a and b must hold the same samples, got {a.shape[0]} and {b.shape[0]} rows")
+        if self.n == 0:
+            self._shift_a = a.mean(dim=0)
+            self._sum_a = torch.zeros_like(self._shift_a)
+            if b is None:
+                self._ab = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64)
+            else:
+                self._shift_b = b.mean(dim=0)
+                self._sum_b = torch.zeros_like(self._shift_b)
+                self._ab = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
+                self._aa = [torch.zeros(d, d, dtype=torch.float64) for d in self._dims_a]
+                self._bb = [torch.zeros(d, d, dtype=torch.float64) for d in self._dims_b]
+        a = a - self._shift_a
+        self.n += a.shape[0]
+        self._sum_a += a.sum(dim=0)
+        if b is None:
+            self._ab.addmm_(a.T, a)
+            return
+        b = b - self._shift_b
+        self._sum_b += b.sum(dim=0)
+        self._ab.addmm_(a.T, b)
+        for moment, block in zip(self._aa, a.split(self._dims_a, dim=1)):
+            moment.addmm_(block.T, block)
+        for moment, block in zip(self._bb, b.split(self._dims_b, dim=1)):
+            moment.addmm_(block.T, block)
+
+    # -- scoring --------------------------------------------------------------------
+    def compute(self) -> torch.Tensor:
+        """Linear CKA of every layer pair over all samples seen: ``[La, Lb]`` float64."""
+        if self.n < 2:
+            raise RuntimeError(f"streaming CKA needs at least 2 samples, got {self.n}; call update() first")
+        n = float(self.n)
+        mu_a = self._sum_a / n
+        if self.self_comparison:
+            centred = self._ab - n * torch.outer(mu_a, mu_a)
+            squares = _block_sums(centred.square(), self._dims_a, self._dims_a)
+            raw = _block_sums(self._ab.square(), self._dims_a, self._dims_a).diagonal().sqrt()
+            norm_a = norm_b = self._checked_norms(squares.diagonal().sqrt(), raw, self.names_a, "a")
+        else:
+            mu_b = self._sum_b / n
+            centred = self._ab - n * torch.outer(mu_a, mu_b)
+            squares = _block_sums(centred.square(), self._dims_a, self._dims_b)
+            norm_a = self._own_norms(self._aa, mu_a, self._dims_a, self.names_a, "a")
+            norm_b = self._own_norms(self._bb, mu_b, self._dims_b, self.names_b, "b")
+        return squares / (norm_a[:, None] * norm_b[None, :])
+
+    def _own_norms(self, moments: list[torch.Tensor], mu: torch.Tensor, dims: list[int], names: list[str], side: str) -> torch.Tensor:
+        n = float(self.n)
+        centred, raw = [], []
+        for moment, m in zip(moments, mu.split(dims)):
+            centred.append(torch.linalg.matrix_norm(moment - n * torch.outer(m, m)))
+            raw.append(torch.linalg.matrix_norm(moment))
+        return self._checked_norms(torch.stack(centred), torch.stack(raw), names, side)
+
+    def _checked_norms(self, centred: torch.Tensor, raw: torch.Tensor, names: list[str], side: str) -> torch.Tensor:
+        constant = (centred <= _CONSTANT_TOL * raw).nonzero().flatten().tolist()
+        if constant:
+            raise ValueError(
+                f"{side}[{names[constant[0]]!r}] is constant across the {self.n} samples (zero variance after "
+                "centring), so CKA is undefined (0/0); check for collapsed or all-equal representations"
+            )
+        return centred
+
+
+def _width(x: torch.Tensor, name: str) -> int:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"layer {name!r} must give [batch, d] features, got {shape}; use a reduce such as 'mean'")
+    return int(x.shape[1])
+
+
+def _block_sums(values: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """``[len(rows), len(cols)]`` sums of the blocks of ``values [sum(rows), sum(cols)]``."""
+    row_ids = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
+    col_ids = torch.repeat_interleave(torch.arange(len(cols)), torch.tensor(cols))
+    by_row = torch.zeros(len(rows), values.shape[1], dtype=values.dtype).index_add_(0, row_ids, values)
+    return torch.zeros(len(rows), len(cols), dtype=values.dtype).index_add_(1, col_ids, by_row)
+
+
+def model_cka(
+    model_a: nn.Module,
+    model_b: nn.Module | None,
+    dataloader: Iterable[Any],
+    layers_a: Any = "auto",
+    layers_b: Any = "auto",
+    reduce: Any = "auto",
+    normalize: bool = True,
+    store: str = "auto",
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    device: str | torch.device | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = False,
+    return_names: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[str], list[str]]:
+    """Linear CKA ``[La, Lb]`` between the layers of two models over one pass of ``dataloader``.
+
+    Both models see every batch (in eval mode, under ``no_grad``; training flags are restored
+    afterwards). Each layer is reduced by :class:`~prh_lightning.LayerTaps` to ``[batch, d]``,
+    and only the moments of :class:`StreamingLinearCKA` are kept, so memory does not grow with
+    the number of samples. Equals ``alignment_matrix(feats_a, feats_b, metric="cka",
+    normalize=normalize)`` on the stored features, up to float64 rounding.
+
+    Args:
+        model_a, model_b: any ``nn.Module``; ``model_b=None`` (or ``model_a`` itself, with the
+            same layers) compares ``model_a`` with itself in one forward pass per batch.
+        dataloader: batches as in :func:`~prh_lightning.record_representations` (a tensor,
+            ``(x, y, ...)`` or a dict of model keywords), or anything ``forward_fn`` takes.
+        layers_a, layers_b, reduce: as in :class:`~prh_lightning.LayerTaps` (``"auto"``: family
+            defaults; ``reduce`` applies to both models).
+        normalize: L2-normalise each row first.
+        store: ``"moments"`` (stream; raises when the moments need more than ``max_bytes``),
+            ``"features"`` (keep the features and use ``alignment_matrix``), or ``"auto"``
+            (moments unless they need more than ``max_bytes``).
+        device: move batches (and models) here; ``None`` leaves them where they are.
+        forward_fn: ``forward_fn(model, batch)`` for other batch types.
+        return_names: also return the layer names ``(scores, names_a, names_b)``.
+
+    >>> net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> data = torch.utils.data.DataLoader(torch.randn(50, 5), batch_size=16)
+    >>> scores, rows, cols = model_cka(net, None, data, layers_a=["0", "2"], reduce="mean", return_names=True)
+    >>> rows, [round(float(v), 4) for v in scores.diagonal()]
+    (['0', '2'], [1.0, 1.0])
+    """
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    same = model_b is None or (model_b is model_a and (layers_b == layers_a or layers_b is None))
+    if model_b is None:
+        layers_b = layers_a
+    models = [model_a] if same else [model_a, model_b]
+    layer_specs = [layers_a] if same else [layers_a, layers_b]
+    if device is not None:
+        for model in models:
+            model.to(device)
+    modes = {module: module.training for model in models for module in model.modules()}
+    acc = StreamingLinearCKA(normalize=normalize, max_bytes=max_bytes)
+    kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in models]
+    streaming = store != "features"
+    taps = [LayerTaps(model, layers=spec, reduce=reduce) for model, spec in zip(models, layer_specs)]
+    try:
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            for tap in taps:
+                tap.attach()
+            total = len(dataloader) if hasattr(dataloader, "__len__") else None
+            for batch in tqdm(dataloader, total=total, disable=not progress, desc="model_cka", leave=False):
+                feats = []
+                for model, tap in zip(models, taps):
+                    tap.clear()
+                    if forward_fn is not None:
+                        forward_fn(model, _to_device(batch, device))
+                    else:
+                        call_model(model, _to_device(_split_batch(batch)[0], device))
+                    feats.append(tap.features())
+                if streaming:
+                    try:
+                        acc.update(feats[0], None if same else feats[1])
+                        continue
+                    except MomentBudgetExceeded:
+                        if store == "moments":
+                            raise
+                        streaming = False  # store="auto" and the moments are too big: keep the features
+                for kept_side, side_feats in zip(kept, feats):
+                    kept_side.append(side_feats)
+    finally:
+        for tap in taps:
+            tap.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    if streaming:
+        scores, names_a = acc.compute(), acc.names_a
+        names_b = names_a if same else acc.names_b
+    else:
+        from prh_lightning.alignment import alignment_matrix
+
+        if not kept[0]:
+            raise RuntimeError("the dataloader gave no batches")
+        stacked = [{name: torch.cat([f[name] for f in side]) for name in side[0]} for side in kept]
+        names_a = list(stacked[0])
+        names_b = names_a if same else list(stacked[-1])
+        xs = {name: x.double() for name, x in stacked[0].items()}
+        ys = None if same else {name: y.double() for name, y in stacked[1].items()}
+        scores = alignment_matrix(xs, ys, metric="cka", normalize=normalize)
+    return (scores, names_a, names_b) if return_names else scores

@@ -1,0 +1,146 @@
+"""Streaming linear CKA (prh_lightning.streaming) against a float64 numpy reference written here,
+and against alignment_matrix on stored features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prh_lightning.alignment import alignment_matrix
+from prh_lightning.streaming import MomentBudgetExceeded, StreamingLinearCKA, model_cka
+
+
+def reference_cka(x: np.ndarray, y: np.ndarray, normalize: bool) -> float:
+    """Linear CKA in float64: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    if normalize:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def reference_matrix(xs: dict, ys: dict, normalize: bool) -> np.ndarray:
+    return np.array([[reference_cka(x, y, normalize) for y in ys.values()] for x in xs.values()])
+
+
+def plain_features(model: nn.Module, names: list[str], data: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Outputs of the named modules (spatial mean for conv maps), with bare forward hooks, over
+    the same batches the library sees (float32 results depend on the batch size)."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    modules = dict(model.named_modules())
+    hooks = [
+        modules[name].register_forward_hook(
+            lambda m, i, o, name=name: out[name].append((o.mean(dim=(2, 3)) if o.ndim == 4 else o).double().numpy())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for batch in data.split(batch_size):
+            model.eval()(batch)
+    for hook in hooks:
+        hook.remove()
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def small_mlp(seed: int, width: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def small_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 7, 3, stride=2), nn.Flatten(), nn.LazyLinear(4))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_two_models_match_float64_reference(normalize, batch_size):
+    data = torch.randn(61, 6, generator=torch.Generator().manual_seed(1))
+    model_a, model_b = small_mlp(0, 9), small_mlp(1, 5)
+    layers_a, layers_b = ["0", "1", "3", "4"], ["0", "2", "4"]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size)
+    scores, names_a, names_b = model_cka(
+        model_a, model_b, loader, layers_a=layers_a, layers_b=layers_b, reduce="mean", normalize=normalize, return_names=True
+    )
+    assert (names_a, names_b) == (layers_a, layers_b)
+    fa, fb = plain_features(model_a, layers_a, data, batch_size), plain_features(model_b, layers_b, data, batch_size)
+    expected = reference_matrix(fa, fb, normalize)
+    assert scores.shape == (4, 3)
+    np.testing.assert_allclose(scores.numpy(), expected, atol=1e-10, rtol=0)
+    stored = alignment_matrix(
+        {k: torch.from_numpy(v).float() for k, v in fa.items()},
+        {k: torch.from_numpy(v).float() for k, v in fb.items()},
+        metric="cka",
+        normalize=normalize,
+    )
+    np.testing.assert_allclose(scores.numpy(), stored.numpy(), atol=1e-5, rtol=0)
+
+
+def test_conv_models_and_self_comparison():
+    data = torch.randn(40, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    model = small_cnn(3)
+    model(data[:2])  # materialise the lazy layer
+    names = ["0", "2", "4"]
+    scores = model_cka(model, None, data.split(16), layers_a=names, reduce="mean")
+    f = plain_features(model, names, data, 16)
+    np.testing.assert_allclose(scores.numpy(), reference_matrix(f, f, True), atol=1e-10, rtol=0)
+    np.testing.assert_allclose(scores.diagonal().numpy(), 1.0, atol=1e-12)
+    same = model_cka(model, model, data.split(16), layers_a=names, layers_b=names, reduce="mean")
+    np.testing.assert_allclose(same.numpy(), scores.numpy(), atol=1e-12)
+
+
+def test_large_offsets_keep_precision():
+    """Features far from the origin (raw, normalize=False): the shifted moments stay exact."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(4, 3, generator=g, dtype=torch.float64) + 0.3 * torch.randn(300, 3, generator=g, dtype=torch.float64)
+    acc = StreamingLinearCKA(normalize=False)
+    for xb, yb in zip((x + 1e6).split(50), (y - 3e5).split(50)):
+        acc.update({"x": xb}, {"y": yb})
+    expected = reference_cka(x.numpy(), y.numpy(), normalize=False)
+    assert abs(float(acc.compute()[0, 0]) - expected) < 1e-9
+
+
+def test_budget_raises_or_falls_back_to_stored_features():
+    data = torch.randn(30, 6, generator=torch.Generator().manual_seed(5))
+    model_a, model_b = small_mlp(0, 9), small_mlp(1, 5)
+    loader = data.split(10)
+    with pytest.raises(MomentBudgetExceeded, match="max_bytes=100"):
+        model_cka(model_a, model_b, loader, layers_a=["0"], layers_b=["2"], reduce="mean", store="moments", max_bytes=100)
+    scores = model_cka(model_a, model_b, loader, layers_a=["0", "4"], layers_b=["2"], reduce="mean", max_bytes=100)
+    fa, fb = plain_features(model_a, ["0", "4"], data, 10), plain_features(model_b, ["2"], data, 10)
+    np.testing.assert_allclose(scores.numpy(), reference_matrix(fa, fb, True), atol=1e-10, rtol=0)
+
+
+def test_models_restored_and_unhooked():
+    model_a, model_b = small_mlp(0, 9), small_mlp(1, 5)
+    model_a.train()
+    model_b.eval()
+    model_cka(model_a, model_b, torch.randn(20, 6).split(10), layers_a=["0"], layers_b=["2"], reduce="mean")
+    assert model_a.training and all(m.training for m in model_a.modules())
+    assert not model_b.training
+    for model in (model_a, model_b):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_bad_input_is_refused():
+    acc = StreamingLinearCKA()
+    acc.update({"x": torch.randn(5, 3)}, {"y": torch.randn(5, 2)})
+    with pytest.raises(ValueError, match="must be \\[batch, 3\\]"):
+        acc.update({"x": torch.randn(5, 4)}, {"y": torch.randn(5, 2)})
+    with pytest.raises(ValueError, match="same samples"):
+        acc.update({"x": torch.randn(5, 3)}, {"y": torch.randn(4, 2)})
+    with pytest.raises(ValueError, match="NaN|Inf|finite"):
+        acc.update({"x": torch.full((5, 3), float("nan"))}, {"y": torch.randn(5, 2)})
+    constant = StreamingLinearCKA(normalize=False)
+    for _ in range(3):
+        constant.update({"c": torch.ones(4, 3)}, {"y": torch.randn(4, 2)})
+    with pytest.raises(ValueError, match="constant"):
+        constant.compute()
+    with pytest.raises(RuntimeError, match="at least 2 samples"):
+        StreamingLinearCKA().compute()
+    with pytest.raises(ValueError, match="store must be"):
+        model_cka(nn.Linear(2, 2), None, [torch.randn(3, 2)], store="disk")
