@@ -33,7 +33,15 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from prh_lightning.callbacks._probe import make_probe, probe_features, split_batch
+from prh_lightning.callbacks._probe import (
+    call_model,
+    make_probe,
+    module_device,
+    module_dtype,
+    move_inputs,
+    side_effect_free,
+    split_batch,
+)
 from prh_lightning.recording import batch_indices
 from prh_lightning.representations import Representations
 from prh_lightning.taps import LayerTaps
@@ -266,9 +274,9 @@ class RepresentationRecorder(Callback):
     def _record_probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         features = None
         if trainer.is_global_zero:  # every rank holds the same model: one pass is enough
-            features = probe_features(
-                pl_module, self.probe.chunks(self.batch_size), self.layers, self.reduce, self.forward_fn,
-                device=torch.device("cpu"), context=trainer.precision_plugin.forward_context,
+            features = probe_pass(
+                pl_module, self.probe.chunks(self.batch_size), self.forward_fn,
+                trainer.precision_plugin.forward_context, layers=self.layers, reduce=self.reduce, **self.tap_kwargs,
             )
         ids = list(range(self.probe.n))
         self._save(trainer, "train", features, ids, self.probe.y, order="probe order")
@@ -307,6 +315,26 @@ class RepresentationRecorder(Callback):
             reps = Representations(features, sample_ids=sample_ids, labels=labels, metadata=metadata)
             self.saved.append(reps.save(self._path(trainer, stage, dataloader_idx)))
         trainer.strategy.barrier("RepresentationRecorder.save")
+
+
+def probe_pass(
+    model: nn.Module,
+    chunks: Any,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    context: Callable[[], Any],
+    **tap_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """``{layer: Tensor[n, d]}`` (float32, on CPU) of ``model`` on the probe ``chunks``, without side
+    effects (eval mode, ``no_grad``, forked RNG, training flags restored); each chunk is moved to
+    the model's device and floating inputs cast to its dtype, and run inside ``context()`` (the
+    precision plugin's autocast)."""
+    forward = forward_fn or call_model
+    device, dtype = module_device(model), module_dtype(model)
+    with side_effect_free(model), LayerTaps(model, device="cpu", dtype=torch.float32, **tap_kwargs) as taps:
+        for chunk in chunks:
+            with context():
+                forward(model, move_inputs(chunk, device, dtype))
+        return taps.features()
 
 
 class _Part:

@@ -148,8 +148,8 @@ def test_one_probe_pass_per_optimizer_step_with_gradient_accumulation(tmp_path, 
     import prh_lightning.callbacks.representation_recorder as module
 
     passes = []
-    real = module.probe_features
-    monkeypatch.setattr(module, "probe_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = module.probe_pass
+    monkeypatch.setattr(module, "probe_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
     x, y = synthetic_data(64)
     px, py = synthetic_data(12, seed=9)
     recorder = RepresentationRecorder(tmp_path, layers=LAYERS, stages="train", every_n_train_steps=1, probe=(px, py))
@@ -198,3 +198,47 @@ def test_compiled_lightning_module_is_recorded_eagerly(tmp_path):
     expected = tiny_features(model, vx)
     for layer in LAYERS:
         torch.testing.assert_close(reps[layer], expected[layer], atol=1e-5, rtol=1e-5)
+
+
+class PaddedTokens(L.LightningModule):
+    """Token embeddings -> Linear, padding marked by ``padding_mask`` (True = padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 6)
+        self.proj = torch.nn.Linear(6, 4)
+
+    def forward(self, tokens, padding_mask):
+        return self.proj(self.embed(tokens))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch["tokens"], batch["padding_mask"]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self(batch["tokens"], batch["padding_mask"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.slow
+def test_padding_mask_under_another_name_reaches_the_taps(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (12, 7), generator=g)
+    lengths = torch.randint(1, 8, (12,), generator=g)
+    pad = torch.arange(7)[None] >= lengths[:, None]
+    rows = [{"tokens": tokens[i], "padding_mask": pad[i]} for i in range(12)]
+    batches = DataLoader(rows, batch_size=4)
+    recorder = RepresentationRecorder(
+        tmp_path, layers=["proj"], stages=("validate", "train"), every_n_train_steps=1,
+        probe={"tokens": tokens, "padding_mask": pad}, tap_kwargs={"mask_key": "padding_mask"},
+    )
+    model = PaddedTokens()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[recorder], logger=False, **TRAINER_KW)
+    trainer.fit(model, batches, batches)
+    with torch.no_grad():
+        out = model.proj(model.embed(tokens))
+    expected = torch.stack([out[i, : lengths[i]].mean(0) for i in range(12)])  # real tokens only
+    for path in recorder.saved:
+        torch.testing.assert_close(Representations.load(path)["proj"], expected)
+    assert sorted(p.name.split("-")[0] for p in recorder.saved) == ["train", "validate"]
