@@ -37,6 +37,12 @@ def input_eps(x: torch.Tensor) -> float:
     return float(torch.finfo(x.dtype).eps)
 
 
+def max_abs(x: torch.Tensor) -> float:
+    """``max |x|`` without allocating ``|x|``."""
+    low, high = torch.aminmax(x)
+    return max(-float(low), float(high))
+
+
 def power_of_two_scale(max_abs: float) -> float:
     """``2^-e`` with ``2^e`` close to ``max_abs``: rescaling by it is exact in floating point."""
     if not math.isfinite(max_abs) or max_abs <= 0:
@@ -60,8 +66,8 @@ def condition(
     if clip_quantile is not None:
         x64 = clip_outliers(x64, clip_quantile)
     if normalize:
-        # rescale first (exact): squares of 1e200 or 1e-200 would overflow / underflow
-        x64 = x64 * power_of_two_scale(float(x64.abs().max()))
+        if x.dtype == torch.float64:  # squares of 1e200 or 1e-200 would overflow / underflow: rescale (exact)
+            x64 = x64 * power_of_two_scale(max_abs(x64))
         norms = torch.linalg.vector_norm(x64, dim=1, keepdim=True)
         zero = (norms.squeeze(1) == 0).nonzero().flatten()
         if zero.numel():
@@ -137,21 +143,17 @@ def centre(
     differences all sit below ``CONSTANT_RTOL`` of it (relative to the largest feature) are
     "constant" features and raise: any score would be computed from rounding noise.
     """
-    first = x64[0]
-    spread = float((x64 - first).abs().max())
-    size = float(x64.abs().max())
+    low, high = torch.aminmax(x64, dim=0)
+    spread = float((high - low).max())  # the widest column range: 0 iff every row is the same
+    size = max(-float(low.min()), float(high.max()))
     if spread <= CONSTANT_RTOL * input_dtype_eps * size:
         raise ValueError(
             f"{name} is constant across its {x64.shape[0]} samples (constant features: every row equals the "
             "others up to rounding), so the score is undefined; check for collapsed or all-equal representations"
         )
-    mean = grid_pivot(x64, spread)
-    xc = x64 - mean
-    if exact_mean:
-        rest = xc.mean(dim=0)
-        xc = xc - rest
-        mean = mean + rest
-    scale = power_of_two_scale(float(xc.abs().max()))
-    xc = xc * scale
+    mean = x64.mean(dim=0) if exact_mean else grid_pivot(x64, spread)
+    # any power of two works (exact); the bound on |x - mean| from the column ranges avoids a pass
+    scale = power_of_two_scale(float(torch.maximum(high - mean, mean - low).max()))
+    xc = torch.sub(x64, mean).mul_(scale)
     mean = mean * scale
     return Centred(xc=xc.to(dtype), mean=mean, scale=scale, xc64=xc if keep64 else None)
