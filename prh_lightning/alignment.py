@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -26,9 +27,9 @@ import torch
 from .functional import get_plan
 from .functional._numerics import clip_outliers
 from .functional._linear_cka import feature_space_plan, prefer_feature_space
-from .functional._plan import PLANS, MetricPlan, register_metric, score_layers
+from .functional._plan import PLANS, LayerContext, MetricPlan, check_layers, prepare_layers, register_metric, score_layers
 
-__all__ = ["alignment_matrix", "best_alignment", "layer_names", "clip_outliers"]
+__all__ = ["alignment_matrix", "approximate_alignment_matrix", "ApproximateAlignment", "best_alignment", "layer_names", "clip_outliers"]
 
 Layers = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 
@@ -103,7 +104,9 @@ def alignment_matrix(
             CKA run at ``n = 100,000`` and beyond without an ``n x n`` matrix. Per-layer
             ``[n, d]`` copies (float64 while a layer is prepared) come on top; RBF CKA with the
             median bandwidth, RSA and SVCCA still need ``[n, n]`` memory.
-        **metric_kwargs: options of the metric (``k=10``, ``kernel="rbf"``, ...).
+        **metric_kwargs: options of the metric (``k=10``, ``kernel="rbf"``, ...; for the k-NN
+            metrics ``knn_backend="faiss"`` uses approximate neighbour lists: see
+            :func:`approximate_alignment_matrix` for their recall).
 
     Returns float32 scores (float64 if any input is float64); each cell equals the functional
     metric of that pair.
@@ -151,6 +154,49 @@ def _large_n_plan(name: str, lx: list[torch.Tensor], ly: list[torch.Tensor] | No
     dims_x = [x.shape[1] for x in lx]
     dims_y = dims_x if ly is None else [y.shape[1] for y in ly]
     return feature_space_plan(plan) if prefer_feature_space(n, dims_x, dims_y) else name
+
+
+@dataclass(frozen=True)
+class ApproximateAlignment:
+    """Scores from approximate neighbour lists, with the lists' measured recall.
+
+    ``scores [Lx, Ly]`` (float64); ``recall_x [Lx]``, ``recall_y [Ly]``: per layer, the mean
+    fraction of the exact top-``k`` found, over a random subsample of 1,000 rows.
+    """
+
+    scores: torch.Tensor
+    recall_x: torch.Tensor
+    recall_y: torch.Tensor
+
+
+def approximate_alignment_matrix(
+    xs: Layers,
+    ys: Layers,
+    metric: str = "mutual_knn",
+    knn_backend: str = "faiss",
+    normalize: bool = True,
+    clip_quantile: float | None = None,
+    **metric_kwargs,
+) -> ApproximateAlignment:
+    """A k-NN metric (``mutual_knn``, ``cycle_knn``, ``lcs_knn``, ``edit_distance_knn``) for every
+    layer pair from approximate neighbour lists (``knn_backend="faiss"``: HNSW graph search, for
+    ``n`` of 100k and more; ``pip install faiss-cpu``), with each layer's recall against exact
+    search on a subsample reported beside the scores. ``alignment_matrix(..., knn_backend="faiss")``
+    gives the same scores without the recall.
+    """
+    name = _resolve_metric(metric)
+    plan = get_plan(name)
+    if "knn_backend" not in plan.defaults:
+        raise ValueError(f"metric {name!r} does not use neighbour lists; knn_backend applies to the k-NN metrics")
+    options = plan.bind({**metric_kwargs, "knn_backend": knn_backend})
+    names_x, lx = as_layer_list(xs, "xs")
+    names_y, ly = as_layer_list(ys, "ys")
+    n, dtype, device = check_layers(lx, ly, names_x, names_y)
+    ctx = LayerContext(dtype, None, n, len(lx) + len(ly), device)
+    sx = prepare_layers(plan, lx, names_x, options, normalize, clip_quantile, ctx)
+    sy = prepare_layers(plan, ly, names_y, options, normalize, clip_quantile, ctx)
+    recall = lambda states: torch.tensor([float("nan") if s.recall is None else s.recall for s in states], dtype=torch.float64)  # noqa: E731
+    return ApproximateAlignment(plan.pairs(sx, sy, **options).double().cpu(), recall(sx), recall(sy))
 
 
 def best_alignment(

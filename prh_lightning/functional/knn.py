@@ -153,6 +153,7 @@ class Neighbours:
 
     idx: torch.Tensor
     x64: torch.Tensor | None = None
+    recall: float | None = None  # approximate lists only: recall against exact search on a subsample
 
 
 def _symmetric_gram_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -367,11 +368,26 @@ _SCORERS = {
 # -- the plan: neighbour lists once per layer, pairs scored in batches ----------------------
 
 
-def prepare_neighbours(x64: torch.Tensor, ctx, k: int = 10, groups: torch.Tensor | None = None) -> Neighbours:
-    """Per-layer work of the k-NN metrics: exact ``[n, k]`` neighbour lists of ``x64 [n, d]``."""
+KNN_BACKENDS = ("exact", "faiss")
+RECALL_SAMPLE = 1000  # rows checked against exact search when neighbour lists are approximate
+
+
+def prepare_neighbours(
+    x64: torch.Tensor, ctx, k: int = 10, groups: torch.Tensor | None = None, knn_backend: str = "exact"
+) -> Neighbours:
+    """Per-layer work of the k-NN metrics: ``[n, k]`` neighbour lists of ``x64 [n, d]``, exact, or
+    approximate with ``knn_backend="faiss"`` (then with their recall on a subsample of rows)."""
     n = x64.shape[0]
     check_k(k, n)
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
+    if knn_backend == "faiss":
+        if groups is not None:
+            raise ValueError('knn_backend="faiss" cannot keep groups apart (bootstrap); use knn_backend="exact"')
+        from ._faiss import faiss_neighbours, neighbour_recall
+
+        idx = faiss_neighbours(c, k)
+        generator = torch.Generator().manual_seed(0)
+        return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator))
     rows = ctx.block(n, _BLOCK_BYTES)
     idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups)
     if groups is None:  # bootstrap copies are handled by their groups
@@ -419,7 +435,7 @@ def _pairwise(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor], scorer, cost
 
 
 def _knn_pairs(name: str):
-    def pairs(xs: list[Neighbours], ys: list[Neighbours], k: int = 10, groups: torch.Tensor | None = None) -> torch.Tensor:
+    def pairs(xs: list[Neighbours], ys: list[Neighbours], k: int = 10, groups: torch.Tensor | None = None, **_) -> torch.Tensor:
         ix, iy = [s.idx for s in xs], [s.idx for s in ys]
         if name == "mutual_knn":
             return _mutual_knn_matrix(ix, iy)
@@ -439,11 +455,17 @@ _RANGES = {
     "edit_distance_knn": lambda k=10, **_: (0.0, 1.0),
 }
 
+def _check_backend(value) -> None:
+    if value not in KNN_BACKENDS:
+        raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {value!r}")
+
+
 for _name in _SCORERS:
     register_plan(
         MetricPlan(
             name=_name,
-            defaults={"k": 10},
+            defaults={"k": 10, "knn_backend": "exact"},
+            option_checks={"knn_backend": _check_backend},
             prepare=prepare_neighbours,
             pairs=_knn_pairs(_name),
             bounds=_RANGES[_name],

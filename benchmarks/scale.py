@@ -1,0 +1,181 @@
+"""Alignment at scale: time and peak memory of `alignment_matrix(..., max_memory=...)` at growing n,
+against the straightforward computation (whole n x n float32 Gram matrices kept in memory).
+
+Data: random features with planted structure (a shared low-rank signal plus noise), d = 768,
+5 x 5 layers, rows L2-normalised (the PRH protocol, the default in both columns). Each cell runs
+in its own child process, so its peak RSS (ru_maxrss) is its own; "extra" is the peak minus
+the RSS after the input features were made (what the computation itself needed).
+
+Straightforward baseline, as far as it fits in memory (it keeps every layer's n x n float32
+Gram: 10 x 400 MB at n = 10k, 10 x 3.6 GB at n = 30k, so by default it runs at n = 10k only):
+  * mutual_knn: G = x x^T, diagonal -inf, top-k per row, neighbour sets compared per pair;
+  * cknna: the same neighbour lists, dense masked kernels and the unbiased HSIC per pair;
+  * cka (linear): H K H per layer, Frobenius inner products per pair.
+
+    python benchmarks/scale.py                              # n = 10k, 30k (CPU); baseline at 10k
+    python benchmarks/scale.py --sizes 10000 30000 100000 --metrics cka
+    python benchmarks/scale.py --sizes 2000 --baseline-max-n 2000 --layers 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def features(n: int, d: int, layers: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(n, 32, generator=g)
+    return [signal @ torch.randn(32, d, generator=g) + 2.0 * torch.randn(n, d, generator=g) for _ in range(layers)]
+
+
+# -- the straightforward computation ---------------------------------------------------------
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _knn(gram: torch.Tensor, k: int) -> torch.Tensor:
+    return gram.fill_diagonal_(float("-inf")).topk(k, dim=1).indices
+
+
+def baseline_mutual_knn(xs, ys, k):
+    ix = [_knn(_unit(x) @ _unit(x).T, k) for x in xs]
+    iy = [_knn(_unit(y) @ _unit(y).T, k) for y in ys]
+    out = torch.empty(len(xs), len(ys), dtype=torch.float64)
+    for i, a in enumerate(ix):
+        for j, b in enumerate(iy):
+            out[i, j] = float((a[:, :, None] == b[:, None, :]).any(dim=2).sum()) / a.numel()
+    return out
+
+
+def baseline_cka(xs, ys):
+    def centred(x):
+        gram = _unit(x) @ _unit(x).T
+        return gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
+
+    cx, cy = [centred(x) for x in xs], [centred(y) for y in ys]
+    out = torch.empty(len(xs), len(ys), dtype=torch.float64)
+    for i, a in enumerate(cx):
+        for j, b in enumerate(cy):
+            out[i, j] = float((a * b).sum(dtype=torch.float64) / (a.norm() * b.norm()))
+    return out
+
+
+def _hsic_u(p, q):
+    n = p.shape[0]
+    p, q = p.clone().fill_diagonal_(0), q.clone().fill_diagonal_(0)
+    trace = (p * q.T).sum(dtype=torch.float64)
+    sums = p.sum(dtype=torch.float64) * q.sum(dtype=torch.float64) / ((n - 1) * (n - 2))
+    cross = p.sum(dim=0).double() @ q.sum(dim=1).double()
+    return (trace + sums - 2.0 / (n - 2) * cross) / (n * (n - 3))
+
+
+def baseline_cknna(xs, ys, k):
+    def layer(x):
+        gram = _unit(x) @ _unit(x).T
+        mask = torch.zeros_like(gram, dtype=torch.bool)
+        mask[torch.arange(len(x))[:, None], _knn(gram.clone(), k)] = True
+        return gram, mask
+
+    lx, ly = [layer(x) for x in xs], [layer(y) for y in ys]
+    sim = lambda a, b: _hsic_u(a[0] * (a[1] & b[1]), b[0] * (a[1] & b[1]))  # noqa: E731
+    out = torch.empty(len(xs), len(ys), dtype=torch.float64)
+    for i, a in enumerate(lx):
+        for j, b in enumerate(ly):
+            out[i, j] = float(sim(a, b) / math.sqrt(sim(a, a) * sim(b, b)))
+    return out
+
+
+# -- one cell, in a child process ---------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def child(args) -> None:
+    from prh_lightning import alignment_matrix
+
+    torch.set_num_threads(args.threads)
+    xs = features(args.n, args.d, args.layers, 0)
+    ys = features(args.n, args.d, args.layers, 1)
+    options = {"k": args.k} if args.metric in ("mutual_knn", "cknna") else {}
+    alignment_matrix([x[:64] for x in xs[:1]], [y[:64] for y in ys[:1]], metric=args.metric, **options)  # warm up
+    start_rss = _rss()
+    t0 = time.perf_counter()
+    if args.impl == "ours":
+        scores = alignment_matrix(xs, ys, metric=args.metric, max_memory=args.max_memory, **options).double()
+    elif args.metric == "mutual_knn":
+        scores = baseline_mutual_knn(xs, ys, args.k)
+    elif args.metric == "cknna":
+        scores = baseline_cknna(xs, ys, args.k)
+    else:
+        scores = baseline_cka(xs, ys)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak": peak, "extra": peak - start_rss, "scores": scores.flatten().tolist()}))
+
+
+def run_cell(args, metric: str, n: int, impl: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", "--metric", metric, "--n", str(n), "--impl", impl]
+    cmd += ["--d", str(args.d), "--layers", str(args.layers), "--k", str(args.k), "--threads", str(args.threads)]
+    cmd += ["--max-memory", args.max_memory]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if out.returncode != 0:
+        print(f"  {metric} n={n} {impl}: failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000])
+    parser.add_argument("--metrics", nargs="+", default=["mutual_knn", "cknna", "cka"])
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=5, help="layers per model (layers x layers pairs)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--max-memory", default="4GB")
+    parser.add_argument("--baseline-max-n", type=int, default=10_000, help="largest n for the n x n baseline")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--timeout", type=int, default=3600)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--metric", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    gib = 2**30
+    print(f"d={args.d}, {args.layers} x {args.layers} layers, k={args.k}, max_memory={args.max_memory}, threads={args.threads}")
+    print(f"{'metric':<11} {'n':>7} | {'ours s':>8} {'peak GiB':>8} {'extra GiB':>9} | {'n x n s':>8} {'peak GiB':>8} {'extra GiB':>9} | {'max |diff|':>10}")
+    for metric in args.metrics:
+        times = []
+        for n in args.sizes:
+            ours = run_cell(args, metric, n, "ours")
+            base = run_cell(args, metric, n, "baseline") if n <= args.baseline_max_n else None
+            if ours is None:
+                continue
+            times.append((n, ours["seconds"]))
+            cols = f"{ours['seconds']:8.1f} {ours['peak'] / gib:8.2f} {ours['extra'] / gib:9.2f}"
+            if base is not None:
+                diff = max(abs(a - b) for a, b in zip(ours["scores"], base["scores"]))
+                cols += f" | {base['seconds']:8.1f} {base['peak'] / gib:8.2f} {base['extra'] / gib:9.2f} | {diff:10.2e}"
+            else:
+                cols += f" | {'-':>8} {'-':>8} {'-':>9} | {'-':>10}"
+            print(f"{metric:<11} {n:>7} | {cols}", flush=True)
+        for (n0, t0), (n1, t1) in zip(times, times[1:]):
+            print(f"{metric:<11} growth exponent n={n0}->{n1}: {math.log(t1 / t0) / math.log(n1 / n0):.2f}")
+
+
+if __name__ == "__main__":
+    main()
