@@ -38,13 +38,6 @@ class AttentionNet(nn.Module):
         return self.head(self.norm(self.skip(a))).mean(1)
 
 
-def no_warnings():
-    context = warnings.catch_warnings()
-    context.__enter__()
-    warnings.simplefilter("error")
-    return context
-
-
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_default_selection_skips_eval_identities_and_taps_attention_whole(batch_first):
     torch.manual_seed(0)
