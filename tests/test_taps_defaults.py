@@ -148,6 +148,20 @@ def test_layer_that_ran_on_some_batches_only_is_an_error_with_counts():
         model(torch.randn(2, 3))
     with pytest.raises(RuntimeError, match=r"'extra': 8 rows from 1 of 3 forward passes; 'body' and others: 13 rows"):
         taps.features()
+    with LayerTaps(model, layers=["extra", "body"]) as taps:  # whichever order they are named in
+        model(torch.randn(8, 3))
+        model(torch.randn(3, 3))
+    with pytest.raises(RuntimeError, match=r"'extra': 8 rows from 1 of 2"):
+        taps.features()
+    # chosen by "*": left out with the counts, the layers that ran on every batch are kept
+    x1, x2 = torch.randn(8, 3), torch.randn(3, 3)
+    with LayerTaps(model) as taps:
+        model(x1)
+        model(x2)
+    with pytest.warns(UserWarning, match=r"'extra' recorded 8 rows from 1 of 2 forward passes, other layers 11"):
+        feats = taps.features()
+    assert list(feats) == ["body"]
+    torch.testing.assert_close(feats["body"], model.body(torch.cat([x1, x2])).detach())
 
 
 class ConvBlock1d(nn.Module):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -301,7 +302,7 @@ class LayerTaps:
                 + (f"; skipped: {dict(list(self.skipped.items())[:8])}" if self.skipped else "")
             )
         left_out = set(self.skipped)
-        for name in [k for k in self._store if k in left_out or k.rsplit("#", 1)[0] in left_out]:
+        for name in [k for k in self._store if k in left_out or _base_name(k) in left_out]:
             self._bytes -= sum(c.numel() * c.element_size() for c in self._store.pop(name))
             self._rows.pop(name, None)
         if not self._store:
@@ -339,30 +340,50 @@ class LayerTaps:
             if target.explicit:
                 raise error(f"layer {name!r} {why}")
             self.skipped[name] = why
+        self._warn_skipped()
+
+    def _warn_skipped(self) -> None:
         fresh = {k: v for k, v in self.skipped.items() if k not in self._warned}
         if fresh:
             self._warned.update(fresh)
             listed = "; ".join(f"{k!r} {v}" for k, v in list(fresh.items())[:6])
             more = f" (and {len(fresh) - 6} more)" if len(fresh) > 6 else ""
-            warnings.warn(f"LayerTaps left out {len(fresh)} layer(s): {listed}{more}", stacklevel=3)
+            warnings.warn(f"LayerTaps left out {len(fresh)} layer(s): {listed}{more}", stacklevel=4)
 
     def _check_rows(self) -> None:
+        """Every layer must hold one row per sample. The expected count is the largest among
+        layers named exactly, else the count most layers share (ties: the larger); a layer named
+        exactly with another count raises, any other layer is left out with a warning."""
         counts = {name: self._rows.get(name, 0) for name in self._store}
         if len(set(counts.values())) <= 1:
             return
-        most = max(counts.values())
-        short = {name: rows for name, rows in counts.items() if rows != most}
-        full = next(name for name, rows in counts.items() if rows == most)
-        details = ", ".join(
-            f"{name!r}: {rows} rows" + (f" from {self._layer_passes.get(name, 0)} of {self._passes} forward passes" if self._passes else "")
-            for name, rows in list(short.items())[:6]
-        )
-        raise RuntimeError(
-            f"layers recorded different numbers of rows ({details}; {full!r} and others: {most} rows). "
-            "A layer that runs on only some batches cannot be compared sample by sample: tap layers that "
-            "run on every batch. (A layer whose output is sequence-first [T, n, d] also records T rows "
-            "per batch: give reduce= a callable.)"
-        )
+        explicit = {t.name for t in self.targets if t.explicit}
+        named = [rows for name, rows in counts.items() if _base_name(name) in explicit]
+        if named:
+            expected = max(named)
+        else:
+            tally = Counter(counts.values())
+            expected = max(tally, key=lambda rows: (tally[rows], rows))
+        odd = {name: rows for name, rows in counts.items() if rows != expected}
+        reference = next(name for name, rows in counts.items() if rows == expected)
+
+        def detail(name: str, rows: int) -> str:
+            passes = f" from {self._layer_passes.get(name, 0)} of {self._passes} forward passes" if self._passes else ""
+            return f"{rows} rows{passes}"
+
+        if any(_base_name(name) in explicit for name in odd):
+            details = ", ".join(f"{name!r}: {detail(name, rows)}" for name, rows in list(odd.items())[:6])
+            raise RuntimeError(
+                f"layers recorded different numbers of rows ({details}; {reference!r} and others: {expected} rows). "
+                "A layer that runs on only some batches cannot be compared sample by sample: tap layers that "
+                "run on every batch. (A layer whose output is sequence-first [T, n, d], or that sees the tokens "
+                "flattened into rows, records more rows per batch: give reduce= a callable.)"
+            )
+        for name, rows in odd.items():
+            self.skipped[name] = f"recorded {detail(name, rows)}, other layers {expected}"
+            self._bytes -= sum(c.numel() * c.element_size() for c in self._store.pop(name))
+            self._rows.pop(name, None)
+        self._warn_skipped()
 
     def representations(
         self, labels: torch.Tensor | None = None, sample_ids: list | None = None, **metadata: Any
@@ -585,6 +606,11 @@ class LayerTaps:
             f"LayerTaps({type(self.model).__name__}, {len(self.targets)} targets, reduce={self.reduce!r}, "
             f"attached={self.attached}, n={self.n})"
         )
+
+
+def _base_name(name: str) -> str:
+    """``"lin"`` for ``"lin#1"`` (``repeated="all"``)."""
+    return name.rsplit("#", 1)[0]
 
 
 def _makes_1d_channels(module: nn.Module) -> bool:
