@@ -115,7 +115,9 @@ def _pairs(xs: list[torch.Tensor], ys: list[torch.Tensor], compare: str = "spear
 
 
 def _kendall(u: torch.Tensor, v: torch.Tensor) -> float:
-    from scipy.stats import kendalltau  # O(m log m) tau-b; runs on CPU
+    from .._optional import require
+
+    kendalltau = require("scipy.stats", extra="stats", purpose="rsa(compare='kendall')").kendalltau  # tau-b, CPU
 
     return float(kendalltau(u.detach().double().cpu().numpy(), v.detach().double().cpu().numpy()).statistic)
 
