@@ -23,7 +23,6 @@ from callback_helpers import (
     tiny_features,
 )
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from prh_lightning.callbacks import AlignmentMonitor, Reference
 from prh_lightning.representations import Representations

@@ -10,7 +10,6 @@ import warnings
 
 import lightning as L
 import pytest
-import torch
 from callback_helpers import TRAINER_KW, TinyNet, brute_cka, loader, synthetic_data, tiny_features
 from lightning.pytorch.loggers import CSVLogger
 

@@ -29,7 +29,7 @@ from prh_lightning.tracking.failures import Failures
 from prh_lightning.tracking.history import History
 from prh_lightning.tracking.probe import ForwardError, Probe, check_layer_selection, make_probe, probe_features
 from prh_lightning.tracking.references import check_references, is_frozen, reference_features, reference_metrics
-from prh_lightning.tracking.scoring import SNAPSHOTS, check_metrics, metric_kwargs, scalars, score_matrix
+from prh_lightning.tracking.scoring import check_metrics, metric_kwargs, scalars, score_matrix
 from prh_lightning.tracking.sinks import as_sink
 
 Features = dict[str, torch.Tensor]
