@@ -24,8 +24,8 @@ from prh_lightning.functional._plan import score_layers
 
 
 def features(n, d, layers, seed, device):
+    signal = torch.randn(n, 32, generator=torch.Generator(device=device).manual_seed(1234), device=device)  # shared
     g = torch.Generator(device=device).manual_seed(seed)
-    signal = torch.randn(n, 32, generator=g, device=device)
     return [signal @ torch.randn(32, d, generator=g, device=device) + 2.0 * torch.randn(n, d, generator=g, device=device) for _ in range(layers)]
 
 

@@ -1,7 +1,8 @@
 """Alignment at scale: time and peak memory of `alignment_matrix(..., max_memory=...)` at growing n,
 against the straightforward computation (whole n x n float32 Gram matrices kept in memory).
 
-Data: random features with planted structure (a shared low-rank signal plus noise), d = 768,
+Data: random features with planted structure (a low-rank signal shared by every layer of both
+models, a random projection per layer, plus noise), d = 768,
 5 x 5 layers, rows L2-normalised (the PRH protocol, the default in both columns). Each cell runs
 in its own child process, so its peak RSS (ru_maxrss) is its own; "extra" is the peak minus
 the RSS after the input features were made (what the computation itself needed).
@@ -15,6 +16,10 @@ Gram: 10 x 400 MB at n = 10k, 10 x 3.6 GB at n = 30k, so by default it runs at n
     python benchmarks/scale.py                              # n = 10k, 30k (CPU); baseline at 10k
     python benchmarks/scale.py --sizes 10000 30000 100000 --metrics cka
     python benchmarks/scale.py --sizes 2000 --baseline-max-n 2000 --layers 2   # a quick look
+    python benchmarks/scale.py --sizes 100000 --metrics mutual_knn --impls faiss --layers 1   # approximate
+
+``--impls faiss``: mutual k-NN from FAISS HNSW lists (`approximate_alignment_matrix`), with the
+recall of the lists against exact search on 1,000 rows (needs faiss-cpu).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ import torch
 
 
 def features(n: int, d: int, layers: int, seed: int) -> list[torch.Tensor]:
+    signal = torch.randn(n, 32, generator=torch.Generator().manual_seed(1234))  # shared by both models
     g = torch.Generator().manual_seed(seed)
-    signal = torch.randn(n, 32, generator=g)
     return [signal @ torch.randn(32, d, generator=g) + 2.0 * torch.randn(n, d, generator=g) for _ in range(layers)]
 
 
@@ -113,8 +118,14 @@ def child(args) -> None:
     alignment_matrix([x[:64] for x in xs[:1]], [y[:64] for y in ys[:1]], metric=args.metric, **options)  # warm up
     start_rss = _rss()
     t0 = time.perf_counter()
+    recall = None
     if args.impl == "ours":
         scores = alignment_matrix(xs, ys, metric=args.metric, max_memory=args.max_memory, **options).double()
+    elif args.impl == "faiss":
+        from prh_lightning.alignment import approximate_alignment_matrix
+
+        out = approximate_alignment_matrix(xs, ys, metric=args.metric, **options)
+        scores, recall = out.scores, float(torch.cat([out.recall_x, out.recall_y]).min())
     elif args.metric == "mutual_knn":
         scores = baseline_mutual_knn(xs, ys, args.k)
     elif args.metric == "cknna":
@@ -123,7 +134,7 @@ def child(args) -> None:
         scores = baseline_cka(xs, ys)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak": peak, "extra": peak - start_rss, "scores": scores.flatten().tolist()}))
+    print(json.dumps({"seconds": seconds, "peak": peak, "extra": peak - start_rss, "scores": scores.flatten().tolist(), "recall": recall}))
 
 
 def run_cell(args, metric: str, n: int, impl: str) -> dict | None:
@@ -145,6 +156,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=5, help="layers per model (layers x layers pairs)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--max-memory", default="4GB")
+    parser.add_argument("--impls", nargs="+", default=["ours"], choices=["ours", "faiss"], help="our columns: exact and/or FAISS")
     parser.add_argument("--baseline-max-n", type=int, default=10_000, help="largest n for the n x n baseline")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--timeout", type=int, default=3600)
@@ -161,6 +173,14 @@ def main() -> None:
     for metric in args.metrics:
         times = []
         for n in args.sizes:
+            if "faiss" in args.impls:
+                approx = run_cell(args, metric, n, "faiss")
+                if approx is not None:
+                    print(f"{metric:<11} {n:>7} | faiss {approx['seconds']:.1f} s, peak {approx['peak'] / gib:.2f} GiB, "
+                          f"extra {approx['extra'] / gib:.2f} GiB, min recall {approx['recall']:.3f}, "
+                          f"scores[:3] {[round(v, 4) for v in approx['scores'][:3]]}", flush=True)
+            if "ours" not in args.impls:
+                continue
             ours = run_cell(args, metric, n, "ours")
             base = run_cell(args, metric, n, "baseline") if n <= args.baseline_max_n else None
             if ours is None:

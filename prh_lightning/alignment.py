@@ -12,7 +12,8 @@ Memory: no metric but RBF CKA (median bandwidth), RSA and SVCCA forms an ``[n, n
 beyond what the budget allows. Kernels and Grams are streamed in row blocks (by default
 about 256 MB; neighbour search keeps one reusable ``[n, n]`` Gram buffer up to 512 MB, i.e.
 ``n <= 11,585``); ``max_memory="4GB"`` sizes every block from a budget instead. Linear CKA at
-large ``n`` is scored from ``d x d`` cross-covariances (``O(d^2)`` memory, the same value).
+large ``n`` is scored from ``d x d`` cross-covariances (the same value; memory: the ``(Σd)^2``
+statistics plus one centred copy of each layer, the size of the inputs, and no ``n x n`` block).
 """
 
 from __future__ import annotations

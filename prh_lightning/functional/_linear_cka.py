@@ -1,5 +1,5 @@
-"""Linear CKA from feature-space statistics: ``O(d^2)`` memory and ``O(n d_x d_y)`` time per pair,
-for any ``n``.
+"""Linear CKA from feature-space statistics: ``O(n d_x d_y)`` time per pair and, beyond the
+per-layer centred features (``[n, d]``, as large as the inputs), ``O((Σ d)^2)`` memory, for any ``n``.
 
 For centred features ``X [n, d_x]``, ``Y [n, d_y]`` and linear kernels ``K = X X^T``,
 ``L = Y Y^T`` (centred already, so ``H K H = K``):
