@@ -146,11 +146,11 @@ def max_diff(ours: torch.Tensor, theirs) -> float:
 
 
 # -- data and features ---------------------------------------------------------------------
-def load_images(n: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
+def load_images(n: int, data: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
     from prh_lightning.data.paired import load_paired
     from prh_lightning.models.pretrained import load_efficientnet_lite
 
-    pairs = load_paired(max_samples=n)
+    pairs = load_paired(data, max_samples=n)
     lite0, transform0 = load_efficientnet_lite("lite0")
     lite1, transform1 = load_efficientnet_lite("lite1")
     x0 = torch.stack([transform0(im) for im in pairs.images])
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> list[tuple]:
     peers = import_peers(Path(args.peers_dir))
     print(f"[peers] usable: {', '.join(peers) or 'none'}", file=sys.stderr)
     torch.manual_seed(0)
-    lite0, lite1, x0, x1 = load_images(args.n)
+    lite0, lite1, x0, x1 = load_images(args.n, args.data)
     if x0.shape != x1.shape:  # Lite1 runs at 240 px; the end-to-end task feeds both models one batch
         x1 = torch.nn.functional.interpolate(x1, size=x0.shape[-2:], mode="bilinear", antialias=True)
     batches = x0.split(args.batch)
@@ -371,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512, help="Flickr images")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("PRH_FLICKR_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1024"),
+        help="image-caption folder (default: $PRH_FLICKR_DIR, else ../shared/data/flickr8k-1024 next to the checkout)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-e2e", type=int, default=1)
     parser.add_argument("--peers-dir", default="/tmp/prh-peers")

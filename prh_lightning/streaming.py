@@ -17,10 +17,13 @@ matrix product per batch.
 
 Memory: ``8 * (D_a * D_b + sum_i d_i^2 + sum_j d_j^2)`` bytes, independent of ``n``. For the
 blocks of EfficientNet-Lite0 against Lite1 (``D_a = 3,088``, ``D_b = 3,600``) that is about
-140 MB; storing float32 features costs ``4 n (D_a + D_b)`` bytes, less for
-``n`` below about 5,000. Above ``max_bytes`` (default 1 GiB), ``store="auto"`` keeps the
-features instead and scores them with :func:`prh_lightning.alignment_matrix`
-(``metric="cka"``); ``store="moments"`` raises.
+140 MB. Storing the float32 features costs only ``4 n (D_a + D_b)`` bytes (14 MB for
+``n = 512``), but scoring them with :func:`prh_lightning.alignment_matrix` forms ``[n, n]``
+kernels per layer: in ``benchmarks/peers.py`` (``n = 512``) the stored path peaked about 265 MB
+above the streaming one, and it grows with ``n``. ``store="auto"`` (default) streams unless the
+moments would need more than ``max_bytes`` (default 1 GiB), and then keeps the features and
+scores them with ``alignment_matrix(metric="cka")`` (same value); ``store="moments"`` always
+streams (and raises above ``max_bytes``); ``store="features"`` always stores.
 """
 
 from __future__ import annotations
@@ -254,7 +257,7 @@ def model_cka(
         normalize: L2-normalise each row first.
         store: ``"moments"`` (stream; raises when the moments need more than ``max_bytes``),
             ``"features"`` (keep the features and use ``alignment_matrix``), or ``"auto"``
-            (moments unless they need more than ``max_bytes``).
+            (moments unless they need more than ``max_bytes``, then features).
         device: move batches (and models) here; ``None`` leaves them where they are.
         forward_fn: ``forward_fn(model, batch)`` for other batch types.
         return_names: also return the layer names ``(scores, names_a, names_b)``.

@@ -55,15 +55,17 @@ def small_cnn(seed: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 7, 3, stride=2), nn.Flatten(), nn.LazyLinear(4))
 
 
+@pytest.mark.parametrize("store", ["moments", "features", "auto"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("batch_size", [7, 64])
-def test_two_models_match_float64_reference(normalize, batch_size):
+def test_two_models_match_float64_reference(normalize, batch_size, store):
     data = torch.randn(61, 6, generator=torch.Generator().manual_seed(1))
     model_a, model_b = small_mlp(0, 9), small_mlp(1, 5)
     layers_a, layers_b = ["0", "1", "3", "4"], ["0", "2", "4"]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size)
     scores, names_a, names_b = model_cka(
-        model_a, model_b, loader, layers_a=layers_a, layers_b=layers_b, reduce="mean", normalize=normalize, return_names=True
+        model_a, model_b, loader, layers_a=layers_a, layers_b=layers_b, reduce="mean", normalize=normalize, store=store,
+        return_names=True,
     )
     assert (names_a, names_b) == (layers_a, layers_b)
     fa, fb = plain_features(model_a, layers_a, data, batch_size), plain_features(model_b, layers_b, data, batch_size)
@@ -84,11 +86,11 @@ def test_conv_models_and_self_comparison():
     model = small_cnn(3)
     model(data[:2])  # materialise the lazy layer
     names = ["0", "2", "4"]
-    scores = model_cka(model, None, data.split(16), layers_a=names, reduce="mean")
+    scores = model_cka(model, None, data.split(16), layers_a=names, reduce="mean", store="moments")
     f = plain_features(model, names, data, 16)
     np.testing.assert_allclose(scores.numpy(), reference_matrix(f, f, True), atol=1e-10, rtol=0)
     np.testing.assert_allclose(scores.diagonal().numpy(), 1.0, atol=1e-12)
-    same = model_cka(model, model, data.split(16), layers_a=names, layers_b=names, reduce="mean")
+    same = model_cka(model, model, data.split(16), layers_a=names, layers_b=names, reduce="mean", store="moments")
     np.testing.assert_allclose(same.numpy(), scores.numpy(), atol=1e-12)
 
 
