@@ -119,7 +119,8 @@ def surprises(point, claims: list[dict], metrics: list[str]) -> str:
             "simpler (few objects on a plain background), so every model sorts them by the same few factors.")
 
 
-def write_report(out: Path, point, low, high, claims, metrics, names, set_names, args, seconds: float) -> None:
+def write_report(out: Path, point, low, high, claims, metrics, names, set_names, args, seconds: float,
+                 undefined: list[str] = ()) -> None:
     from prh_lightning.reporting import Report, markdown_table
 
     rows = [[f"{role} ({set_names[role]})"] + [_ci(point, low, high, f"{role}/metric_agreement_{g}") for g in GRANULARITIES]
@@ -171,4 +172,8 @@ def write_report(out: Path, point, low, high, claims, metrics, names, set_names,
         "metrics. The seed used 17 ViTs on Places365 / ImageNet-O; we use three ImageNet EfficientNet-Lites, Flickr8k and "
         "Fashion-MNIST offline, so magnitudes are not comparable, only directions.",
     )
+    if undefined:
+        rep.section("Undefined scores", "These k-NN scores were refused because neighbour lists ran through identical "
+                    "rows (the result would depend on the order of the images); they are NaN and left out of every mean:\n\n"
+                    + "\n".join(f"- {u}" for u in undefined))
     rep.write(out / "report.md")

@@ -1,6 +1,7 @@
 """Shared pieces of the ``ood`` and ``noise`` recipes: image sets (Flickr8k photos,
 Fashion-MNIST as 3-channel images, pixel noise) and the offline vision model set
-(EfficientNet-Lite0/1/2 from the model zoo, plus randomly re-initialised copies as a control).
+(EfficientNet-Lite0/1/2 from the model zoo, plus randomly re-initialised copies as a control,
+whose batch normalisation uses each batch's statistics).
 
 Images are ``Tensor[n, 3, S, S]`` with pixels in ``[0, 1]``. Models load through
 :func:`prh_lightning.models.zoo.load_model`; features come from
@@ -121,13 +122,17 @@ def parse_model_names(text: str) -> list[str]:
 
 
 def _reinitialise(model: torch.nn.Module, seed: int) -> None:
-    """Random weights from ``seed``: every submodule's own ``reset_parameters`` (PyTorch's default init)."""
+    """Random weights from ``seed`` (every submodule's own ``reset_parameters``, PyTorch's default
+    init), and batch normalisation with the statistics of each batch: with untrained running
+    statistics (mean 0, variance 1) the activations shrink to ~1e-9 by the last block, where rows
+    are numerically tied and neighbour lists undefined."""
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
 
 
 def load_vision_model(name: str, seed: int = 0):
@@ -161,5 +166,7 @@ def embed(loaded, images: torch.Tensor, layers: Sequence[str], batch_size: int =
     from prh_lightning.extraction import vision_features
 
     model = dataclasses.replace(loaded, preprocess=_to_model_input, layers=list(layers))
+    while len(images) % batch_size == 1:  # batch statistics (random controls) need 2+ images per batch
+        batch_size += 1
     feats = vision_features(model, list(images), pool="avg", batch_size=batch_size)
     return {layer: feats[layer].float() for layer in layers}

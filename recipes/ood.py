@@ -104,8 +104,20 @@ def layer_scores(feats: list[dict[str, torch.Tensor]], metrics: list[str], k: in
 
     sub = feats if rows is None else [{name: x[rows] for name, x in f.items()} for f in feats]
     pairs = list(itertools.combinations(range(len(feats)), 2))
-    return {m: {(i, j): alignment_matrix(sub[i], sub[j], metric=m, normalize=True, **metric_kwargs(m, k)) for i, j in pairs}
-            for m in metrics}
+
+    def score(m: str, i: int, j: int) -> torch.Tensor:
+        try:
+            return alignment_matrix(sub[i], sub[j], metric=m, normalize=True, **metric_kwargs(m, k))
+        except ValueError as err:  # neighbour lists through identical rows are refused: undefined, NaN
+            if "identical" not in str(err):
+                raise
+            UNDEFINED.append(f"{m}, models {i} and {j}: {str(err).split(';')[0]}")
+            return torch.full((len(sub[i]), len(sub[j])), float("nan"))
+
+    return {m: {(i, j): score(m, i, j) for i, j in pairs} for m in metrics}
+
+
+UNDEFINED: list[str] = []  # scores left undefined (NaN) in this run, reported in summary.json
 
 
 def pair_vectors(scores: Scores, pretrained: list[bool]) -> dict[str, np.ndarray]:
@@ -222,6 +234,7 @@ def extract(names, set_names: dict[str, str], args) -> tuple[dict[str, list[dict
 
 def run(args: argparse.Namespace) -> dict:
     start = time.time()
+    UNDEFINED.clear()
     names, metrics = check_args(args)
     set_names = {"in-distribution": args.in_dist, "ood": args.ood, "noise": args.noise_set}
     pretrained = [not n.endswith(vs.RANDOM_SUFFIX) for n in names]
@@ -241,11 +254,12 @@ def run(args: argparse.Namespace) -> dict:
         "statistics": {key: {"value": point[key], "ci_low": low[key], "ci_high": high[key]} for key in point},
         "interval": "95% delete-a-group jackknife (normal approximation, t with G-1 df), clamped to each statistic's range",
         "claims": claims, "figures": figures, "seconds": seconds,
+        "undefined_scores": sorted(set(UNDEFINED)),
     }
     from prh_lightning.reporting import write_json
 
     write_json(args.out / "summary.json", summary)
-    report.write_report(args.out, point, low, high, claims, metrics, names, set_names, args, seconds)
+    report.write_report(args.out, point, low, high, claims, metrics, names, set_names, args, seconds, sorted(set(UNDEFINED)))
     return summary
 
 

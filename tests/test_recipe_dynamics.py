@@ -13,7 +13,7 @@ from prh_lightning.recipes import training_dynamics as td
 from prh_lightning.representations import Representations
 
 TINY = ["--archs", "fashion_cnn", "--seeds", "2", "--max-steps", "20", "--every", "2",
-        "--probe-size", "64", "--bootstrap", "10", "--k", "5", "--batch-size", "32"]
+        "--probe-size", "64", "--bootstrap", "10", "--k", "5", "--batch-size", "32", "--threads", "1"]
 
 
 @pytest.mark.slow

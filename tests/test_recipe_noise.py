@@ -12,7 +12,7 @@ import torch
 from prh_lightning.recipes import noise
 
 TINY = ["--n-images", "24", "--levels", "3", "--image-size", "64", "--models", "lite0,lite1",
-        "--k", "3", "--bootstrap", "10", "--permutations", "99", "--max-sigma", "3"]
+        "--k", "3", "--bootstrap", "10", "--permutations", "99", "--max-sigma", "3", "--threads", "1"]
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ from prh_lightning.functional import mutual_knn
 from prh_lightning.recipes import _vision_set as vs
 from prh_lightning.recipes import ood
 
-TINY = ["--n-images", "20", "--image-size", "32", "--models", "lite0,lite1,lite0-random",
+TINY = ["--n-images", "20", "--image-size", "48", "--models", "lite0,lite1,lite0-random",
         "--metrics", "mutual_knn,cka,cknna", "--k", "3", "--blocks", "1", "--jackknife-groups", "5",
-        "--ood", "noise", "--noise-set", "gaussian-noise", "--in-dist", "flickr"]
+        "--ood", "noise", "--noise-set", "gaussian-noise", "--in-dist", "flickr", "--threads", "1"]
 
 
 @pytest.mark.slow
@@ -44,6 +44,7 @@ def test_tiny_run_writes_consistent_outputs(tmp_path):
             assert 0.0 <= entry["ci_low"][m] <= entry["ci_high"][m] <= 1.0 or metric == "cknna"
     for key in (k for k in s if "agreement" in k and "minus" not in k):
         assert -1.0 <= s[key]["ci_low"] <= s[key]["ci_high"] <= 1.0
+    assert summary["undefined_scores"] == []
     # the data actually used is recorded
     flickr = summary["data"]["in-distribution"]
     assert flickr["n_items"] == 20 and len(flickr["sha256"]) == 64 and flickr["path"]
@@ -111,6 +112,24 @@ def test_unknown_image_set_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ood.main(["--out", str(tmp_path), "--ood", "imagenet-o"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_random_controls_are_the_zoo_architecture_reinitialised_from_the_seed():
+    import torch
+
+    pretrained = vs.load_vision_model("lite0")
+    a, b, c = (vs.load_vision_model("lite0-random", seed=s) for s in (0, 0, 1))
+    assert not a.extra["pretrained"] and pretrained.extra["pretrained"]
+    pa, pb, pc, pp = (dict(m.model.named_parameters()) for m in (a, b, c, pretrained))
+    assert pa.keys() == pp.keys()
+    name = "_blocks.3._depthwise_conv.weight"
+    assert torch.equal(pa[name], pb[name]) and not torch.equal(pa[name], pc[name])
+    assert not torch.equal(pa[name], pp[name])
+    assert a.model._bn0.running_mean is None  # batch statistics: untrained running ones shrink activations to ~0
+    images, _ = vs.image_set("noise", 9, 32, 0)
+    feats = vs.embed(a, images, ["_avg_pooling"], batch_size=4)["_avg_pooling"]  # batches 4 + 5, never 1
+    assert feats.shape == (9, 1280) and 0.1 < float(feats.std()) < 10
 
 
 def test_pair_vectors_granularities():

@@ -24,7 +24,7 @@ MODELS = ["efficientnet-lite0", "all-MiniLM-L6-v2"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("platonic")
-    code = platonic.main(["--out", str(out), "--n", str(N), "--k", str(K), "--models", *MODELS])
+    code = platonic.main(["--out", str(out), "--n", str(N), "--k", str(K), "--models", *MODELS, "--threads", "1"])
     assert code == 0
     return out, json.loads((out / "summary.json").read_text())
 
