@@ -192,7 +192,7 @@ def main() -> None:
                 cols += f" | {base['seconds']:8.1f} {base['peak'] / gib:8.2f} {base['extra'] / gib:9.2f} | {diff:10.2e}"
             else:
                 cols += f" | {'-':>8} {'-':>8} {'-':>9} | {'-':>10}"
-            print(f"{metric:<11} {n:>7} | {cols}", flush=True)
+            print(f"{metric:<11} {n:>7} | {cols} | scores[:3] {[round(v, 4) for v in ours['scores'][:3]]}", flush=True)
         for (n0, t0), (n1, t1) in zip(times, times[1:]):
             print(f"{metric:<11} growth exponent n={n0}->{n1}: {math.log(t1 / t0) / math.log(n1 / n0):.2f}")
 
