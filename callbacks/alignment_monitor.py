@@ -73,6 +73,14 @@ class AlignmentMonitor(Callback):
         max_history: most points kept per scalar tag (older ones thinned), ``None``: unbounded.
         default_every_n_train_steps: the step interval chosen when the run has no validation loop.
         prefix: first part of every tag (also the checkpoint state key).
+        calibration: permutations ``K`` of the live permutation null against each reference
+            (default 20; ``0`` or ``None``: off): logs ``alignment/<metric>/<ref>/chance``,
+            ``.../threshold``, ``.../calibrated`` and ``.../<layer>/calibrated``; the curves show
+            the chance band. See :mod:`prh_lightning.tracking.chance`.
+        calibration_seed: seed of the ``K`` permutations (drawn once for the run;
+            ``monitor.permutations`` holds them).
+        calibration_alpha: null quantile of ``threshold``.
+        heatmap_scores: ``"raw"`` (default) or ``"calibrated"`` reference heatmaps.
     """
 
     def __init__(
@@ -98,6 +106,10 @@ class AlignmentMonitor(Callback):
         max_history: int | None = 1000,
         default_every_n_train_steps: int = 50,
         prefix: str = "alignment",
+        calibration: int | None = 20,
+        calibration_seed: int = 0,
+        calibration_alpha: float = 0.05,
+        heatmap_scores: str = "raw",
     ) -> None:
         if every_n_train_steps is None and not check_on_validation_end:
             raise ValueError(
@@ -124,6 +136,8 @@ class AlignmentMonitor(Callback):
             every_n_steps=every_n_train_steps, max_probe_samples=max_probe_samples, k=k,
             metric_kwargs=metric_kwargs, within_model=within_model, snapshots=snapshots, batch_size=batch_size,
             forward_fn=forward_fn, on_error=on_error, max_history=max_history, prefix=prefix,
+            calibration=calibration, calibration_seed=calibration_seed, calibration_alpha=calibration_alpha,
+            heatmap_scores=heatmap_scores,
         )
         self.tracker.failures.owner = "AlignmentMonitor"
         self.probe_source = probe if isinstance(probe, str) else None
@@ -153,6 +167,11 @@ class AlignmentMonitor(Callback):
     @property
     def reference_layers(self) -> dict[str, list[str]]:
         return self.tracker.reference_layers
+
+    @property
+    def permutations(self) -> torch.Tensor | None:
+        """``LongTensor[K, n]`` of the live calibration (see ``AlignmentTracker.permutations``)."""
+        return self.tracker.permutations
 
     @property
     def probe(self):

@@ -13,6 +13,9 @@ Each check runs the model on the fixed probe (eval mode, ``no_grad``, forked RNG
 restored) and computes, per metric, the layer x layer matrices against each reference, against
 itself (``self``), against itself at the first check (``self_initial``) and at the previous
 check (``self_previous``); see :func:`~prh_lightning.tracking.scoring.scalars` for the tags.
+Against each reference it also logs the chance level and the calibrated score of the best and
+of each layer's score (``calibration=K`` permutations, default 20; see
+:mod:`prh_lightning.tracking.chance`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prh_lightning.tracking.chance import ChanceLevels, TargetChance, chance_scalars
 from prh_lightning.tracking.failures import Failures
 from prh_lightning.tracking.history import History
 from prh_lightning.tracking.probe import ForwardError, Probe, check_layer_selection, make_probe, probe_features
@@ -72,6 +76,14 @@ class AlignmentTracker:
         images_every_n_checks: send heatmaps to image sinks at every m-th check (``None``: never
             automatically; call :meth:`log_figures`).
         prefix: first part of every scalar tag.
+        calibration: permutations ``K`` of the live permutation null against each reference
+            (default 20; ``0`` or ``None``: off): logs ``.../chance``, ``.../threshold``,
+            ``.../calibrated`` and ``.../<layer>/calibrated`` next to ``.../best``.
+        calibration_seed: seed of the ``K`` permutations, drawn once for the run (see
+            :attr:`permutations`).
+        calibration_alpha: null quantile of ``threshold``.
+        heatmap_scores: ``"raw"`` (default) or ``"calibrated"``: what reference heatmaps show
+            (calibrated: each cell against its own null, colour range [0, 1]).
     """
 
     def __init__(
@@ -94,6 +106,10 @@ class AlignmentTracker:
         sinks: Sequence[Any] = (),
         images_every_n_checks: int | None = None,
         prefix: str = "alignment",
+        calibration: int | None = 20,
+        calibration_seed: int = 0,
+        calibration_alpha: float = 0.05,
+        heatmap_scores: str = "raw",
     ) -> None:
         self.metrics = check_metrics(metrics, metric_kwargs)
         _positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -104,6 +120,12 @@ class AlignmentTracker:
             raise ValueError(f"max_probe_samples must be an int >= 2 or None, got {max_probe_samples!r}")
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"prefix must be a non-empty string not ending in '/', got {prefix!r}")
+        if heatmap_scores not in ("raw", "calibrated"):
+            raise ValueError(f"heatmap_scores must be 'raw' or 'calibrated', got {heatmap_scores!r}")
+        self.chance = ChanceLevels(calibration, calibration_seed, calibration_alpha)
+        if heatmap_scores == "calibrated" and not self.chance.enabled:
+            raise ValueError("heatmap_scores='calibrated' needs calibration > 0 permutations")
+        self.heatmap_scores = heatmap_scores
         self.references = check_references(references or {})
         for name, spec in self.references.items():
             wanted = reference_metrics(spec)
@@ -130,6 +152,7 @@ class AlignmentTracker:
         self.probe: Probe | None = None
 
         self.last_matrices: dict[str, torch.Tensor] = {}  # "<metric>/<target>" -> [Lx, Ly]
+        self.last_chance: dict[str, TargetChance | None] = {}  # "<metric>/<reference>" -> calibration
         self.last_step: int | None = None
         self.n_checks = 0
         self._initial: Features | None = None
@@ -154,6 +177,17 @@ class AlignmentTracker:
             )
         self.probe = probe
         self._cache.clear()
+        self.chance.forget()
+
+    @property
+    def permutations(self) -> torch.Tensor | None:
+        """``LongTensor[K, n]`` the live calibration reorders each reference's samples by (the
+        same at every check; ``None`` without a probe or with calibration off). Pass it as
+        ``prh_lightning.calibrate(model_features, reference_features, metric, permutations=...)``
+        to reproduce a logged value."""
+        if self.probe is None or not self.chance.enabled:
+            return None
+        return self.chance.permutations(self.probe.n)
 
     # -- schedule ------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -193,14 +227,17 @@ class AlignmentTracker:
             for metric in self._metrics_for(name):
                 width = max(1, len(self._reference_layers.get(name, ())))
                 matrices[f"{metric}/{name}"] = torch.full((len(self._model_layers), width), float("nan"))
+        chance = self.compute_chance(features, references, failed) if features and self.chance.enabled else {}
         if features:
             self._previous = features
         values = scalars(matrices, self._model_layers, self.prefix)
+        values.update(chance_scalars(chance, self._model_layers, self.prefix))
         if not features:  # the probe pass failed: NaN for everything logged before
             values = {tag: float("nan") for tag in self.history}
         self.last_step = step
         self.n_checks += 1
         self.last_matrices = matrices
+        self.last_chance = chance
         self.history.append(step, values)
         if log:
             self.log_scalars(values, step)
@@ -283,6 +320,32 @@ class AlignmentTracker:
                 matrices[f"{metric}/{name}"] = matrix
         return matrices
 
+    def compute_chance(
+        self, features: Features, references: Mapping[str, Features], failed: Sequence[str] = ()
+    ) -> dict[str, TargetChance | None]:
+        """``{"<metric>/<reference>": TargetChance or None}``: the permutation null of every
+        reference matrix (``None``: failed, logged as NaN). Runs under a forked RNG."""
+        out: dict[str, TargetChance | None] = {}
+        self.chance.new_check()
+        with torch.random.fork_rng(devices=[]):
+            for metric in self.metrics:
+                for name in self.references:
+                    if metric not in self._metrics_for(name):
+                        continue
+                    if name in failed or name not in references:
+                        out[f"{metric}/{name}"] = None
+                        continue
+                    try:
+                        out[f"{metric}/{name}"] = self.chance.score(
+                            features, references[name], metric, self.metric_kwargs[metric], name,
+                            frozen=is_frozen(self.references[name]),
+                        )
+                    except Exception as err:  # noqa: BLE001 - reported, NaN, training goes on
+                        self.failures.report(f"chance level of {metric} against {name}", err)
+                        out[f"{metric}/{name}"] = None
+        self.chance.new_check()  # the model's states are not kept between checks
+        return out
+
     def _metrics_for(self, target: str) -> tuple[str, ...]:
         spec = self.references.get(target)
         return (reference_metrics(spec) or self.metrics) if spec is not None else self.metrics
@@ -298,7 +361,14 @@ class AlignmentTracker:
 
         out = {}
         if heatmaps and self.last_matrices:
-            out.update(figures.heatmaps(self.last_matrices, self._model_layers, self._reference_layers, self.metric_kwargs))
+            calibrated = None
+            if self.heatmap_scores == "calibrated":
+                calibrated = {key: r.cells for key, r in self.last_chance.items() if r is not None}
+            out.update(
+                figures.heatmaps(
+                    self.last_matrices, self._model_layers, self._reference_layers, self.metric_kwargs, calibrated
+                )
+            )
         if curves:
             out.update(figures.curves(self.history, self._model_layers, self.prefix, self.metric_kwargs))
         return out
