@@ -187,9 +187,11 @@ def analyse(s: Settings, cnn, resnet, minilm, facts: dict[str, Any]) -> tuple[di
     save_figure(monitor_figure(facts["monitor_history"]), figures / "monitor_cka.png")
     paths["monitor"] = "figures/monitor_cka.png"
     say(s, "UMAP of every layer")
+    threads = torch.get_num_threads()
     for model, reps, label in (("resnet", resnet_reps, "ResNet-18"), ("fashioncnn", cnn_reps, "FashionCNN")):
         save_figure(umap_figure(reps, label, s), figures / f"umap_{model}.png")
         paths[f"umap_{model}"] = f"figures/umap_{model}.png"
+    torch.set_num_threads(threads)  # UMAP's libraries reset the OpenMP thread count
     fc, rn = studies["fashioncnn"], studies["resnet"]
     summary = {
         "rsa_fashioncnn_minilm": fc["names"]["avgpool"]["spearman"],
@@ -223,6 +225,7 @@ def run(s: Settings) -> dict[str, Any]:
     from prh_lightning.reporting import write_json
 
     start = time.perf_counter()
+    threads = torch.get_num_threads()  # set by --threads (run_cli) for the whole run
     torch.manual_seed(s.seed)
     fashion_mnist_root(s.data_dir, download=s.download, progress=s.progress)  # fail fast (exit 2) when the data is missing
     resnet, info = build_resnet(s)
@@ -231,7 +234,7 @@ def run(s: Settings) -> dict[str, Any]:
     cnn, resnet, facts = train_models(s, minilm, resnet, info)
     summary, matrices, studies, tests = analyse(s, cnn, resnet, minilm, facts)
     summary["data"] = data_record(s)
-    summary["threads"] = torch.get_num_threads()
+    summary["threads"] = threads
     summary["runtime_s"] = time.perf_counter() - start
     write_report(s, summary, matrices, studies, tests)
     write_json(s.out / "summary.json", summary)
