@@ -51,16 +51,19 @@ def condensed(square: torch.Tensor) -> torch.Tensor:
     """Upper triangle (``i < j``, row-major, as ``scipy.spatial.distance.squareform``) -> ``[n(n-1)/2]``."""
     n = square.shape[0]
     iu = torch.triu_indices(n, n, offset=1, device=square.device)
-    return square[iu[0], iu[1]]
+    return square.reshape(-1).index_select(0, iu[0] * n + iu[1])
 
 
 def rankdata(v: torch.Tensor) -> torch.Tensor:
     """Ranks ``1..m`` of a 1-D tensor, ties get their average rank (``scipy.stats.rankdata``)."""
     sorted_v, order = torch.sort(v, stable=True)
+    ranks = torch.empty_like(v)
+    if not bool((sorted_v[1:] == sorted_v[:-1]).any()):  # no ties (the usual case): ranks are positions
+        ranks[order] = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+        return ranks
     _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).to(v.dtype)
     group_rank = ends - (counts.to(v.dtype) - 1) / 2
-    ranks = torch.empty_like(v)
     ranks[order] = group_rank[inverse]
     return ranks
 
@@ -86,8 +89,10 @@ def _condensed_distances(x64: torch.Tensor, distance: str, ctx) -> torch.Tensor:
     u = _row_transform(x64, distance, ctx.name)
     c = centre(u, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
     sq = (c.xc.double() ** 2).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (c.xc @ c.xc.T).double()).clamp_min_(0.0) / c.scale**2
-    v = condensed(d2)
+    n = sq.shape[0]
+    iu = torch.triu_indices(n, n, offset=1, device=sq.device)
+    gram = condensed(c.xc @ c.xc.T).double()  # only the m = n (n - 1) / 2 pairs i < j, then float64
+    v = (sq.index_select(0, iu[0]) + sq.index_select(0, iu[1]) - 2.0 * gram).clamp_min_(0.0) / c.scale**2
     if distance == "euclidean":
         return v.sqrt()
     return v / 2.0  # 1 - cos(u_i, u_j) = ||u_i - u_j||^2 / 2 for unit rows
