@@ -101,6 +101,7 @@ def layer_scores(feats: list[dict[str, torch.Tensor]], metrics: list[str], k: in
                  rows: torch.Tensor | None = None) -> Scores:
     """Every metric on every layer pair of every model pair, on the images ``rows`` (all when None)."""
     from prh_lightning.alignment import alignment_matrix
+    from prh_lightning.functional import AmbiguousNeighbours
 
     sub = feats if rows is None else [{name: x[rows] for name, x in f.items()} for f in feats]
     pairs = list(itertools.combinations(range(len(feats)), 2))
@@ -108,9 +109,7 @@ def layer_scores(feats: list[dict[str, torch.Tensor]], metrics: list[str], k: in
     def score(m: str, i: int, j: int) -> torch.Tensor:
         try:
             return alignment_matrix(sub[i], sub[j], metric=m, normalize=True, **metric_kwargs(m, k))
-        except ValueError as err:  # neighbour lists through identical rows are refused: undefined, NaN
-            if "identical" not in str(err):
-                raise
+        except AmbiguousNeighbours as err:  # neighbour lists through identical rows are refused: undefined, NaN
             UNDEFINED.append(f"{m}, models {i} and {j}: {str(err).split(';')[0]}")
             return torch.full((len(sub[i]), len(sub[j])), float("nan"))
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ._plan import PLANS, MetricPlan, get_plan, register_metric
+from ._ties import AmbiguousNeighbours
 from .cca import svcca
 from .cknna import cknna
 from .jackknife import jackknife_ci
@@ -84,6 +85,7 @@ def metric_bounds(metric: str, **options) -> tuple[float, float | None]:
 
 
 __all__ = [
+    "AmbiguousNeighbours",
     "METRICS",
     "PLANS",
     "Metric",

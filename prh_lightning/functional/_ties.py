@@ -17,9 +17,13 @@ import warnings
 
 import torch
 
-__all__ = ["check_copies_at_boundary", "MAX_AFFECTED"]
+__all__ = ["AmbiguousNeighbours", "check_copies_at_boundary", "MAX_AFFECTED"]
 
 MAX_AFFECTED = 0.005  # fraction of samples whose neighbour set may depend on row order
+
+
+class AmbiguousNeighbours(ValueError):
+    """Neighbour lists that would depend on the order of the samples (many identical rows)."""
 
 
 def check_copies_at_boundary(x64: torch.Tensor, idx: torch.Tensor, name: str, exclude_self: bool = True) -> None:
@@ -45,7 +49,7 @@ def check_copies_at_boundary(x64: torch.Tensor, idx: torch.Tensor, name: str, ex
                 stacklevel=2,
             )
             return
-        raise ValueError(
+        raise AmbiguousNeighbours(
             f"{name}: for {rows} of {x64.shape[0]} samples the k-th neighbour has identical copies both inside and "
             f"outside the neighbour list (up to {int(counts.max())} identical rows), so the neighbour sets would depend "
             "on the order of the samples; remove duplicate rows (e.g. compare class centroids, or one row per distinct "
