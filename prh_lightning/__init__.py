@@ -24,6 +24,7 @@ _EXPORTS = {
     "alignment_matrix": "prh_lightning.alignment",
     "best_alignment": "prh_lightning.alignment",
     "calibrate": "prh_lightning.calibration",
+    "model_cka": "prh_lightning.streaming",
     "alignment_curve": "prh_lightning.curve",
 }
 _SUBMODULES = {"functional", "metrics", "callbacks", "taps", "alignment", "models", "data", "plotting", "recipes"}

@@ -10,6 +10,7 @@ hf         transformers, sentence-transformers                   Hugging Face mo
 vision     torchvision, timm, pillow                             vision model loaders, images
 plot       matplotlib, tensorboard                               figures, TensorBoard images
 stats      scipy                                                 Kendall's tau in RSA
+faiss      faiss-cpu                                             approximate neighbours (knn_backend="faiss")
 recipes    umap-learn, scikit-learn, datasets (+ the above)      the recipes
 =========  ====================================================  ==============================
 
@@ -34,6 +35,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "plot"),
     "tensorboard": ("tensorboard", "plot"),
     "scipy": ("scipy", "stats"),
+    "faiss": ("faiss-cpu", "faiss"),
     "umap": ("umap-learn", "recipes"),
     "sklearn": ("scikit-learn", "recipes"),
     "datasets": ("datasets", "recipes"),

@@ -33,7 +33,7 @@ CORE_REQUIREMENTS = {
     "safetensors>=0.4",
     "tqdm>=4.66",
 }
-EXTRAS = {"hf", "vision", "plot", "stats", "recipes", "all", "assets", "dev"}
+EXTRAS = {"hf", "vision", "plot", "stats", "faiss", "recipes", "all", "assets", "dev"}
 CORE_IMPORTS = "import prh_lightning, prh_lightning.functional, prh_lightning.metrics, prh_lightning.callbacks"
 
 
