@@ -1,0 +1,194 @@
+"""Live calibration in AlignmentMonitor: the chance and calibrated tags a real Trainer run writes
+to TensorBoard equal a recomputation from independently recorded features with
+``prh_lightning.calibrate`` on the documented permutations, and training stays bit-identical."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from callback_helpers import TRAINER_KW, TinyNet, loader, read_scalars, synthetic_data, tiny_features
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from prh_lightning import calibrate
+from prh_lightning.callbacks import AlignmentMonitor, Reference
+from prh_lightning.tracking import AlignmentTracker, MemorySink
+
+K_NN = 5
+LAYERS = ["conv1", "conv2", "fc"]
+REF_LAYERS = ["conv1", "fc"]
+N_PERM = 30
+SEED = 11
+
+
+class FeatureRecorder(Callback):
+    """Records the model's features on the probe by hand (no hooks) after every optimiser step."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.on_train_batch_end(trainer, pl_module, None, None, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        was = pl_module.training
+        with torch.random.fork_rng(devices=[]):
+            self.by_step[trainer.global_step] = tiny_features(pl_module, self.x)
+        pl_module.train(was)
+
+
+def documented_permutations(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(SEED)
+    return torch.stack([torch.randperm(n, generator=g) for _ in range(N_PERM)])
+
+
+def test_tensorboard_chance_and_calibrated_equal_a_recomputation(tmp_path):
+    L.seed_everything(0)
+    x, y = synthetic_data(48, seed=123)
+    reference = TinyNet()
+    mon = AlignmentMonitor(
+        probe=(x, y), layers=LAYERS, k=K_NN, every_n_train_steps=3, check_on_validation_end=False,
+        references={"twin": Reference(reference, layers=REF_LAYERS)}, log_images=False,
+        calibration=N_PERM, calibration_seed=SEED,
+    )
+    recorder = FeatureRecorder(x)
+    model = TinyNet()
+    tx, ty = synthetic_data(64)
+    trainer = L.Trainer(max_steps=6, callbacks=[recorder, mon], logger=TensorBoardLogger(tmp_path, name="tb"), **TRAINER_KW)
+    trainer.fit(model, loader(tx, ty))
+
+    perms = documented_permutations(48)
+    assert torch.equal(mon.permutations, perms)
+    scalars = read_scalars(str(tmp_path))
+    ref = tiny_features(reference, x)
+    ref = {name: ref[name] for name in REF_LAYERS}
+    for metric, kwargs in (("cka", {}), ("mutual_knn", {"k": K_NN})):
+        tag = f"alignment/{metric}/twin"
+        for suffix in ("chance", "threshold", "calibrated", *(f"{layer}/calibrated" for layer in LAYERS)):
+            assert [s for s, _ in scalars[f"{tag}/{suffix}"]] == [0, 2, 5], suffix  # log step = global_step - 1 after a batch
+        for step, logged_step in ((0, 0), (3, 2), (6, 5)):
+            feats = recorder.by_step[step]
+            expected = calibrate(feats, ref, metric, permutations=perms, **kwargs)
+            at = {suffix: dict(scalars[f"{tag}/{suffix}"])[logged_step] for suffix in ("chance", "threshold", "calibrated", "best")}
+            assert at["best"] == pytest.approx(expected.aggregate.raw, abs=1e-5)
+            assert at["chance"] == pytest.approx(expected.aggregate.null_mean, abs=1e-5)
+            assert at["threshold"] == pytest.approx(expected.aggregate.tau, abs=1e-5)
+            assert at["calibrated"] == pytest.approx(expected.aggregate.calibrated, abs=1e-5)
+            # per layer: the best over reference layers against the row-wise max of the same null
+            for i, layer in enumerate(LAYERS):
+                observed = float(expected.raw[i].max())
+                null = expected.null[:, i, :].max(dim=-1).values.tolist()
+                pooled = sorted([observed, *null])
+                tau = pooled[math.ceil(0.95 * (N_PERM + 1)) - 1]  # the paper's threshold, alpha = 0.05
+                want = min(max((observed - tau) / (1.0 - tau), 0.0), 1.0)
+                got = dict(scalars[f"{tag}/{layer}/calibrated"])[logged_step]
+                assert got == pytest.approx(want, abs=1e-5), (metric, step, layer)
+    assert scalars["alignment/cka/twin/chance"][-1][1] < scalars["alignment/cka/twin/best"][-1][1]
+
+
+def _fit(tmp_path, calibration: int | None, monitor: bool = True):
+    reference = TinyNet()  # built before seeding: its initialisation draws from the global RNG
+    L.seed_everything(7)
+    model = TinyNet(dropout=0.3, batchnorm=True)
+    callbacks = []
+    if monitor:
+        px, py = synthetic_data(40, seed=123)
+        callbacks.append(
+            AlignmentMonitor(probe=(px, py), layers="*", k=K_NN, every_n_train_steps=2, calibration=calibration,
+                             references={"twin": Reference(reference, layers=REF_LAYERS)}, log_images=False)
+        )
+    x, y = synthetic_data(64)
+    trainer = L.Trainer(max_steps=6, callbacks=callbacks, logger=CSVLogger(tmp_path), **TRAINER_KW)
+    trainer.fit(model, loader(x, y, shuffle=True))
+    return model.state_dict(), (callbacks[0] if callbacks else None)
+
+
+def test_training_is_bit_identical_with_and_without_calibration(tmp_path):
+    plain, _ = _fit(tmp_path / "a", None, monitor=False)
+    off, mon_off = _fit(tmp_path / "b", 0)
+    on, mon_on = _fit(tmp_path / "c", 25)
+    assert not any(tag.endswith("calibrated") for tag in mon_off.history)
+    assert "alignment/cka/twin/calibrated" in mon_on.history
+    for name in plain:
+        assert torch.equal(plain[name], off[name]), name
+        assert torch.equal(plain[name], on[name]), name
+
+
+def test_frozen_reference_is_prepared_once_and_values_reproduce():
+    """A frozen reference's features and prepared states are computed at the first check only;
+    a second tracker with the same seed logs the same values."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    calls = []
+
+    def reference(inputs):
+        calls.append(1)
+        return inputs[:, :3] ** 2
+
+    def run():
+        sink = MemorySink()
+        tracker = AlignmentTracker(probe=x, references={"sq": reference}, calibration=15, sinks=[sink], snapshots=False)
+        for step in range(3):
+            tracker.check(model, step)
+        return tracker, sink
+
+    calls.clear()
+    tracker, sink = run()
+    assert len(calls) == 1
+    assert len(tracker.chance._frozen) == len(tracker.metrics)  # one prepared reference per metric
+    _, again = run()
+    assert sink.scalars == again.scalars
+    assert {"alignment/cka/sq/chance", "alignment/mutual_knn/sq/0/calibrated"} <= set(sink.scalars[0][1])
+
+
+def test_unrelated_reference_is_near_chance_and_calibrated_zero():
+    """Independent features: the best pair sits inside the null (calibrated small), a copy is far above it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 16, generator=g)
+    noise = torch.randn(128, 5, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    tracker = AlignmentTracker(
+        probe=x, references={"noise": {"r": noise}, "copy": lambda inputs: model(inputs)}, calibration=40,
+        within_model=False, snapshots=False, metrics=["cka"],
+    )
+    values = tracker.check(model, 0)
+    assert values["alignment/cka/noise/calibrated"] < 0.1
+    assert values["alignment/cka/noise/best"] <= values["alignment/cka/noise/threshold"] * 1.5
+    assert values["alignment/cka/copy/calibrated"] > 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"calibration": -1}, "calibration must be"),
+        ({"calibration": 2.5}, "calibration must be"),
+        ({"calibration_alpha": 1.5}, "calibration_alpha"),
+        ({"heatmap_scores": "pretty"}, "heatmap_scores"),
+        ({"calibration": 0, "heatmap_scores": "calibrated"}, "needs calibration"),
+    ],
+)
+def test_bad_calibration_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        AlignmentTracker(**kwargs)
+
+
+def test_calibrated_heatmaps_and_chance_band():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 6, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    tracker = AlignmentTracker(probe=x, references={"sq": {"r": x**2}}, calibration=10, heatmap_scores="calibrated",
+                               metrics=["cka"])
+    tracker.check(model, 0)
+    tracker.check(model, 1)
+    figures = tracker.figures(heatmaps=True, curves=True)
+    image = figures["alignment_heatmap/cka/sq"].axes[0].images[0].get_array()
+    cells = tracker.last_chance["cka/sq"].cells
+    assert torch.allclose(torch.as_tensor(image.data, dtype=torch.float32), cells, equal_nan=True)
+    assert "calibrated" in figures["alignment_heatmap/cka/sq"].axes[0].get_title()
+    labels = [t.get_text() for t in figures["alignment_curves/cka/sq"].axes[0].get_legend().get_texts()]
+    assert "chance (best pair)" in labels
