@@ -158,11 +158,12 @@ def test_tensorboard_holds_the_alignment_scalars(run):
     events = EventAccumulator(str(out / "tensorboard" / "fashion_cnn"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for metric in ("cka", "mutual_knn"):
-        for reference in ("minilm", "resnet"):
-            assert f"alignment/{metric}/{reference}/best" in tags
-            for layer in CNN:
-                assert f"alignment/{metric}/{reference}/{layer}" in tags
+    # class names: 10 distinct rows for 1,000 probe images, so only CKA against MiniLM
+    for metric, reference in (("cka", "minilm"), ("cka", "resnet"), ("mutual_knn", "resnet")):
+        assert f"alignment/{metric}/{reference}/best" in tags
+        for layer in CNN:
+            assert f"alignment/{metric}/{reference}/{layer}" in tags
+    assert "alignment/mutual_knn/minilm/best" not in tags
     values = [e.value for e in events.Scalars("alignment/cka/resnet/best")]
     assert len(values) >= 3  # start, every 10 of 32 steps, validation end
     assert all(0.0 <= v <= 1.0 + 1e-6 for v in values)
