@@ -318,3 +318,13 @@ def test_neighbour_sets_cut_through_identical_rows_are_refused():
         mutual = METRICS["mutual_knn"](dup, dup.flip(1), k=5)
     assert float(mutual) == 1.0
     assert float(METRICS["cka"](probe, names[labels])) > 0  # no neighbour lists, no ambiguity
+
+
+def test_float32_neighbour_lists_equal_float64_ones_on_wide_features():
+    # d = 512: many near-ties among the top-k of 400 rows; the float32 ranking plus float64
+    # re-ranking of close calls must give exactly the float64 neighbour lists.
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(400, 512, generator=g)
+    b = a[:, :256] + torch.randn(400, 256, generator=g)
+    for case in ("mutual_knn", "lcs_knn"):
+        assert ours(case, a, b) == pytest.approx(reference(case, a, b), rel=1e-7)  # float32 result

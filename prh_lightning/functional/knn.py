@@ -227,9 +227,10 @@ def exact_neighbours(
     shift_c = shift.to(xc.dtype)
     if not exact:
         norms = torch.linalg.vector_norm(xc, dim=1)
-        # |fl(r_ij) - r_ij| <~ eps (sqrt(d) |xc_i| |xc_j| + |m . xc_j| + |r_ij|): a generous bound
+        # |fl(r_ij) - r_ij| <~ eps (sqrt(d) |xc_i| |xc_j| + |m . xc_j| + |r_ij|): blocked float32 dot
+        # products err by a few eps |xc_i| |xc_j|; sqrt(d) on top keeps a wide margin
         eps = float(torch.finfo(xc.dtype).eps)
-        base = 8 * eps * (math.sqrt(d) * norms * float(norms.max()) + float(shift.abs().max()))
+        base = 2 * eps * (math.sqrt(d) * norms * float(norms.max()) + float(shift.abs().max()))
     idx_blocks, redo_rows = [], []
     for s in range(0, n, n if gram is not None else rows):
         e = n if gram is not None else min(n, s + rows)
@@ -244,7 +245,7 @@ def exact_neighbours(
         if not exact:
             finite = torch.isfinite(values)
             scale = values.abs().where(finite, 0.0).amax(dim=1)
-            tol = base[s:e] + 8 * eps * scale
+            tol = base[s:e] + 2 * eps * scale
             gaps = (values[:, :-1] - values[:, 1:]).where(finite[:, 1:], float("inf"))
             redo = (gaps <= 2 * tol[:, None]).any(dim=1).nonzero().flatten()
             if redo.numel():
