@@ -73,6 +73,9 @@ def test_tensorboard_scalars_images_and_values(tmp_path):
     expected = {f"alignment/{m}/{t}/{s}" for m in metrics for t in ("twin", "fixed", "fn") for s in ["best", *LAYERS]}
     expected |= {f"alignment/{m}/{t}/{s}" for m in metrics for t in SNAPSHOTS for s in ["mean", *LAYERS]}
     expected |= {f"alignment/{m}/self/mean_offdiag" for m in metrics}
+    # live calibration (default calibration=20) against each reference, not against the model itself
+    expected |= {f"alignment/{m}/{t}/{s}" for m in metrics for t in ("twin", "fixed", "fn") for s in ["chance", "threshold", "calibrated"]}
+    expected |= {f"alignment/{m}/{t}/{l}/calibrated" for m in metrics for t in ("twin", "fixed", "fn") for l in LAYERS}
     assert set(scalars) == expected
     # checks at train start, every 2 steps; validation ends (steps 4, 8) coincide with step checks.
     # History holds trainer.global_step; loggers get the step self.log uses (one less after a batch).

@@ -192,3 +192,26 @@ def test_calibrated_heatmaps_and_chance_band():
     assert "calibrated" in figures["alignment_heatmap/cka/sq"].axes[0].get_title()
     labels = [t.get_text() for t in figures["alignment_curves/cka/sq"].axes[0].get_legend().get_texts()]
     assert "chance (best pair)" in labels
+
+
+def test_constant_layer_gives_nan_calibration_for_that_layer_only():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 8)
+            self.dead = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            torch.nn.init.zeros_(self.dead.weight)  # constant output: the metrics reject this layer
+            return self.a(x) + self.dead(x).sum()
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 6, generator=g)
+    tracker = AlignmentTracker(probe=x, references={"sq": {"r": x**2}}, calibration=10, snapshots=False, within_model=False)
+    with pytest.warns(UserWarning, match="constant") as caught:
+        values = tracker.check(Net(), 0)
+    assert not any("chance level" in str(w.message) for w in caught)
+    for metric in ("cka", "mutual_knn"):
+        assert math.isnan(values[f"alignment/{metric}/sq/dead/calibrated"])
+        assert 0.0 <= values[f"alignment/{metric}/sq/a/calibrated"] <= 1.0
+        assert math.isfinite(values[f"alignment/{metric}/sq/chance"])

@@ -54,6 +54,19 @@ def _finite_layers(features: Features) -> list[str]:
     return [name for name, value in features.items() if bool(torch.isfinite(value).all())]
 
 
+def _prepare_each(plan, features: Features, names: list[str], options: dict[str, Any], ctx) -> tuple[list[str], list[Any]]:
+    """Prepared states of the layers the metric accepts; a layer it rejects (a ``ValueError``,
+    e.g. constant features, already reported by the raw scoring) is left out."""
+    kept, states = [], []
+    for name in names:
+        try:
+            states += prepare_layers(plan, [features[name]], [name], options, True, None, ctx)
+        except ValueError:
+            continue
+        kept.append(name)
+    return kept, states
+
+
 class ChanceLevels:
     """Permutation nulls of reference scores, with fixed permutations and cached reference states.
 
@@ -119,7 +132,7 @@ class ChanceLevels:
         frozen: bool,
     ) -> TargetChance | None:
         """Calibrate the ``xs`` (model) x ``ys`` (reference) matrix; layers with non-finite
-        features are left out (NaN); ``None`` when no layer pair is left."""
+        features, or that the metric rejects, are left out (NaN); ``None`` when no layer pair is left."""
         plan = get_plan(metric)
         options = plan.bind(dict(kwargs))
         rows, cols = _finite_layers(xs), _finite_layers(ys)
@@ -130,14 +143,17 @@ class ChanceLevels:
         ctx = LayerContext(dtype, None, n, len(lx) + len(ly), device)
         key = (metric, tuple(rows), dtype, str(device))
         if key not in self._model:
-            self._model[key] = prepare_layers(plan, lx, rows, options, True, None, ctx)
-        sx = self._model[key]
+            self._model[key] = _prepare_each(plan, xs, rows, options, ctx)
+        rows, sx = self._model[key]
         ref_key = (target, metric, tuple(cols), dtype, str(device), n)
-        sy = self._frozen.get(ref_key) if frozen else None
-        if sy is None:
-            sy = prepare_layers(plan, ly, cols, options, True, None, ctx)
+        prepared = self._frozen.get(ref_key) if frozen else None
+        if prepared is None:
+            prepared = _prepare_each(plan, ys, cols, options, ctx)
             if frozen:
-                self._frozen[ref_key] = sy
+                self._frozen[ref_key] = prepared
+        cols, sy = prepared
+        if not rows or not cols:
+            return None
         observed = plan.pairs(sx, sy, **options).double().cpu()  # [Lx', Ly']
         null = permuted_scores(plan, sx, sy, self.permutations(n).to(device), options).cpu()  # [K, Lx', Ly']
         high = plan.bounds(**options)[1]
