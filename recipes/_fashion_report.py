@@ -61,7 +61,7 @@ def monitor_reading(s: Settings, history: dict[str, list[tuple[int, float]]]) ->
             "and MiniLM (the embedding of each probe image's class name) and each ResNet-18 layer. avgpool's CKA with "
             f"MiniLM was {change('alignment/cka/minilm/avgpool')}; with ResNet {change('alignment/cka/resnet/avgpool')} "
             "(one probe, no interval: a description, not a claim). All scalars (`alignment/<metric>/<reference>/<layer>`) "
-            f"and heatmap images are in TensorBoard: `tensorboard --logdir {s.out / 'tensorboard'}`.")
+            f"and heatmap images are in TensorBoard: `{_tensorboard_command(s.out / 'tensorboard')}`.")
 
 
 def layer_rsa_table(study: dict[str, dict[str, dict]], layers: list[str]) -> str:
@@ -87,7 +87,7 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
         f"{s.jackknife_groups} jackknife groups. Data: {data['path']} (SHA-256 of the four files {data['sha256'][:12]}...). "
         f"ResNet-18 weights: **{rn['weights']}** ({rn['training']}, input {rn['input_size']}x{rn['input_size']})"
         f"{'; ' + rn['note'] if rn['note'] else ''}. Run time {summary['runtime_s']:.0f} s on {summary['threads']} "
-        f"CPU thread(s). TensorBoard: `tensorboard --logdir {s.out / 'tensorboard'}`."))
+        f"CPU thread(s). TensorBoard: `{_tensorboard_command(s.out / 'tensorboard')}`."))
     report.section("Test accuracy", table=markdown_table(
         ["model", "test accuracy", "test images"],
         [["FashionCNN", acc["fashioncnn"], summary["test_images"]], ["ResNet-18", acc["resnet"], summary["test_images"]]]),
@@ -129,5 +129,16 @@ def results_text(s: Settings, summary: dict[str, Any]) -> str:
         f"RSA FashionCNN-MiniLM {summary['rsa_fashioncnn_minilm']:.3f} (p = {summary['rsa_fashioncnn_minilm_p']:.3g}); "
         f"ResNet-MiniLM {summary['rsa_resnet_minilm']:.3f} (p = {summary['rsa_resnet_minilm_p']:.3g})",
         f"report: {s.out / 'report.md'}  summary: {s.out / 'summary.json'}  ({summary['runtime_s']:.0f} s)",
-        f"tensorboard --logdir {s.out / 'tensorboard'}",
+        f"TensorBoard: {_tensorboard_command(s.out / 'tensorboard')}",
     ])
+
+
+def _tensorboard_command(logdir) -> str:
+    """A command that works in a fresh shell: the ``tensorboard`` next to this Python (the venv's)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).with_name("tensorboard")
+    exe = str(beside) if beside.exists() else (shutil.which("tensorboard") or "tensorboard")
+    return f"{exe} --logdir {logdir}"
