@@ -28,7 +28,7 @@ import torch
 from .functional import get_plan
 from .functional._numerics import clip_outliers
 from .functional._linear_cka import feature_space_plan, prefer_feature_space
-from .functional._plan import PLANS, LayerContext, MetricPlan, check_layers, prepare_layers, register_metric, score_layers
+from .functional._plan import LayerContext, MetricPlan, check_layers, plan_from_function, prepare_layers, score_layers
 
 __all__ = ["alignment_matrix", "approximate_alignment_matrix", "ApproximateAlignment", "best_alignment", "layer_names", "clip_outliers"]
 
@@ -64,15 +64,14 @@ def as_layer_list(xs: Layers, what: str) -> tuple[list[str], list[torch.Tensor]]
     return [f"{what}[{name!r}]" for name, _ in items], [x for _, x in items]
 
 
-def _resolve_metric(metric: str | Callable[..., torch.Tensor]) -> str:
+def _resolve_metric(metric: str | Callable[..., torch.Tensor]) -> str | MetricPlan:
+    """A registered name (checked), or a one-off pair-by-pair plan for an unregistered callable."""
     if isinstance(metric, str):
         get_plan(metric)
         return metric
-    if callable(metric):  # an unregistered callable: registered under its own name, scored pair by pair
-        name = f"callable:{getattr(metric, '__module__', '')}.{getattr(metric, '__qualname__', id(metric))}:{id(metric)}"
-        if name not in PLANS:
-            register_metric(name, metric, bounds=(float("-inf"), None))
-        return name
+    if callable(metric):
+        name = getattr(metric, "__qualname__", None) or type(metric).__name__
+        return plan_from_function(name, metric, bounds=(float("-inf"), None))
     raise TypeError(f"metric must be a registered name or a callable f(a, b, **kw), got {type(metric).__name__}")
 
 
@@ -140,7 +139,7 @@ def alignment_matrix(
 _FEATURE_SPACE_MIN_N = 4096  # below this the kernel path is fast and its numbers stay as they were
 
 
-def _large_n_plan(name: str, lx: list[torch.Tensor], ly: list[torch.Tensor] | None, metric_kwargs) -> str | MetricPlan:
+def _large_n_plan(name: str | MetricPlan, lx: list[torch.Tensor], ly: list[torch.Tensor] | None, metric_kwargs) -> str | MetricPlan:
     """Linear CKA at large ``n`` from feature-space statistics when that is cheaper than
     streaming ``n x n`` kernels (same value within rounding); otherwise the registered plan."""
     if name not in ("cka", "unbiased_cka"):

@@ -319,6 +319,16 @@ def register_metric(
     >>> alignment_matrix([torch.eye(3)], [torch.eye(3), torch.eye(3).flip(0)], metric="mean_distance")
     tensor([[0.0000, 0.9428]])
     """
+    return register_plan(plan_from_function(name, fn, bounds, scale_invariant))
+
+
+def plan_from_function(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    bounds: tuple[float, float | None] = (0.0, 1.0),
+    scale_invariant: bool = False,
+) -> MetricPlan:
+    """A pair-by-pair :class:`MetricPlan` for ``fn(a, b, **options) -> 0-dim`` (not registered)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if not callable(fn):
@@ -338,15 +348,13 @@ def register_metric(
     def permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         return x[perm]
 
-    return register_plan(
-        MetricPlan(
-            name=name,
-            defaults=defaults,
-            prepare=prepare,
-            pairs=pairs,
-            bounds=lambda **_: bounds,
-            permute=permute,
-            resampling="plain",
-            scale_invariant=scale_invariant,
-        )
+    return MetricPlan(
+        name=name,
+        defaults=defaults,
+        prepare=prepare,
+        pairs=pairs,
+        bounds=lambda **_: bounds,
+        permute=permute,
+        resampling="plain",
+        scale_invariant=scale_invariant,
     )
