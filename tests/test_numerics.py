@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist, squareform
 from scipy.stats import spearmanr
+from test_functional_knn import lcs_dp, levenshtein_dp
 
 from prh_lightning import alignment_matrix
 from prh_lightning.functional import METRICS
@@ -32,24 +33,6 @@ def _neighbours(x, k, exclude_self=True):
         cand = [j for j in range(n) if j != i or not exclude_self]
         order.append(sorted(cand, key=lambda j: (-sim[i, j], j))[:k])
     return order
-
-
-def _lcs(s, t):
-    table = np.zeros((len(s) + 1, len(t) + 1), dtype=int)
-    for i, si in enumerate(s):
-        for j, tj in enumerate(t):
-            table[i + 1, j + 1] = table[i, j] + 1 if si == tj else max(table[i, j + 1], table[i + 1, j])
-    return table[-1, -1]
-
-
-def _lev(s, t):
-    prev = list(range(len(t) + 1))
-    for i, si in enumerate(s, 1):
-        cur = [i]
-        for j, tj in enumerate(t, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (si != tj)))
-        prev = cur
-    return prev[-1]
 
 
 def _hsic(K_, L_, unbiased):
@@ -117,8 +100,8 @@ def reference(metric, a, b, normalize=True):
         if metric == "cycle_knn":
             return np.mean([any(i in na[j] for j in nb[i]) for i in range(n)])
         if metric == "lcs_knn":
-            return np.mean([_lcs(x, y) for x, y in zip(na, nb)])
-        return 1 - np.mean([_lev(x, y) for x, y in zip(na, nb)]) / K
+            return np.mean([lcs_dp(x, y) for x, y in zip(na, nb)])
+        return 1 - np.mean([levenshtein_dp(x, y) for x, y in zip(na, nb)]) / K
     # H K H = (Hx)(Hx)^T, and U-centring ignores additive row / column terms, so both CKAs are
     # computed from column-centred features (an uncentred float64 Gram loses digits at offset 1e4).
     ac, bc = a - a.mean(0), b - b.mean(0)
