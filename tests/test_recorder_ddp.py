@@ -46,13 +46,31 @@ def run(tmp_path, devices: int) -> list[str]:
     return sorted(p.name for p in (tmp_path / "reps").iterdir())
 
 
+def run_ddp(tmp_path) -> list[str]:
+    """The 2-process run. In a long pytest session a spawned gloo worker sometimes aborts while the
+    process exits ("terminate called without an active exception", a C++ thread torn down after
+    its work is done); that is torch's teardown, not what this test checks, so such a run is
+    retried once after clearing its files. Any other failure, or a second abort, fails the test."""
+    import shutil
+
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    try:
+        return run(tmp_path, devices=2)
+    except ProcessExitedException as err:
+        if "SIGABRT" not in str(err):
+            raise
+    shutil.rmtree(tmp_path / "reps", ignore_errors=True)
+    return run(tmp_path, devices=2)
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
 def test_files_from_one_and_two_processes_are_identical(tmp_path):
     torch.set_num_threads(1)
     single = run(tmp_path / "single", devices=1)
-    ddp = run(tmp_path / "ddp", devices=2)
+    ddp = run_ddp(tmp_path / "ddp")
     # (after ddp_spawn the launching process's trainer keeps step 0, so predict files differ in name only)
     assert [n.split("-")[0] for n in single] == [n.split("-")[0] for n in ddp] == ["predict", "validate"]
     assert single[1] == ddp[1] == "validate-epoch000-step000002.safetensors"
