@@ -66,9 +66,14 @@ class AlignmentCurve:
         x = list(self.sizes)
         line = ax.plot(x, self.mean.tolist(), marker="o", label=label or self.metric)[0]
         ax.fill_between(x, self.low.tolist(), self.high.tolist(), color=line.get_color(), alpha=0.2, linewidth=0)
-        if self.chance is not None:
-            ax.plot(x, self.chance.tolist(), linestyle="--", color=line.get_color(), alpha=0.7, label="chance (permuted pairs)")
+        if self.chance is not None:  # one legend entry for the chance lines of several curves on one Axes
+            chance_label = "chance (permuted pairs)"
+            if any(other.get_label() == chance_label for other in ax.lines):
+                chance_label = "_nolegend_"
+            ax.plot(x, self.chance.tolist(), linestyle="--", color=line.get_color(), alpha=0.7, label=chance_label)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(size) for size in x])
+        ax.minorticks_off()
         ax.set_xlabel("samples n")
         ax.set_ylabel(f"{self.metric} ({self.aggregate} over layer pairs)")
         ax.legend(loc="best", fontsize="small")
@@ -111,7 +116,10 @@ def alignment_curve(
         aggregate: ``"max"`` (best layer pair, the PRH protocol) or ``"mean"`` over the
             ``[Lx, Ly]`` matrix (with one layer each, the score itself).
         level: the central fraction of repeats between ``low`` and ``high``.
-        generator: a ``torch.Generator`` for the subsets and permutations (reproducible).
+        generator: a ``torch.Generator`` for the subsets and permutations (reproducible). Draw
+            order: first the ``R`` orders (``torch.randperm(n)`` each), then for each repeat and
+            each size in turn the ``n_permutations`` permutations of that subset
+            (``torch.randperm(size)`` each; permutation ``k`` reorders the subset's rows of ``ys``).
         max_memory: memory budget of each score (see ``alignment_matrix``) when no chance
             level is computed.
 

@@ -75,6 +75,28 @@ def calibrated_text(result: dict) -> str:
             "Calibrated = (raw - tau) / (max - tau), tau the null's 95% quantile. " + RULE_P)
 
 
+def curve_section(result: dict) -> tuple[str, str]:
+    """Text and table of the ``--sizes`` alignment curve (best layer pair at each n)."""
+    from prh_lightning.reporting import markdown_table
+
+    curve = result["curve"]
+    rows = []
+    for pair in curve["pairs"]:
+        for s, n in enumerate(curve["sizes"]):
+            chance = None if pair["chance"] is None else pair["chance"][s]
+            rows.append([pair["language"], pair["vision"], n, pair["mean"][s], f"[{pair['low'][s]:.3f}, {pair['high'][s]:.3f}]",
+                         "-" if chance is None else chance])
+    low, high = (1 - curve["level"]) / 2, (1 + curve["level"]) / 2
+    text = (f"The best-layer-pair score on nested random subsets of n = {', '.join(map(str, curve['sizes']))} pairs "
+            f"({curve['repeats']} random subsets per size, seed {curve['seed']}; the same subsets for every model pair). "
+            f"Interval: the {low:.0%} and {high:.0%} quantiles over the subsets (the spread over evaluation sets of "
+            "that size drawn from these pairs, zero at all pairs); chance: the mean best-layer-pair score with the "
+            "pairing permuted at that size. A raw score is comparable only at the same n (mutual k-NN's chance level "
+            "is k/(n-1)); read the gap to chance, not the raw level.")
+    table = markdown_table(["language", "vision", "n", "mean", "interval", "chance"], rows)
+    return text, table
+
+
 def write_report(result: dict, extract: dict, seconds: float, out: Path) -> None:
     from prh_lightning.reporting import Report, markdown_table
 
@@ -92,6 +114,11 @@ def write_report(result: dict, extract: dict, seconds: float, out: Path) -> None
                    table=best_pair_table(result))
     if result.get("calibrated"):
         report.section("Calibrated scores", calibrated_text(result), table=calibrated_table(result))
+    if result.get("curve"):
+        text, table = curve_section(result)
+        curve_png = Path(result["files"]["curve_png"])
+        report.section("Alignment as a function of n", text, table=table,
+                       figure=curve_png.relative_to(out).as_posix() if curve_png.is_relative_to(out) else str(curve_png))
     if "shuffled" in result:
         sh = result["shuffled"]
         chance = "" if sh["chance"] is None else f"; chance for mutual k-NN is k/(n-1) = {sh['chance']:.4f}"

@@ -7,10 +7,10 @@ Two steps, as the paper's scripts, plus an end-to-end recipe::
     python recipes/platonic.py --out results --quick          # both, shuffled control, figures, report
 
 ``extract`` writes ``<out>/features/<dataset-slug>/<model>_pool-<pool>.safetensors`` and skips
-files that exist (``--force`` redoes them). ``measure`` writes
-``<out>/alignment/<dataset-slug>/<metric>[_k<k>].{npy,json,png}``: for every language x vision
-pair the best score over all layer pairs (``.npy``: scores ``[L, V]``; ``_indices.npy``: the best
-layer pair ``[L, V, 2]``).
+files that exist (``--force`` redoes them). ``measure`` (:mod:`._platonic_measure`) writes
+``<out>/alignment/<dataset-slug>/<metric>[_k<k>]*``: for every language x vision pair the best
+score over all layer pairs, its calibration against a permutation null (``--permutations``) and,
+with ``--sizes``, its alignment curve (the file list is in ``prh-lightning measure --help``).
 """
 
 from __future__ import annotations
@@ -22,21 +22,19 @@ from pathlib import Path
 
 import torch
 
-from prh_lightning.analysis.claims import holm
-from prh_lightning.analysis.model_matrix import best_layer_pair_matrix, calibrated_best_layer_pairs
 from prh_lightning.data.paired import PRH_SUBSET, PairedDataError, load_paired
 from prh_lightning.extraction import LANGUAGE_POOLS, VISION_POOLS, extract_model
 from prh_lightning.models.pretrained import PretrainedUnavailable
 from prh_lightning.models.zoo import MODELSETS, modality_of
 from prh_lightning.recipes import _common as common
+from prh_lightning.recipes import _platonic_measure as platonic_measure
 from prh_lightning.recipes import _platonic_report as platonic_report
-from prh_lightning.recipes._platonic_data import _dataset_dir, data_record, data_source, load_features, save_npy
+from prh_lightning.recipes._platonic_data import data_record, data_source
+from prh_lightning.recipes._platonic_measure import KNN_METRICS, METRICS, MeasureOptions, add_measure_args, run_measure
 from prh_lightning.reporting import save_figure, write_json
 
-KNN_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna")
-METRICS = KNN_METRICS + ("cka", "unbiased_cka", "svcca", "rsa")
+__all__ = ["KNN_METRICS", "METRICS", "extract_main", "main", "measure_main", "run_extract", "run_measure"]
 QUICK_SAMPLES = 512
-SHUFFLE_SEED = 0
 
 
 RecipeError = common.RecipeInputError  # bad input to extract/measure; one line on stderr, exit status 2
@@ -89,8 +87,9 @@ def _apply_pool(args: argparse.Namespace) -> None:
     setattr(args, f"pool_{args.modality}", args.pool)
 
 
-def run_extract(args: argparse.Namespace, log=print) -> dict:
+def run_extract(args: argparse.Namespace, log=print, check_n=None) -> dict:
     """Extract every model of ``args``; returns ``{"dataset", "files", "skipped", "unavailable"}``.
+    ``check_n(n)`` is called with the number of pairs once the data is loaded, before any model.
 
     Models that cannot be loaded are reported in ``unavailable`` (name -> reason) if they were
     part of a model set; a model named explicitly with ``--models`` that fails is an error.
@@ -99,6 +98,8 @@ def run_extract(args: argparse.Namespace, log=print) -> dict:
     _apply_pool(args)
     source = data_source(args.data)
     data = load_paired(source, args.subset, args.n)
+    if check_n is not None:
+        check_n(len(data))
     log(f"data: {data.name}, {len(data)} pairs -> {data.slug}; {torch.get_num_threads()} CPU thread(s)")
     files, skipped, unavailable, seconds = {}, [], {}, {}
     for name in names:
@@ -133,105 +134,31 @@ def extract_main(argv: list[str] | None = None) -> int:
 
 
 # -- measure --------------------------------------------------------------------------------
-def _add_measure_args(p: argparse.ArgumentParser, control_flag: bool = True) -> None:
-    p.add_argument("--metric", default="mutual_knn", choices=METRICS, help="alignment metric (default: %(default)s)")
-    p.add_argument("--k", type=int, default=10, help="neighbours for the k-NN metrics (default: %(default)s)")
-    p.add_argument("--clip-quantile", type=float, default=0.95,
-                   help="clip each layer at the mean per-sample |x| quantile before normalising, as the paper "
-                        "(default: %(default)s; 1 = no clipping)")
-    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise rows (the paper normalises)")
-    p.add_argument("--permutations", type=int, default=200,
-                   help="permutations of the calibrated score and p-value of each model pair (the best-of-layers "
-                        "null, prh_lightning.calibrate; 0 = none; default: %(default)s)")
-    if control_flag:  # the recipe always runs the control
-        p.add_argument("--shuffle-control", action="store_true",
-                       help="also score with the captions permuted (seed 0): k-NN alignment should fall to k/(n-1)")
-
-
 def _measure_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prh-lightning measure", description="Best-layer-pair alignment of every language x vision model pair.")
+    p = argparse.ArgumentParser(prog="prh-lightning measure", epilog=platonic_measure.OUTPUT_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Best-layer-pair alignment of every language x vision model pair, "
+                                            "calibrated against a permutation null, optionally as a function of n.")
     p.add_argument("--out", required=True, type=Path, help="results folder of extract")
     p.add_argument("--dataset", default=None, help="dataset slug under <out>/features (default: the only one there)")
     p.add_argument("--pool-language", choices=LANGUAGE_POOLS, default="avg")
     p.add_argument("--pool-vision", choices=VISION_POOLS, default="none")
-    _add_measure_args(p)
+    add_measure_args(p)
     return p
-
-
-def _stem(metric: str, k: int) -> str:
-    return f"{metric}_k{k}" if metric in KNN_METRICS else metric
-
-
-def run_measure(out: Path, dataset: str | None, pool_language: str, pool_vision: str, metric: str, k: int,
-                clip_quantile: float | None, normalize: bool, shuffle_control: bool, log=print,
-                n_permutations: int = 200) -> dict:
-    """Score matrix (and optional shuffled control) saved under ``<out>/alignment/<dataset>/``."""
-    from prh_lightning.plotting import heatmap_figure
-
-    folder = _dataset_dir(out, dataset)
-    language, vision = load_features(folder, pool_language, pool_vision)
-    n = next(iter(language.values())).n
-    files = sorted(folder.glob("*.safetensors"))
-    if metric in KNN_METRICS and not 1 <= k < n:
-        raise RecipeError(f"--k {k} needs 1 <= k < n = {n} samples")
-    common.check_clip_quantile(clip_quantile)
-    kw = {"k": k} if metric in KNN_METRICS else {}
-    opts = dict(metric=metric, clip_quantile=clip_quantile, normalize=normalize, **kw)
-    best = best_layer_pair_matrix(language, vision, **opts)
-    scores, indices = best.scores, best.indices
-    result = {
-        "dataset": folder.name, "n": n, "metric": metric, "k": k if metric in KNN_METRICS else None,
-        "clip_quantile": clip_quantile, "normalize": normalize, "pool_language": pool_language, "pool_vision": pool_vision,
-        "data": {**common.fingerprint(files, folder), "n_items": n, "feature_files": len(files)},
-        "language": list(language), "vision": list(vision), "scores": scores, "indices": indices,
-        "best_layer_names": {f"{a} / {b}": list(best.best_layers(a, b)) for a in language for b in vision},
-        "layers": {name: rep.layers for name, rep in {**language, **vision}.items()},
-        "num_params": {name: rep.metadata.get("num_params") for name, rep in {**language, **vision}.items()},
-        "bits_per_byte": {name: rep.metadata.get("bits_per_byte") for name, rep in language.items()},
-    }
-    if n_permutations < 0:
-        raise RecipeError(f"--permutations must be >= 0, got {n_permutations}")
-    if n_permutations:
-        cal = calibrated_best_layer_pairs(language, vision, n_permutations=n_permutations, seed=SHUFFLE_SEED, **opts)
-        cal["p_holm"] = holm(cal["p_value"].ravel()).reshape(cal["p_value"].shape)
-        result["calibrated"] = {**cal, "n_permutations": n_permutations, "alpha": 0.05}
-    if shuffle_control:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(SHUFFLE_SEED))
-        control = best_layer_pair_matrix(language, vision, **opts, permutation=perm)
-        shuffled, full = control.scores, control.full
-        # the best of many layer pairs sits above chance even without any pairing signal;
-        # the mean over all layer pairs is the number to hold against k/(n-1)
-        result["shuffled"] = {"scores": shuffled, "mean": float(shuffled.mean()), "layer_pair_mean": float(full.mean()),
-                              "seed": SHUFFLE_SEED, "chance": k / (n - 1) if metric == "mutual_knn" else None}
-    dest = out / "alignment" / folder.name
-    dest.mkdir(parents=True, exist_ok=True)
-    stem = _stem(metric, k)
-    save_npy(dest / f"{stem}.npy", scores)
-    save_npy(dest / f"{stem}_indices.npy", indices)
-    if shuffle_control:
-        save_npy(dest / f"{stem}_shuffled.npy", result["shuffled"]["scores"])
-    write_json(dest / f"{stem}.json", result)
-    fig = heatmap_figure(scores, list(language), list(vision), title=f"{metric} (best layer pair), n={n}",
-                         xlabel="vision model", ylabel="language model")
-    save_figure(fig, dest / f"{stem}.png")
-    result["files"] = {"npy": str(dest / f"{stem}.npy"), "json": str(dest / f"{stem}.json"), "heatmap": str(dest / f"{stem}.png")}
-    log(f"scores ({metric}) saved to {dest / stem}.{{npy,json,png}}")
-    return result
 
 
 def measure_main(argv: list[str] | None = None) -> int:
     """``prh-lightning measure``: see ``--help``."""
     a = _measure_parser().parse_args(argv)
-    return _guarded(lambda: run_measure(a.out, a.dataset, a.pool_language, a.pool_vision, a.metric, a.k,
-                                        a.clip_quantile, not a.no_normalize, a.shuffle_control,
-                                        n_permutations=a.permutations), a.out, "measure")
+    options = MeasureOptions.from_args(a)
+    return _guarded(lambda: run_measure(a.out, a.dataset, a.pool_language, a.pool_vision, options), a.out, "measure")
 
 
 # -- the recipe -------------------------------------------------------------------------------
 def _recipe_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prh-lightning platonic", description="Extract + measure + shuffled control + figures + report.")
     _add_extract_args(p)
-    _add_measure_args(p, control_flag=False)
+    add_measure_args(p, control_flag=False)
     p.add_argument("--quick", action="store_true", help=f"first {QUICK_SAMPLES} pairs (unless --n), about 3 minutes on a 2-core CPU")
     return p
 
@@ -242,14 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.n is None:
         args.n = QUICK_SAMPLES
 
+    options = MeasureOptions.from_args(args, shuffle_control=True)
+
     def run() -> dict:
         start = time.perf_counter()
-        common.check_clip_quantile(args.clip_quantile)
+        options.check()
+        if args.n is not None:  # refuse --sizes / --k beyond --n before loading anything
+            options.check_n(args.n, where="--n")
         with common.cpu_threads(args.threads):
-            extract = run_extract(args)
-        result = run_measure(args.out, extract["dataset"], args.pool_language, args.pool_vision, args.metric, args.k,
-                             args.clip_quantile, not args.no_normalize, shuffle_control=True,
-                             n_permutations=args.permutations)
+            extract = run_extract(args, check_n=lambda n: options.check_n(n, where="the data"))
+        result = run_measure(args.out, extract["dataset"], args.pool_language, args.pool_vision, options)
         figures = platonic_report.figures(result, args.out / "figures")
         seconds = time.perf_counter() - start
         summary = {
@@ -258,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": extract["data"], "score_matrix": result["scores"], "best_layer_pairs": result["indices"],
             "best_layer_names": result["best_layer_names"], "layers": result["layers"],
             "shuffled_control": result["shuffled"], "calibrated": result.get("calibrated"),
+            "alignment_curve": result.get("curve"),
             "bits_per_byte": result["bits_per_byte"],
             "num_params": result["num_params"], "unavailable_models": extract["unavailable"],
             "extract_seconds": extract["seconds"], "seconds": round(seconds, 1), "figures": figures,
