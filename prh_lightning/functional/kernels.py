@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._bandwidth import median_bandwidth
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_choice, check_min_samples, check_positive
@@ -158,7 +159,7 @@ class CentredKernel:
         sq = torch.linalg.vector_norm(x, dim=1) ** 2
         self.x = x
         if kernel == "rbf":
-            self.sigma = median_distance(x) if sigma is None else torch.as_tensor(sigma, dtype=x.dtype)
+            self.sigma = median_bandwidth(x, rows) if sigma is None else torch.as_tensor(sigma, dtype=x.dtype)
             if not float(self.sigma) > 0:
                 raise ValueError(
                     "the median pairwise distance is 0 (more than half the samples are identical), so the "
