@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from prh_lightning.callbacks import _logging
+from prh_lightning.tracking.handoff import Handoff
 from prh_lightning.tracking.probe import check_layer_selection, probe_from_loader
 from prh_lightning.tracking.references import Reference
 from prh_lightning.tracking.tracker import AlignmentTracker
@@ -81,6 +82,15 @@ class AlignmentMonitor(Callback):
             ``monitor.permutations`` holds them).
         calibration_alpha: null quantile of ``threshold``.
         heatmap_scores: ``"raw"`` (default) or ``"calibrated"`` reference heatmaps.
+        distributed_probe: under DDP, ``"shard"`` (default: each rank runs its share of the
+            probe rows, rank 0 gathers them) or ``"rank0"`` (rank 0 runs the whole probe). Rank
+            0 alone computes references, matrices and chance levels; every rank gets the same
+            scalars in ``trainer.callback_metrics`` and ``monitor.history``.
+
+    Under ``strategy="ddp_spawn"`` (or ``"ddp_fork"``) rank 0 hands the monitor's history, layer
+    names and last matrices back to the launching process as JSON at the end of each run, so
+    ``monitor.history`` is filled there too (the feature snapshots are not handed back:
+    ``self_initial`` restarts in a later run of the same monitor).
     """
 
     def __init__(
@@ -110,6 +120,7 @@ class AlignmentMonitor(Callback):
         calibration_seed: int = 0,
         calibration_alpha: float = 0.05,
         heatmap_scores: str = "raw",
+        distributed_probe: str = "shard",
     ) -> None:
         if every_n_train_steps is None and not check_on_validation_end:
             raise ValueError(
@@ -137,7 +148,7 @@ class AlignmentMonitor(Callback):
             metric_kwargs=metric_kwargs, within_model=within_model, snapshots=snapshots, batch_size=batch_size,
             forward_fn=forward_fn, on_error=on_error, max_history=max_history, prefix=prefix,
             calibration=calibration, calibration_seed=calibration_seed, calibration_alpha=calibration_alpha,
-            heatmap_scores=heatmap_scores,
+            heatmap_scores=heatmap_scores, distributed_probe=distributed_probe,
         )
         self.tracker.failures.owner = "AlignmentMonitor"
         self.probe_source = probe if isinstance(probe, str) else None
@@ -149,24 +160,34 @@ class AlignmentMonitor(Callback):
         self.default_every_n_train_steps = default_every_n_train_steps
         self._layouts = _logging.TensorBoardLayouts(prefix)
         self._imaged_step: int | None = None
+        self._handoff = Handoff()  # worker processes of ddp_spawn hand the tracker's state back through it
 
     # -- what the tracker holds --------------------------------------------------------
     @property
     def history(self):
         """``{tag: [(trainer.global_step, value)]}`` of every check (bounded, see ``max_history``)."""
+        self._receive()
         return self.tracker.history
 
     @property
     def last_matrices(self) -> dict[str, torch.Tensor]:
+        self._receive()
         return self.tracker.last_matrices
 
     @property
     def model_layers(self) -> list[str]:
+        self._receive()
         return self.tracker.model_layers
 
     @property
     def reference_layers(self) -> dict[str, list[str]]:
+        self._receive()
         return self.tracker.reference_layers
+
+    def _receive(self) -> None:
+        """What the workers of a spawned run handed back (launching process), once."""
+        if not self._handoff.in_worker:
+            self._handoff.receive(self.tracker)
 
     @property
     def permutations(self) -> torch.Tensor | None:
@@ -183,6 +204,8 @@ class AlignmentMonitor(Callback):
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # a spawned worker starts from what an earlier spawned run of this monitor handed back
+        self._handoff.receive(self.tracker)
         if not trainer.loggers:
             rank_zero_warn(
                 "AlignmentMonitor: the Trainer has no logger, so alignment scalars only reach "
@@ -273,7 +296,8 @@ class AlignmentMonitor(Callback):
                     self._log_figures(trainer, heatmaps=True, curves=False)
             return
         values = tracker.check(pl_module, step, context=trainer.precision_plugin.forward_context, log=False)
-        # available to EarlyStopping / ModelCheckpoint (every rank computes the same values)
+        # available to EarlyStopping / ModelCheckpoint; under DDP rank 0 computes them and every rank
+        # gets the same values (see AlignmentTracker(distributed_probe=...))
         trainer.callback_metrics.update({tag: torch.tensor(v) for tag, v in values.items()})
         if not trainer.is_global_zero or not trainer.loggers:
             return
@@ -294,8 +318,13 @@ class AlignmentMonitor(Callback):
         if heatmaps:
             self._imaged_step = self.tracker.last_step
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # in a spawned worker: hand the state back to the launching process
+            self._handoff.send(self.tracker)
+
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._receive()
         return self.tracker.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

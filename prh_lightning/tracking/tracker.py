@@ -31,12 +31,22 @@ from torch import nn
 from prh_lightning.tracking.chance import ChanceLevels, TargetChance, chance_scalars
 from prh_lightning.tracking.failures import Failures
 from prh_lightning.tracking.history import History
-from prh_lightning.tracking.probe import ForwardError, Probe, check_layer_selection, make_probe, probe_features
+from prh_lightning.tracking import distributed
+from prh_lightning.tracking.probe import (
+    ForwardError,
+    Probe,
+    check_layer_selection,
+    make_probe,
+    module_device,
+    probe_features,
+    slice_inputs,
+)
 from prh_lightning.tracking.references import check_references, is_frozen, reference_features, reference_metrics
 from prh_lightning.tracking.scoring import check_metrics, metric_kwargs, scalars, score_matrix
 from prh_lightning.tracking.sinks import as_sink
 
 Features = dict[str, torch.Tensor]
+DISTRIBUTED_PROBE = ("shard", "rank0")
 
 
 def _positive_int(label: str, value: Any, allow_none: bool = False) -> None:
@@ -84,6 +94,12 @@ class AlignmentTracker:
         calibration_alpha: null quantile of ``threshold``.
         heatmap_scores: ``"raw"`` (default) or ``"calibrated"``: what reference heatmaps show
             (calibrated: each cell against its own null, colour range [0, 1]).
+        distributed_probe: under ``torch.distributed`` (2 or more ranks; every rank must call
+            :meth:`check` / :meth:`step` at the same steps): ``"shard"`` (default) splits the
+            probe rows over the ranks and gathers the features on rank 0; ``"rank0"`` runs the
+            whole probe on rank 0. Either way rank 0 alone computes the references, matrices and
+            chance levels and sends the scalars to the sinks, and every rank gets the same
+            scalars back (see :mod:`prh_lightning.tracking.distributed`).
     """
 
     def __init__(
@@ -110,6 +126,7 @@ class AlignmentTracker:
         calibration_seed: int = 0,
         calibration_alpha: float = 0.05,
         heatmap_scores: str = "raw",
+        distributed_probe: str = "shard",
     ) -> None:
         self.metrics = check_metrics(metrics, metric_kwargs)
         _positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -126,6 +143,9 @@ class AlignmentTracker:
         if heatmap_scores == "calibrated" and not self.chance.enabled:
             raise ValueError("heatmap_scores='calibrated' needs calibration > 0 permutations")
         self.heatmap_scores = heatmap_scores
+        if distributed_probe not in DISTRIBUTED_PROBE:
+            raise ValueError(f"distributed_probe must be one of {DISTRIBUTED_PROBE}, got {distributed_probe!r}")
+        self.distributed_probe = distributed_probe
         self.references = check_references(references or {})
         for name, spec in self.references.items():
             wanted = reference_metrics(spec)
@@ -218,7 +238,24 @@ class AlignmentTracker:
         if self.last_step is not None and step <= self.last_step:
             return {}
         model = unwrap_model(model)
-        features = self._safe_model_features(model, context)
+        group = distributed.current()
+        if group is None:
+            values = self._score(self._safe_model_features(model, context))
+        else:
+            values = self._check_distributed(group, model, context)
+        self.last_step = step
+        self.n_checks += 1
+        self.history.append(step, values)
+        if log and (group is None or group.rank == 0):
+            self.log_scalars(values, step)
+            m = self.images_every_n_checks
+            if m is not None and (self.n_checks - 1) % m == 0 and self.last_matrices:
+                self.log_figures(step)
+        return values
+
+    def _score(self, features: Features) -> dict[str, float]:
+        """Every matrix and chance level of the model's ``features`` (``{}``: the probe pass
+        failed), as scalars; keeps the matrices for figures and the features as ``self_previous``."""
         device = next(iter(features.values())).device if features else torch.device("cpu")
         self.move_snapshots(device)
         references, failed = self._safe_reference_features(device)
@@ -234,22 +271,17 @@ class AlignmentTracker:
         values.update(chance_scalars(chance, self._model_layers, self.prefix))
         if not features:  # the probe pass failed: NaN for everything logged before
             values = {tag: float("nan") for tag in self.history}
-        self.last_step = step
-        self.n_checks += 1
         self.last_matrices = matrices
         self.last_chance = chance
-        self.history.append(step, values)
-        if log:
-            self.log_scalars(values, step)
-            m = self.images_every_n_checks
-            if m is not None and (self.n_checks - 1) % m == 0 and matrices:
-                self.log_figures(step)
         return values
 
-    def _safe_model_features(self, model: nn.Module, context) -> Features:
+    def _check_layers(self, model: nn.Module) -> None:
         if not self._layers_checked:  # an unknown layer name is a configuration error: raise now
             check_layer_selection(model, self.layers)
             self._layers_checked = True
+
+    def _safe_model_features(self, model: nn.Module, context) -> Features:
+        self._check_layers(model)
         try:
             features = self.model_features(model, context)
             if not features:
@@ -259,12 +291,17 @@ class AlignmentTracker:
         except Exception as err:  # noqa: BLE001 - reported (warn once, or raised with on_error="raise")
             self.failures.report("the model's probe pass", err)
             return {}
+        return self._track_layers(features)
+
+    def _track_layers(self, features: Features) -> Features:
+        """Layer bookkeeping of a successful probe pass: the first snapshot, and a restart of
+        the snapshots when the tapped layers changed."""
         if self._initial is not None and list(self._initial) != list(features):
             warnings.warn(
                 f"{self.failures.owner}: the tapped layers changed since the first check ({list(self._initial)} -> "
                 f"{list(features)}); self_initial and self_previous restart from this check",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             self._initial = self._previous = None
         if self._initial is None:
@@ -272,10 +309,90 @@ class AlignmentTracker:
         self._model_layers = list(features)
         return features
 
-    def model_features(self, model: nn.Module, context=None) -> Features:
-        """Ordered ``{layer: Tensor[n, d]}`` (float32, on the model's device) of ``model`` on the probe."""
+    # -- one check under torch.distributed -------------------------------------------------
+    def _check_distributed(self, group: distributed.Group, model: nn.Module, context) -> dict[str, float]:
+        """Each rank runs its share of the probe rows (``distributed_probe``), rank 0 gathers
+        the features, scores everything alone and broadcasts the scalars; every rank returns
+        the same values. A failure anywhere is decided on rank 0 and raised (or warned about)
+        on every rank together, so no rank is left waiting in a collective."""
+        n, world = self.probe.n, group.world_size
+        if self.distributed_probe == "shard":
+            bounds = [distributed.shard_bounds(n, world, r) for r in range(world)]
+        else:
+            bounds = [(0, n)] + [(n, n)] * (world - 1)
+        counts = [stop - start for start, stop in bounds]
+        self._check_layers(model)  # the same model everywhere: a bad selection raises on every rank
+        local, error = self._shard_features(model, context, bounds[group.rank])
+        headers = group.all_gather_json(
+            {
+                "layers": [[name, int(v.shape[1])] for name, v in local.items()],
+                "error": None if error is None else f"{type(error).__name__}: {error}",
+                "forward_error": isinstance(error, ForwardError),
+            }
+        )
+        problem = _shard_problem(headers, counts)
+        gathered: Features = {}
+        if problem is None:
+            layers = headers[0]["layers"]
+            if any(counts[1:]):
+                width = sum(d for _, d in layers)
+                flat = torch.cat([local[name] for name, _ in layers], 1) if local else torch.zeros(0, width)
+                full = group.gather_rows(flat.float(), counts)
+                if full is not None:
+                    device = unwrap_device(model)
+                    columns = torch.split(full.to(device), [d for _, d in layers], dim=1)
+                    gathered = {name: column.contiguous() for (name, _), column in zip(layers, columns)}
+            else:
+                gathered = local
+        payload, caught = None, None
+        if group.rank == 0:
+            try:
+                features: Features = {}
+                if problem is not None:
+                    rank, message, forward_error = problem
+                    err = error if rank == 0 and error is not None else RuntimeError(f"on rank {rank}: {message}")
+                    if forward_error:
+                        raise err if isinstance(err, ForwardError) else ForwardError(str(err))
+                    self.failures.report("the model's probe pass", err)
+                else:
+                    features = self._track_layers(gathered)
+                payload = {
+                    "values": self._score(features),
+                    "model_layers": self._model_layers,
+                    "reference_layers": self._reference_layers,
+                }
+            except Exception as err:  # noqa: BLE001 - sent to every rank, then raised everywhere
+                caught, payload = err, {"error": f"{type(err).__name__}: {err}"}
+        payload = group.broadcast_json(payload)
+        if "error" in payload:
+            if caught is not None:
+                raise caught
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{self.failures.owner}: the alignment check failed on rank 0 ({payload['error']})")
+        if group.rank != 0:
+            self._model_layers = list(payload["model_layers"])
+            self._reference_layers = {k: list(v) for k, v in payload["reference_layers"].items()}
+        return {tag: float(v) for tag, v in payload["values"].items()}
+
+    def _shard_features(self, model: nn.Module, context, rows: tuple[int, int]) -> tuple[Features, Exception | None]:
+        """This rank's probe rows ``[start, stop)`` through the model, or the exception it raised."""
+        if rows[1] <= rows[0]:
+            return {}, None
+        try:
+            features = self.model_features(model, context, rows)
+            if not features:
+                raise ValueError(f"no layer selected by layers={self.layers!r} produced a tensor on the probe")
+        except Exception as err:  # noqa: BLE001 - decided on rank 0 (see _check_distributed)
+            return {}, err
+        return features, None
+
+    def model_features(self, model: nn.Module, context=None, rows: tuple[int, int] | None = None) -> Features:
+        """Ordered ``{layer: Tensor[n, d]}`` (float32, on the model's device) of ``model`` on the
+        probe (``rows=(start, stop)``: on those probe rows only)."""
+        probe = self.probe if rows is None else Probe(slice_inputs(self.probe.batch, *rows))
         return probe_features(
-            model, self.probe.chunks(self.batch_size), self.layers, self.reduce, self.forward_fn, context=context
+            model, probe.chunks(self.batch_size), self.layers, self.reduce, self.forward_fn, context=context
         )
 
     def _safe_reference_features(self, device: torch.device) -> tuple[dict[str, Features], list[str]]:
@@ -455,6 +572,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
+
+
+def unwrap_device(model: nn.Module) -> torch.device:
+    return module_device(unwrap_model(model))
+
+
+def _shard_problem(headers: Sequence[Mapping[str, Any]], counts: Sequence[int]) -> tuple[int, str, bool] | None:
+    """``(rank, message, is_forward_error)`` of the first rank whose share of the probe pass
+    failed or tapped other layers than rank 0; ``None`` when every share can be gathered."""
+    for rank, header in enumerate(headers):
+        if header["error"] is not None:
+            return rank, header["error"], bool(header["forward_error"])
+    first = headers[0]["layers"]
+    for rank, (header, count) in enumerate(zip(headers, counts)):
+        if count and header["layers"] != first:
+            return rank, (
+                f"its probe rows tapped layers {header['layers']} but rank 0's tapped {first} "
+                "(a layer that runs on some inputs only?)"
+            ), False
+    return None
 
 
 def metric_kwargs_for(metric: str, k: int, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
