@@ -39,13 +39,13 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def check_sizes(sizes: list[int] | None, n: int, metric: str, k: int | None, where: str = "the feature files") -> None:
+def check_sizes(sizes: list[int] | None, n: int, metric: str, k: int | None, where: str = "in the feature files") -> None:
     """Refuse sizes the data cannot give (more than ``n`` pairs) or the metric cannot score
     (``k`` neighbours need more than ``k`` samples), before any work."""
     if not sizes:
         return
     if sizes[-1] > n:
-        raise RecipeError(f"--sizes asks for {sizes[-1]} samples but {where} hold only n = {n} pairs; "
+        raise RecipeError(f"--sizes asks for {sizes[-1]} samples but there are only n = {n} pairs ({where}); "
                           f"use sizes up to {n} (or more data)")
     if k is not None and sizes[0] <= k:
         raise RecipeError(f"--sizes: {metric} with --k {k} needs more than {k} samples, got a size of {sizes[0]}")

@@ -113,7 +113,7 @@ class MeasureOptions:
             if value < low:
                 raise RecipeError(f"{name} must be >= {low}, got {value}")
 
-    def check_n(self, n: int, where: str = "the feature files") -> None:
+    def check_n(self, n: int, where: str = "in the feature files") -> None:
         if self.metric in KNN_METRICS and not 1 <= self.k < n:
             raise RecipeError(f"--k {self.k} needs 1 <= k < n = {n} samples")
         curve_files.check_sizes(self.sizes, n, self.metric, self.k if self.metric in KNN_METRICS else None, where)

@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         options.check()
         if args.n is not None:  # refuse --sizes / --k beyond --n before loading anything
-            options.check_n(args.n, where="--n")
+            options.check_n(args.n, where=f"--n {args.n}")
         with common.cpu_threads(args.threads):
-            extract = run_extract(args, check_n=lambda n: options.check_n(n, where="the data"))
+            extract = run_extract(args, check_n=lambda n: options.check_n(n, where="in the data"))
         result = run_measure(args.out, extract["dataset"], args.pool_language, args.pool_vision, options)
         figures = platonic_report.figures(result, args.out / "figures")
         seconds = time.perf_counter() - start

@@ -188,7 +188,7 @@ def test_a_rerun_replaces_the_files_and_removes_those_it_does_not_write(features
 
 
 @pytest.mark.parametrize("sizes, status, message", [
-    ("24,96", 2, "--sizes asks for 96 samples but the feature files hold only n = 48 pairs"),
+    ("24,96", 2, "--sizes asks for 96 samples but there are only n = 48 pairs (in the feature files)"),
     ("4,24", 2, "needs more than 4 samples"),
     ("24,12", 2, "expected increasing sample counts"),
     ("12,,24", 2, "expected increasing sample counts"),

@@ -3,6 +3,7 @@ checked against best_alignment on the saved files, the chance level, and bad inp
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,13 +19,15 @@ from prh_lightning.representations import Representations
 
 pytestmark = pytest.mark.slow
 N, K = 64, 5
+SIZES = (16, 32, 64)
 MODELS = ["efficientnet-lite0", "all-MiniLM-L6-v2"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("platonic")
-    code = platonic.main(["--out", str(out), "--n", str(N), "--k", str(K), "--models", *MODELS, "--threads", "1"])
+    code = platonic.main(["--out", str(out), "--n", str(N), "--k", str(K), "--models", *MODELS, "--threads", "1",
+                          "--sizes", ",".join(map(str, SIZES)), "--repeats", "2"])
     assert code == 0
     return out, json.loads((out / "summary.json").read_text())
 
@@ -54,6 +57,28 @@ def test_recipe_writes_summary_figures_report_and_alignment_files(run):
     scores = np.load(folder / f"mutual_knn_k{K}.npy", allow_pickle=False)  # plain arrays, no pickle
     np.testing.assert_allclose(scores, summary["score_matrix"])
     assert np.load(folder / f"mutual_knn_k{K}_indices.npy", allow_pickle=False).shape == (1, 1, 2)
+
+
+def test_the_alignment_curve_is_in_the_summary_the_files_and_the_report(run):
+    out, summary = run
+    curve = summary["alignment_curve"]
+    assert curve["sizes"] == list(SIZES) and curve["repeats"] == 2 and len(curve["pairs"]) == 1
+    pair = curve["pairs"][0]
+    # at all n pairs every subset is the whole set: its score is the best-layer-pair score, with no spread
+    assert pair["mean"][-1] == pytest.approx(summary["score_matrix"][0][0], abs=1e-6)
+    assert pair["low"][-1] == pytest.approx(pair["high"][-1], abs=1e-12)
+    assert pair["chance"][-1] < pair["mean"][-1]
+    files = summary["alignment_files"]
+    assert Path(files["curve_png"]).stat().st_size > 1000 and Path(files["curve_csv"]).read_text().count("\n") == 1 + len(SIZES)
+    report = (out / "report.md").read_text()
+    assert "## Alignment as a function of n" in report
+    assert f"(alignment/flickr8k-1024_n{N}/mutual_knn_k{K}_curve.png)" in report
+
+
+def test_sizes_beyond_the_data_are_refused_before_anything_loads(tmp_path, capsys):
+    assert platonic.main(["--out", str(tmp_path / "out"), "--n", "32", "--sizes", "16,64", "--models", *MODELS]) == 2
+    assert "--sizes asks for 64 samples but there are only n = 32 pairs (--n 32)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_score_matrix_equals_best_alignment_on_the_saved_features(run):
