@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._edge_null import EdgeUnion, batches, moved_hits
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
 from ._ties import check_copies_at_boundary
@@ -133,16 +134,55 @@ def _cknna_pairs(xs: list[CknnaLayer], ys: list[CknnaLayer], unbiased: bool = Tr
 
 
 def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor, unbiased: bool = True, eps: float = 0.0, **_):
-    """``[P, Lx, Ly]`` with every ``y`` layer permuted; each x layer's sorted keys are built once."""
+    """``[P, Lx, Ly]`` with every ``y`` layer permuted by each row of ``perms [P, n]``.
+
+    ``y∘π`` has edge ``(i, j)`` with value ``L_{π(i) π(j)}`` iff ``y`` has edge ``(π(i), π(j))``,
+    so the edges ``(i, j)`` of each ``x`` layer are moved by ``π`` and looked up once in the union
+    of the ``y`` layers' edges (see :mod:`._edge_null`), whose table holds per ``y`` layer the
+    membership, ``L_uv`` and the back link ``L_vu`` (where ``u`` in ``N(v)`` too). Each hit
+    contributes to the terms of :func:`_masked_hsic_against`: ``P'_ij = K_ij``, ``Q'_ij =
+    L_{π(i)π(j)}`` and, for ``tr(P'Q')``, ``K_ij [i in N_x(j)]`` times the back link.
+    """
+    n = xs[0].idx.shape[0]
+    device = xs[0].idx.device
     self_x = torch.stack([a.self_sim for a in xs])
     self_y = torch.stack([b.self_sim for b in ys])
     denom = torch.sqrt(self_x[:, None] * self_y[None, :]) + eps
+    columns = torch.stack([torch.stack([torch.ones_like(b.val), b.val, b.back], dim=-1) for b in ys])
+    union = EdgeUnion(torch.stack([b.idx for b in ys]), columns)
+    idx_x = torch.stack([a.idx for a in xs])  # [Lx, n, k]
+    lx, _, k = idx_x.shape
+    ly = len(ys)
+    rows = torch.arange(n, device=device)[:, None]
+    val_x = torch.stack([a.val for a in xs]).flatten()
+    # K_ij where i is also a neighbour of j in x (else 0): the x side of tr(P'Q')
+    back_x = torch.stack([a.val * a.lookup(a.idx, rows)[0] for a in xs]).flatten()
+    edge_row = rows.expand(n, k).flatten()
     out = []
-    for p in perms:
-        moved = [b.permuted(p) for b in ys]
-        cross = torch.stack([_masked_hsic_against(a, moved, unbiased) for a in xs])
-        out.append(cross / denom)
-    return torch.stack(out)
+    for block in batches(perms, lx * n * k):
+        size = block.shape[0] * lx
+        target, edge, slot = moved_hits(idx_x, union, block)
+        hit = union.table[slot].view(-1, ly, 3)
+        p = val_x[edge, None] * hit[..., 0]  # P'_ij for each y layer
+        q = hit[..., 1]  # Q'_ij
+        sums = torch.zeros(size, 3, ly, dtype=torch.float64, device=device)
+        sums.index_add_(0, target, torch.stack([p, q, back_x[edge, None] * hit[..., 2]], dim=1))
+        sum_p, sum_q, trace = sums.unbind(1)
+        local = edge % (n * k)
+        i = target * n + edge_row[local]
+        j = target * n + idx_x.view(lx, -1)[edge // (n * k), local]
+        col_p = torch.zeros(size * n, ly, dtype=torch.float64, device=device).index_add_(0, j, p)
+        row_q = torch.zeros(size * n, ly, dtype=torch.float64, device=device).index_add_(0, i, q)
+        cross = (col_p * row_q).view(size, n, ly).sum(dim=1)
+        if unbiased:
+            hsic = (trace + sum_p * sum_q / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+        else:
+            row_p = torch.zeros(size * n, ly, dtype=torch.float64, device=device).index_add_(0, i, p)
+            col_q = torch.zeros(size * n, ly, dtype=torch.float64, device=device).index_add_(0, j, q)
+            cross = cross + (row_p * col_q).view(size, n, ly).sum(dim=1)
+            hsic = trace - cross / n + sum_p * sum_q / n**2
+        out.append(hsic.view(block.shape[0], lx, ly) / denom)
+    return torch.cat(out)
 
 
 register_plan(

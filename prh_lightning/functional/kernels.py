@@ -241,33 +241,52 @@ def _cka_null(
     """``[P, Lx, Ly]`` CKA with every ``y`` layer permuted: centring commutes with permuting samples,
     so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominators do not change.
 
-    The centred kernels are formed once. They are symmetric, so each permutation gathers only
-    the upper triangles of the permuted ``y`` kernels (``n (n - 1) / 2`` entries per layer) and
-    scores every pair with one GEMM against the ``x`` triangles, plus the diagonals.
+    The centred kernels are formed once. They are symmetric, so only upper triangles are scored:
+    the ``y`` kernels are interleaved into one ``[n n, Ly]`` table (row ``u n + v`` holds
+    ``C_y[u, v]`` of every ``y`` layer), a batch of permutations gathers the rows
+    ``π(i) n + π(j)``, ``i < j``, of that table at once (one random access per entry for all
+    ``y`` layers), and one GEMM against the ``x`` triangles scores every pair under every
+    permutation of the batch, accumulated in float64 over column chunks (as the raw scores).
     """
     n = xs[0].n
     device = xs[0].x.device
+    lx, ly = len(xs), len(ys)
     iu = torch.triu_indices(n, n, offset=1, device=device)
+    m = iu.shape[1]
     dense_x = [k.dense() for k in xs]
     tri_x = torch.stack([c[iu[0], iu[1]] for c in dense_x])  # [Lx, m]
-    diag_x = torch.stack([c.diagonal() for c in dense_x])  # [Lx, n]
+    diag_x = torch.stack([c.diagonal() for c in dense_x]).double()  # [Lx, n]
     self_x = torch.stack([(c.double() ** 2).sum() for c in dense_x])
     del dense_x
-    cy = torch.stack([k.dense() for k in ys]).flatten(1)  # [Ly, n * n]
-    self_y = (cy.double() ** 2).sum(dim=1)
+    table = torch.empty(n * n, ly, dtype=tri_x.dtype, device=device)
+    self_y = torch.empty(ly, dtype=torch.float64, device=device)
+    for l, k in enumerate(ys):
+        c = k.dense()
+        self_y[l] = (c.double() ** 2).sum()
+        table[:, l] = c.flatten()
+    del c
     denom = torch.sqrt(self_x[:, None] * self_y[None, :])
     if eps:
         c = n * (n - 3) if unbiased else 1.0
         sx = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=device)
         sy = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=device)
         denom = denom + eps * c * sx[:, None] * sy[None, :]
+    rows, cols = iu[0], iu[1]
+    batch = max(1, min(16, _BUDGET // max(1, m * ly)))
+    chunk = -(-m // 8)
     out = []
-    for p in perms:
-        moved = cy.index_select(1, p[iu[0]] * n + p[iu[1]])  # [Ly, m]: C_y[p_i, p_j] for i < j
-        moved_diag = cy.index_select(1, p * (n + 1))  # [Ly, n]: C_y[p_i, p_i]
-        inner = 2.0 * (tri_x @ moved.T).double() + (diag_x @ moved_diag.T).double()
-        out.append(inner / denom)
-    return torch.stack(out)
+    for s in range(0, perms.shape[0], batch):
+        p = perms[s : s + batch]
+        b = p.shape[0]
+        keys = (p.index_select(1, rows) * n + p.index_select(1, cols)).T.reshape(-1)  # [m * B]: (i<j, perm)
+        moved = table.index_select(0, keys).view(m, b * ly)  # C_y[π(i), π(j)] for every y layer and perm
+        inner = torch.zeros(lx, b * ly, dtype=torch.float64, device=device)
+        for c0 in range(0, m, chunk):
+            inner += (tri_x[:, c0 : c0 + chunk] @ moved[c0 : c0 + chunk]).double()
+        diag = table.index_select(0, (p * (n + 1)).reshape(-1)).view(b, n, ly).double()  # C_y[π(i), π(i)]
+        total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag)
+        out.append(total.permute(1, 0, 2) / denom)
+    return torch.cat(out)
 
 
 def prepare_kernel(

@@ -1,0 +1,103 @@
+"""Permutation nulls of neighbour-list metrics (mutual k-NN, CKNNA) without moving any layer.
+
+Permuting the samples of a layer ``y`` by ``π`` (row ``i`` <- sample ``π(i)``) turns the question
+"is ``(i, j)`` an edge of ``y∘π``" into "is ``(π(i), π(j))`` an edge of ``y``". So instead of
+permuting every ``y`` layer and rescoring, each neighbour edge ``(i, j)`` of each ``x`` layer is
+moved to ``(π(i), π(j))`` and looked up once in the union of the edges of all ``y`` layers
+(:class:`EdgeUnion`); a hit returns one row of per-layer columns (membership, kernel values).
+With ``k`` of ``n`` neighbours per row, only about ``L_y k / n`` of the moved edges hit anything,
+so a permutation costs ``O(L_x n k)`` lookups plus work on the hits, for all ``L_x x L_y`` pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["EdgeUnion", "moved_hits", "mutual_knn_null"]
+
+_DENSE_MAP_BYTES = 2**28  # an int32 [n * n] slot map up to n = 8,192; beyond, binary search
+_QUERY_BUDGET = 2**21  # moved edges per batch of permutations
+
+
+class EdgeUnion:
+    """The union of the directed edges ``(u, v)``, ``v`` in ``N_l(u)``, of layers ``l < L``.
+
+    Args:
+        idx: ``[L, n, k]`` neighbour lists.
+        columns: ``[L, n, k, c]`` float64 values per edge and layer (``None``: one column of ones,
+            membership).
+
+    ``table [S + 1, L * c]``: row ``s`` holds, for union edge ``s``, the ``c`` columns of every
+    layer that has it (zeros for layers that do not); row ``S`` is all zeros (a miss). Lookups
+    go through a dense ``int32 [n * n]`` slot map for ``n`` up to 8,192, else by binary search in
+    the sorted union keys ``u n + v``.
+    """
+
+    def __init__(self, idx: torch.Tensor, columns: torch.Tensor | None = None):
+        layers, n, k = idx.shape
+        device = idx.device
+        if columns is None:
+            columns = torch.ones(layers, n, k, 1, dtype=torch.float64, device=device)
+        c = columns.shape[-1]
+        keys = (torch.arange(n, device=device)[:, None] * n + idx).reshape(layers, n * k)
+        union, inverse = torch.unique(keys, return_inverse=True)
+        self.n, self.size, self.layers, self.width = n, union.numel(), layers, c
+        table = torch.zeros(self.size + 1, layers, c, dtype=torch.float64, device=device)
+        table[inverse, torch.arange(layers, device=device)[:, None]] = columns.reshape(layers, n * k, c).double()
+        self.table = table.view(self.size + 1, layers * c)
+        if n * n * 4 <= _DENSE_MAP_BYTES:
+            self.map = torch.full((n * n,), self.size, dtype=torch.int32, device=device)
+            self.map[union] = torch.arange(self.size, dtype=torch.int32, device=device)
+            self.union = None
+        else:
+            self.map, self.union = None, union
+
+    def slots(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slot of each key ``u n + v`` (any shape, int64); ``size`` where no layer has that edge."""
+        if self.map is not None:
+            return self.map[keys].long()
+        pos = torch.searchsorted(self.union, keys).clamp_(max=self.size - 1)
+        return torch.where(self.union[pos] == keys, pos, self.size)
+
+
+def batches(perms: torch.Tensor, edges: int):
+    """Blocks of rows of ``perms [P, n]`` with about ``_QUERY_BUDGET`` moved edges each."""
+    step = max(1, _QUERY_BUDGET // max(1, edges))
+    for s in range(0, perms.shape[0], step):
+        yield perms[s : s + step]
+
+
+def moved_hits(idx_x: torch.Tensor, union: EdgeUnion, perms: torch.Tensor):
+    """The edges of the ``x`` layers that land on an edge of the union under each permutation.
+
+    Args:
+        idx_x: ``[Lx, n, k]`` neighbour lists of the ``x`` layers.
+        perms: ``[B, n]`` permutations.
+
+    Returns ``(target, edge, slot)``, one entry per hit: ``target = b * Lx + l`` (permutation,
+    x layer), ``edge`` the flat index ``l n k + i k + t`` of the edge ``(i, idx_x[l, i, t])``
+    and ``slot`` its row in ``union.table``.
+    """
+    lx, n, k = idx_x.shape
+    b = perms.shape[0]
+    moved_j = perms.index_select(1, idx_x.reshape(-1)).view(b, lx, n, k)
+    keys = (perms * n)[:, None, :, None] + moved_j  # [B, Lx, n, k]: π(i) n + π(j)
+    slots = union.slots(keys).view(-1)
+    hit = (slots != union.size).nonzero().squeeze(1)
+    return hit // (n * k), hit % (lx * n * k), slots[hit]
+
+
+def mutual_knn_null(xs: list, ys: list, perms: torch.Tensor, k: int = 10, **_) -> torch.Tensor:
+    """``[P, Lx, Ly]`` float64 mutual k-NN with every ``y`` layer permuted by each row of
+    ``perms [P, n]``: the shared-neighbour count of ``(x, y∘π)`` is the number of edges of ``x``
+    that ``π`` moves onto edges of ``y``. States carry ``idx [n, k]``."""
+    idx_x = torch.stack([s.idx for s in xs])
+    lx, n, kk = idx_x.shape
+    union = EdgeUnion(torch.stack([s.idx for s in ys]))
+    out = []
+    for block in batches(perms, lx * n * kk):
+        target, _, slot = moved_hits(idx_x, union, block)
+        counts = torch.zeros(block.shape[0] * lx, union.layers, dtype=torch.float64, device=idx_x.device)
+        counts.index_add_(0, target, union.table[slot])
+        out.append(counts.view(block.shape[0], lx, union.layers) / (n * kk))
+    return torch.cat(out)
