@@ -125,3 +125,30 @@ def test_rsa_bad_inputs(pair):
         rsa(a, b, compare="cosine")
     with pytest.raises(ValueError, match="at least 3"):
         rsa(a[:2], b[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_rankdata_matches_scipy(dtype, ties):
+    # float32/float64 on CPU take the numpy path, float16 the torch.sort path
+    from scipy.stats import rankdata as scipy_rankdata
+
+    from prh_lightning.functional.utils import rankdata
+
+    g = torch.Generator().manual_seed(5)
+    v = torch.randint(0, 40, (500,), generator=g).to(dtype) if ties else torch.randn(500, generator=g).to(dtype)
+    got = rankdata(v)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got.double().numpy(), scipy_rankdata(v.double().numpy()))
+
+
+def test_rsa_matrix_with_and_without_ties_matches_scipy():
+    # the ranked state skips centring when an RDM has no ties; with ties it takes the general path
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30, 3), generator=g).double()]
+    ys = [torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 2, (30, 4), generator=g).double()]
+    from prh_lightning import alignment_matrix
+
+    got = alignment_matrix(xs, ys, metric="rsa", distance="euclidean", normalize=False)
+    ref = [[spearmanr(pdist(x.numpy()), pdist(y.numpy())).statistic for y in ys] for x in xs]
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9)
