@@ -4,7 +4,7 @@ Scalars go to every logger at the step ``self.log`` uses, with each logger's gro
 in place of ``/``; figures go to the loggers that take images: TensorBoard (``add_image``, plus a
 custom-scalars layout: one multi-line chart per metric and target, a line per layer), MLflow
 (``log_image`` into the run's artifacts) and Weights & Biases (``log_image``). CSV and other
-loggers get scalars only.
+loggers get scalars only. MLflow's keys are :func:`~prh_lightning.tracking.sinks.folder_safe`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import Trainer
 
-from prh_lightning.tracking.sinks import custom_scalars_layout
+from prh_lightning.tracking.sinks import custom_scalars_layout, folder_safe
 
 
 def log_step(trainer: Trainer) -> int:
@@ -29,8 +29,16 @@ def separated(scalars: Mapping[str, float], separator: str) -> dict[str, float]:
 
 
 def log_scalars(trainer: Trainer, scalars: Mapping[str, float], step: int) -> None:
+    """Scalars to every logger; MLflow gets :func:`~prh_lightning.tracking.sinks.folder_safe` keys
+    (its file store keeps each ``/`` as a folder: ``.../<layer>/calibrated`` is ``.../<layer>.calibrated``)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
     for logger in trainer.loggers:
-        logger.log_metrics(separated(scalars, getattr(logger, "group_separator", "/")), step=step)
+        if isinstance(logger, MLFlowLogger):
+            keys = folder_safe(list(scalars))
+            logger.log_metrics({keys[tag]: value for tag, value in scalars.items()}, step=step)
+        else:
+            logger.log_metrics(separated(scalars, getattr(logger, "group_separator", "/")), step=step)
 
 
 def takes_images(logger: Any) -> bool:

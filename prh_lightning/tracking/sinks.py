@@ -6,7 +6,8 @@ also has ``log_images(images: {tag: uint8 [H, W, 3]}, step: int)``. Any callable
 fabric.log_dict(s, step=step)``).
 
 :class:`TensorBoardSink` writes scalars, images and a custom-scalars layout (one multi-line
-chart per metric and target, a line per layer) to a ``SummaryWriter``.
+chart per metric and target, a line per layer) to a ``SummaryWriter``. :func:`folder_safe`
+renames the tags for stores that keep each ``/`` as a folder (MLflow's file store).
 """
 
 from __future__ import annotations
@@ -97,6 +98,23 @@ class TensorBoardSink:
         for tag, array in images.items():
             self.writer.add_image(tag, array, step, dataformats="HWC")
         self.writer.flush()
+
+
+def folder_safe(tags: list[str]) -> dict[str, str]:
+    """``{tag: key}`` for a store that keeps each ``/`` of a key as a folder (MLflow's local file
+    store): such a store cannot hold a key that is also the folder of another key, as
+    ``.../<layer>`` and ``.../<layer>/calibrated`` are. A tag whose parent is itself one of
+    ``tags`` gets its last ``/`` written as ``.``; every other tag is kept.
+
+    >>> folder_safe(["alignment/cka/ref/fc", "alignment/cka/ref/fc/calibrated", "alignment/cka/ref/calibrated"])
+    {'alignment/cka/ref/fc': 'alignment/cka/ref/fc', 'alignment/cka/ref/fc/calibrated': 'alignment/cka/ref/fc.calibrated', 'alignment/cka/ref/calibrated': 'alignment/cka/ref/calibrated'}
+    """
+    present = set(tags)
+    out = {}
+    for tag in tags:
+        parent, sep, leaf = tag.rpartition("/")
+        out[tag] = f"{parent}.{leaf}" if sep and parent in present else tag
+    return out
 
 
 def as_sink(sink: Any) -> Any:

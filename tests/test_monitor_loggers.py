@@ -1,0 +1,122 @@
+"""AlignmentMonitor with the loggers besides TensorBoard, in real Trainer runs: MLflow's local
+file store (metric files and PNG artifacts read back from disk and checked against brute-force
+formulas and against the TensorBoard images of the same run) and CSV (scalars, no figures)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import io
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from callback_helpers import (
+    TRAINER_KW,
+    TinyNet,
+    brute_cka,
+    brute_mutual_knn,
+    event_accumulator,
+    loader,
+    synthetic_data,
+    tiny_features,
+)
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from prh_lightning.callbacks import AlignmentMonitor, Reference
+
+pytest.importorskip("mlflow", reason="mlflow-skinny is in the dev extra (pip install -e '.[dev]')")
+from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
+
+K = 5
+LAYERS = ["conv1", "conv2", "fc"]
+
+
+def read_mlflow_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` parsed from the file store's ``metrics/<key>`` files
+    (one ``timestamp value step`` line per logged point), without MLflow's own reader."""
+    root = os.path.join(run_dir, "metrics")
+    out = {}
+    for path in glob.glob(os.path.join(root, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows = [line.split() for line in f if line.strip()]
+            key = os.path.relpath(path, root).replace(os.sep, "/")
+            out[key] = [(int(step), float(value)) for _, value, step in rows]
+    return out
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_mlflow_file_store_gets_scalars_and_figures_csv_gets_scalars_only(tmp_path, monkeypatch):
+    # MLflow >= 3.7 refuses the file store unless told otherwise (it prefers a database backend)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    L.seed_everything(0)
+    twin = TinyNet()
+    px, py = synthetic_data(40, seed=123)
+    mon = AlignmentMonitor(probe=(px, py), layers=LAYERS, k=K, every_n_train_steps=2,
+                           references={"twin": Reference(twin, layers=["conv1", "fc"])})
+    mlflow_logger = MLFlowLogger(experiment_name="prh", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    csv_logger = CSVLogger(tmp_path / "csv", name="csv")
+    tb_logger = TensorBoardLogger(tmp_path / "tb", name="tb")
+    model = TinyNet()
+    start = copy.deepcopy(model)
+    x, y = synthetic_data(64)
+    trainer = L.Trainer(max_epochs=2, callbacks=[mon], logger=[mlflow_logger, csv_logger, tb_logger], **TRAINER_KW)
+    trainer.fit(model, loader(x, y), loader(*synthetic_data(32, seed=1)))
+
+    runs = glob.glob(str(tmp_path / "mlruns" / "*" / mlflow_logger.run_id))
+    assert len(runs) == 1, runs
+    metrics = read_mlflow_metrics(runs[0])
+    tag = "alignment/cka/twin/best"
+    # train start, every 2 steps (history steps 0, 2, 4, 6, 8), logged at the step self.log uses
+    assert [s for s, _ in metrics[tag]] == [0, 1, 3, 5, 7]
+    now, then, ref = tiny_features(model, px), tiny_features(start, px), tiny_features(twin, px)
+    last = {key: points[-1][1] for key, points in metrics.items()}
+    for layer in LAYERS:
+        assert last[f"alignment/cka/self_initial/{layer}"] == pytest.approx(brute_cka(now[layer], then[layer]), abs=1e-4)
+        twin_best = max(brute_cka(now[layer], ref[r]) for r in ("conv1", "fc"))
+        assert last[f"alignment/cka/twin/{layer}"] == pytest.approx(twin_best, abs=1e-4)
+        knn = max(brute_mutual_knn(now[layer], ref[r], K) for r in ("conv1", "fc"))
+        assert last[f"alignment/mutual_knn/twin/{layer}"] == pytest.approx(knn, abs=1e-6)
+    assert last[tag] == pytest.approx(max(last[f"alignment/cka/twin/{layer}"] for layer in LAYERS))
+
+    # figures: PNG artifacts named <tag>_step<step>.png, the same pixels as the TensorBoard images
+    pngs = sorted(glob.glob(os.path.join(runs[0], "artifacts", "alignment", "*.png")))
+    names = [os.path.basename(p) for p in pngs]
+    heatmaps = [n for n in names if n.startswith("alignment_heatmap_cka_twin_")]
+    assert heatmaps == ["alignment_heatmap_cka_twin_step00000003.png", "alignment_heatmap_cka_twin_step00000007.png"]
+    acc = event_accumulator(str(tmp_path / "tb"))
+    tb_tags = set(acc.Tags()["images"])
+    assert {n.rsplit("_step", 1)[0] for n in names} == {t.replace("/", "_") for t in tb_tags}
+    for tb_tag in tb_tags:
+        for event in acc.Images(tb_tag):
+            path = os.path.join(runs[0], "artifacts", "alignment", f"{tb_tag.replace('/', '_')}_step{event.step:08d}.png")
+            with open(path, "rb") as f:
+                from_mlflow = decode_png(f.read())
+            assert from_mlflow.shape[0] > 150 and from_mlflow.shape[1] > 200
+            assert np.array_equal(from_mlflow, decode_png(event.encoded_image_string)), path
+            assert len(np.unique(from_mlflow.reshape(-1, 3), axis=0)) > 10  # a drawn figure, not a blank canvas
+
+    # CSV: the same scalars at the same steps (MLflow's file store cannot hold both .../conv1 and
+    # .../conv1/calibrated, so there the latter is .../conv1.calibrated), and no figure in its folder
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    csv_tags = {t for t in rows[0] if t.startswith("alignment/")}
+    as_csv = {key: key.replace(".calibrated", "/calibrated") for key in metrics if key.startswith("alignment/")}
+    assert set(as_csv.values()) == csv_tags and len(csv_tags) == len(as_csv)
+    assert "alignment/cka/twin/conv1.calibrated" in as_csv and "alignment/cka/twin/calibrated" in as_csv
+    for key, tag in as_csv.items():
+        logged = [(int(r["step"]), float(r[tag])) for r in rows if r.get(tag)]
+        assert [s for s, _ in logged] == [s for s, _ in metrics[key]], key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in metrics[key]], abs=1e-6), key
+    written = [f for _, _, files in os.walk(tmp_path / "csv") for f in files]
+    assert "metrics.csv" in written and not [f for f in written if f.endswith(".png") or "tfevents" in f]
