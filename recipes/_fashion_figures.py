@@ -84,16 +84,20 @@ def monitor_figure(history: dict[str, list[tuple[int, float]]]):
     return line_figure(series, title="FashionCNN layers while training: linear CKA on the probe", ylabel="CKA")
 
 
-def save_heatmaps(matrices: dict[str, torch.Tensor], figures: Path) -> dict[str, str]:
-    """One PNG per layer x layer matrix; returns ``{name: relative path}``."""
+def save_heatmaps(matrices: dict[str, torch.Tensor], figures: Path, calibrated: bool = False) -> dict[str, str]:
+    """One PNG per layer x layer matrix (``calibrated``: calibrated scores on a fixed 0-1 scale,
+    files ``heatmap_<name>_calibrated.png``); returns ``{name: relative path}``."""
     from prh_lightning.plotting import heatmap_figure
     from prh_lightning.reporting import save_figure
 
     paths = {}
     for name, matrix in matrices.items():
-        fig = heatmap_figure(matrix, CNN_LAYERS, RESNET_LAYERS, title=f"FashionCNN x ResNet-18: {HEATMAPS[name][2]}",
-                             xlabel="ResNet-18 layer", ylabel="FashionCNN layer", annotate=True)
-        save_figure(fig, figures / f"heatmap_{name}.png")
-        paths[name] = f"figures/heatmap_{name}.png"
+        kind = "calibrated " if calibrated else ""
+        fig = heatmap_figure(matrix, CNN_LAYERS, RESNET_LAYERS, title=f"FashionCNN x ResNet-18: {kind}{HEATMAPS[name][2]}",
+                             xlabel="ResNet-18 layer", ylabel="FashionCNN layer", annotate=True,
+                             **({"vmin": 0.0, "vmax": 1.0} if calibrated else {}))
+        rel = f"figures/heatmap_{name}{'_calibrated' if calibrated else ''}.png"
+        save_figure(fig, figures.parent / rel)
+        paths[name] = rel
     return paths
 

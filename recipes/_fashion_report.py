@@ -16,21 +16,36 @@ def _cell(matrix: torch.Tensor, flat: int) -> tuple[str, str, float]:
     return CNN_LAYERS[i], RESNET_LAYERS[j], float(matrix[i, j])
 
 
-def heatmap_reading(name: str, matrix: torch.Tensor, contrast: dict[str, Any], test: dict | None) -> str:
-    """Best and worst cells, the tested early-vs-late contrast, the best cell's permutation test."""
+def heatmap_reading(name: str, matrix: torch.Tensor, contrast: dict[str, Any], cal: dict[str, Any],
+                    best: dict[str, Any]) -> str:
+    """The calibrated reading first (best cell against the best-of-layers null, cells above
+    chance, calibrated early / late means), then the raw cells and the tested depth contrast."""
+    from prh_lightning.analysis.calibrated import above_chance_phrase
+
+    title = HEATMAPS[name][2]
+    calibrated, p = torch.tensor(cal["calibrated"]), torch.tensor(cal["p_value"])
+    above = int(((p < 0.05) & (calibrated > 0)).sum())
+    early = [RESNET_LAYERS.index(c) for c in ("conv1", "layer1", "layer2")]
+    late = [RESNET_LAYERS.index(c) for c in contrast["late_layers"]]
+    text = (f"Calibrated against {best['n_permutations']} shufflings of which image is which (second figure: "
+            f"0 = not beyond the null's 95% quantile, 1 = the metric's maximum), the best cell, FashionCNN "
+            f"{best['fashioncnn_layer']} / ResNet {best['resnet_layer']}, has "
+            f"{above_chance_phrase(best['score'], best['calibrated'], best['p_value'], title)} against the best cell "
+            f"of each shuffled matrix (chance level {best['null_mean']:.3f}, threshold {best['tau']:.3f}; "
+            f"Holm-adjusted in the claims section). Cell by cell, {above} of {calibrated.numel()} cells are above "
+            f"chance (p < 0.05 and calibrated > 0, not corrected); the mean calibrated score is "
+            f"{float(calibrated[:, early].mean()):.2f} over ResNet's early layers and {float(calibrated[:, late].mean()):.2f} "
+            f"over its late ones. ")
     row, col, value = _cell(matrix, int(torch.argmax(matrix)))
     lo_row, lo_col, lo_value = _cell(matrix, int(torch.argmin(matrix)))
-    late = contrast["late_layers"]
-    dropped = "" if "avgpool" in late else " (avgpool is left out: it equals layer4, the spatial mean of the same output)"
-    text = (f"Highest cell: FashionCNN {row} / ResNet {col} ({value:.3f}); lowest: FashionCNN {lo_row} / ResNet {lo_col} "
-            f"({lo_value:.3f}). Averaged over FashionCNN layers, ResNet's early layers (conv1-layer2) score "
-            f"{contrast['early']:.3f} and its late layers ({', '.join(late)}){dropped} {contrast['late']:.3f}; "
-            f"early minus late = {contrast['difference']:.3f}, {100 * contrast['confidence']:.2f}% jackknife interval "
-            f"[{contrast['low']:.3f}, {contrast['high']:.3f}] (Bonferroni over the {len(HEATMAPS)} heatmaps). "
-            f"\"The two models agree more early in ResNet's depth\" -> **{contrast['verdict']}**.")
-    if test is not None:
-        text += (f" Shuffling which image is which puts the highest cell at z = {test['z_score']:.1f}, "
-                 f"p = {test['p_value']:.3g} (Holm-adjusted in the claims section).")
+    dropped = "" if "avgpool" in contrast["late_layers"] else " (avgpool is left out: it equals layer4, the spatial mean of the same output)"
+    text += (f"Raw scores: highest cell FashionCNN {row} / ResNet {col} ({value:.3f}), lowest FashionCNN {lo_row} / "
+             f"ResNet {lo_col} ({lo_value:.3f}). Averaged over FashionCNN layers, ResNet's early layers (conv1-layer2) "
+             f"score {contrast['early']:.3f} raw and its late layers ({', '.join(contrast['late_layers'])}){dropped} "
+             f"{contrast['late']:.3f}; early minus late = {contrast['difference']:.3f}, {100 * contrast['confidence']:.2f}% "
+             f"jackknife interval [{contrast['low']:.3f}, {contrast['high']:.3f}] (Bonferroni over the {len(HEATMAPS)} "
+             f"heatmaps; raw scores, so a difference in chance levels between layers counts too). "
+             f"\"The two models agree more early in ResNet's depth\" -> **{contrast['verdict']}**.")
     return text
 
 
@@ -59,7 +74,10 @@ def monitor_reading(s: Settings, history: dict[str, list[tuple[int, float]]]) ->
     return (f"The AlignmentMonitor checked FashionCNN every {s.monitor_every} steps and at each validation on a probe "
             f"of {s.probe_size} test images (not used for training): CKA and mutual k-NN between each FashionCNN layer "
             "and MiniLM (the embedding of each probe image's class name) and each ResNet-18 layer. avgpool's CKA with "
-            f"MiniLM was {change('alignment/cka/minilm/avgpool')}; with ResNet {change('alignment/cka/resnet/avgpool')} "
+            f"MiniLM was {change('alignment/cka/minilm/avgpool')}; with ResNet {change('alignment/cka/resnet/avgpool')}. "
+            f"Calibrated against the monitor's shufflings of the probe (`.../calibrated`, `.../chance`), the best "
+            f"FashionCNN layer's CKA with ResNet was {change('alignment/cka/resnet/calibrated')}, its chance level "
+            f"{change('alignment/cka/resnet/chance')}; with MiniLM {change('alignment/cka/minilm/calibrated')} "
             "(one probe, no interval: a description, not a claim). All scalars (`alignment/<metric>/<reference>/<layer>`) "
             f"and heatmap images are in TensorBoard: `{_tensorboard_command(s.out / 'tensorboard')}`.")
 
@@ -75,7 +93,8 @@ def layer_rsa_table(study: dict[str, dict[str, dict]], layers: list[str]) -> str
 
 def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch.Tensor],
                  studies: dict[str, dict], tests: dict[str, dict]) -> None:
-    """``report.md``: every figure with its numbers and one paragraph of reading."""
+    """``report.md``: every figure with its numbers and one paragraph of reading; ``tests``: the
+    calibrated best cell of each heatmap."""
     from prh_lightning.reporting import Report, markdown_table
 
     acc, rn, data = summary["test_accuracy"], summary["resnet"], summary["data"]
@@ -83,7 +102,8 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
     holm = {c["claim"]: c for c in claims}
     report = Report("ResNet-18 vs FashionCNN vs MiniLM on Fashion-MNIST", intro=(
         f"Settings: {'quick' if s.quick else 'full (seed)'} mode, N = {summary['n_samples']} stratified test images, "
-        f"seed {s.seed}, {s.permutations} permutations per test, {s.bootstraps} bootstrap resamples, "
+        f"seed {s.seed}, {s.permutations} permutations per Mantel test, {s.calibration_permutations} image shufflings "
+        f"calibrating the heatmaps, {s.bootstraps} bootstrap resamples, "
         f"{s.jackknife_groups} jackknife groups. Data: {data['path']} (SHA-256 of the four files {data['sha256'][:12]}...). "
         f"ResNet-18 weights: **{rn['weights']}** ({rn['training']}, input {rn['input_size']}x{rn['input_size']})"
         f"{'; ' + rn['note'] if rn['note'] else ''}. Run time {summary['runtime_s']:.0f} s on {summary['threads']} "
@@ -101,10 +121,14 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
             "analysis images, coloured by class. A picture to look at, not a measurement: numbers for the same layers "
             "are in the heatmaps and the centroid RSA table below."))
     for name, matrix in matrices.items():
+        cal = summary["calibrated_heatmaps"][name]
+        rows = [[f"{CNN_LAYERS[i]} raw"] + [float(v) for v in matrix[i]] for i in range(len(CNN_LAYERS))]
+        rows += [[f"{CNN_LAYERS[i]} calibrated (p)"] + [f"{c:.2f} ({p:.2g})" for c, p in zip(cal["calibrated"][i], cal["p_value"][i])]
+                 for i in range(len(CNN_LAYERS))]
         report.section(f"FashionCNN x ResNet-18: {HEATMAPS[name][2]}", figure=summary["heatmaps"][name],
-                       table=markdown_table(["FashionCNN \\ ResNet"] + RESNET_LAYERS,
-                                            [[CNN_LAYERS[i]] + [float(v) for v in matrix[i]] for i in range(len(CNN_LAYERS))]),
-                       text=heatmap_reading(name, matrix, contrasts[name], tests.get(name)) + NOTES.get(name, ""))
+                       table=markdown_table(["FashionCNN \\ ResNet"] + RESNET_LAYERS, rows),
+                       text=f"![calibrated {HEATMAPS[name][2]}]({summary['calibrated_heatmap_figures'][name]})\n\n"
+                       + heatmap_reading(name, matrix, contrasts[name], cal, tests[name]) + NOTES.get(name, ""))
     for model, label in (("fashioncnn", "FashionCNN"), ("resnet", "ResNet-18")):
         layers = CNN_LAYERS if model == "fashioncnn" else RESNET_LAYERS
         report.section(f"RSA: {label} class centroids vs MiniLM label embeddings", figure=summary["figures"][f"rsa_{model}"],
@@ -116,16 +140,22 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
     lines += [f"- {HEATMAPS[n][2]}: early minus late {c['difference']:.3f} [{c['low']:.3f}, {c['high']:.3f}] -> "
               f"**{c['verdict']}**" for n, c in contrasts.items()]
     report.section("Claims", f"{RULE} Intervals: delete-a-group jackknife, Bonferroni over the {len(contrasts)} depth "
-                   f"contrasts; p-values: Holm over the {len(claims)} tests, a claim holds when the adjusted p < 0.05.\n\n"
+                   f"contrasts; p-values: Holm over the {len(claims)} tests, a claim holds when the adjusted p < 0.05. "
+                   "A best cell's p-value comes from the calibration: the best cell of the observed heatmap against the "
+                   "best cell of each shuffled one, so picking the best of 18 cells is accounted for.\n\n"
                    + "\n".join(lines))
     report.write(s.out / "report.md")
 
 
 def results_text(s: Settings, summary: dict[str, Any]) -> str:
     """The lines printed at the end of a run."""
-    acc = summary["test_accuracy"]
+    from prh_lightning.analysis.calibrated import above_chance_phrase
+
+    acc, best = summary["test_accuracy"], summary["best_cell_calibrated"]
     return "\n".join([
         f"FashionCNN test accuracy {acc['fashioncnn']:.3f}, ResNet-18 ({summary['resnet_weights']}) {acc['resnet']:.3f}",
+        *(f"best {name} cell: {above_chance_phrase(b['score'], b['calibrated'], b['p_value'], HEATMAPS[name][2])}"
+          for name, b in best.items() if name in ("cka", "mutual_knn")),
         f"RSA FashionCNN-MiniLM {summary['rsa_fashioncnn_minilm']:.3f} (p = {summary['rsa_fashioncnn_minilm_p']:.3g}); "
         f"ResNet-MiniLM {summary['rsa_resnet_minilm']:.3f} (p = {summary['rsa_resnet_minilm_p']:.3g})",
         f"report: {s.out / 'report.md'}  summary: {s.out / 'summary.json'}  ({summary['runtime_s']:.0f} s)",

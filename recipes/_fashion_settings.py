@@ -56,6 +56,7 @@ class Settings:
     val_size: int = 1000
     batch_size: int = 128
     permutations: int = 10000
+    calibration_permutations: int = 200
     bootstraps: int = 1000
     jackknife_groups: int = 10
     umap_points: int = 1000

@@ -35,7 +35,8 @@ from prh_lightning.data.fashion_mnist import FashionMNISTNotFound, fashion_mnist
 from prh_lightning.recipes import _common as common
 from prh_lightning.recipes._common import RecipeInputError
 from prh_lightning.recipes._fashion_analysis import (
-    best_cell_tests,
+    best_cells,
+    calibrated_heatmaps,
     centroid_study,
     depth_contrast,
     layer_heatmaps,
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, help="training images held out for validation (default 1000)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     p.add_argument("--permutations", type=int, help="permutations per Mantel test (default 10000; quick 1000)")
+    p.add_argument("--calibration-permutations", type=int,
+                   help="image shufflings that calibrate every heatmap against chance (default 200)")
     p.add_argument("--bootstraps", type=int, help="bootstrap resamples per interval (default 1000; quick 200)")
     p.add_argument("--umap-points", type=int, help="points per UMAP panel (default N)")
     p.add_argument("--umap-epochs", type=int, help="UMAP optimisation epochs (default: umap's; quick 100)")
@@ -114,7 +117,7 @@ def settings_from_args(argv: Sequence[str] | None) -> Settings:
 
 def check_settings(s: Settings) -> None:
     """Raise :class:`RecipeInputError` for values that cannot work."""
-    positive = ["n_samples", "epochs", "resnet_epochs", "batch_size", "permutations", "bootstraps",
+    positive = ["n_samples", "epochs", "resnet_epochs", "batch_size", "permutations", "calibration_permutations", "bootstraps",
                 "umap_points", "probe_size", "monitor_every", "jackknife_groups"]
     for name in positive:
         if getattr(s, name) <= 0:
@@ -161,8 +164,9 @@ def data_record(s: Settings) -> dict[str, Any]:
 def analyse(s: Settings, cnn, resnet, minilm, facts: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
     """Record both models, make every figure, compute every number.
 
-    Returns ``(summary, heatmap matrices, centroid studies, best-cell tests)``.
+    Returns ``(summary, heatmap matrices, centroid studies, calibrated best cells)``.
     """
+    from prh_lightning.analysis.calibrated import calibration_fields
     from prh_lightning.reporting import save_figure
 
     figures = s.out / "figures"
@@ -171,11 +175,14 @@ def analyse(s: Settings, cnn, resnet, minilm, facts: dict[str, Any]) -> tuple[di
     cnn_reps, resnet_reps = record(cnn, dataset, CNN_LAYERS, s), record(resnet, dataset, RESNET_LAYERS, s)
     texts = {kind: encode_labels(minilm, groups) for kind, groups in label_texts().items()}
     save_representations(s, cnn_reps, resnet_reps, texts)
-    say(s, "layer x layer heatmaps, permutation tests and the depth contrast (jackknife)")
+    say(s, f"layer x layer heatmaps, calibrated against {s.calibration_permutations} image shufflings, "
+           "and the depth contrast (jackknife)")
     matrices = layer_heatmaps(cnn_reps, resnet_reps)
-    tests = best_cell_tests(cnn_reps, resnet_reps, matrices, s)
+    calibrated = calibrated_heatmaps(cnn_reps, resnet_reps, s)
+    tests = best_cells(calibrated)
     contrasts = depth_contrast(cnn_reps, resnet_reps, matrices, s)
     heatmap_paths = save_heatmaps(matrices, figures)
+    calibrated_paths = save_heatmaps({name: res.calibrated for name, res in calibrated.items()}, figures, calibrated=True)
     say(s, "class-centroid RSA against MiniLM (Mantel tests, bootstrap)")
     studies = {"fashioncnn": centroid_study(cnn_reps, texts, s), "resnet": centroid_study(resnet_reps, texts, s)}
     paths = {}
@@ -208,7 +215,13 @@ def analyse(s: Settings, cnn, resnet, minilm, facts: dict[str, Any]) -> tuple[di
         "centroid_rsa": studies,
         "heatmaps": heatmap_paths,
         "heatmap_matrices": {k: {"rows": CNN_LAYERS, "cols": RESNET_LAYERS, "values": v} for k, v in matrices.items()},
-        "best_cell_permutation_tests": tests,
+        "calibrated_heatmaps": {k: {"rows": CNN_LAYERS, "cols": RESNET_LAYERS, **calibration_fields(res)}
+                                for k, res in calibrated.items()},
+        "calibrated_heatmap_figures": calibrated_paths,
+        "calibration": {"n_permutations": s.calibration_permutations, "seed": s.seed, "alpha": 0.05,
+                        "permutations": "prh_lightning.analysis.draw_permutations(n_samples, n_permutations, seed); "
+                                        "each reorders the images of every ResNet-18 layer"},
+        "best_cell_calibrated": tests,
         "depth_contrast": contrasts,
         "claims": tested_claims(studies, tests),
         "figures": paths,

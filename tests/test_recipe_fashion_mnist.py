@@ -24,7 +24,7 @@ CNN = ["conv1", "conv2", "avgpool"]
 RESNET = ["conv1", "layer1", "layer2", "layer3", "layer4", "avgpool"]
 TINY = ["--n-samples", "100", "--train-size", "2000", "--epochs", "1", "--resnet-weights", "scratch",
         "--resnet-epochs", "1", "--resnet-train-size", "400", "--val-size", "100", "--test-size", "200",
-        "--batch-size", "64", "--permutations", "99", "--bootstraps", "20", "--umap-points", "100",
+        "--batch-size", "64", "--permutations", "99", "--calibration-permutations", "60", "--bootstraps", "20", "--umap-points", "100",
         "--umap-epochs", "10", "--probe-size", "64", "--monitor-every", "10", "--jackknife-groups", "5", "--no-progress", "--threads", "1"]
 
 
@@ -52,7 +52,9 @@ def test_every_output_exists_and_the_report_shows_every_figure(run):
     figures = sorted((out / "figures").glob("*.png"))
     names = {p.stem for p in figures}
     assert {"umap_resnet", "umap_fashioncnn", "rsa_fashioncnn_minilm", "rsa_resnet_minilm",
-            "heatmap_rsa_euclidean", "heatmap_rsa_cosine", "heatmap_cka", "heatmap_mutual_knn"} <= names
+            "heatmap_rsa_euclidean", "heatmap_rsa_cosine", "heatmap_cka", "heatmap_mutual_knn",
+            "heatmap_cka_calibrated", "heatmap_mutual_knn_calibrated", "heatmap_rsa_euclidean_calibrated",
+            "heatmap_rsa_cosine_calibrated"} <= names
     for png in figures:
         image = matplotlib.image.imread(png)
         assert image.ndim == 3 and min(image.shape[:2]) > 100
@@ -129,7 +131,7 @@ def test_claims_are_holm_adjusted_and_the_data_is_recorded(run):
     from prh_lightning.analysis.claims import holm
 
     claims = summary["claims"]
-    assert len(claims) == 4 + 2  # centroid RSA (2 models x 2 texts) + 2 best cells
+    assert len(claims) == 4 + 4  # centroid RSA (2 models x 2 texts) + the best cell of each of the 4 heatmaps
     assert [c["p_holm"] for c in claims] == pytest.approx(holm([c["p"] for c in claims]).tolist())
     for c in claims:
         assert c["verdict"] == ("holds" if c["p_holm"] < 0.05 else "cannot tell")
@@ -137,6 +139,77 @@ def test_claims_are_holm_adjusted_and_the_data_is_recorded(run):
     assert data["files"] == 4 and data["n_items"] == 70000 and len(data["sha256"]) == 64
     assert summary["threads"] == 1  # --threads 1 holds for the whole run
     assert "## Claims" in (out / "report.md").read_text()
+
+
+def _centred_gram(x: np.ndarray) -> np.ndarray:
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)  # the CKA heatmap normalises rows
+    x = x - x.mean(0)
+    return x @ x.T
+
+
+def test_calibrated_cka_heatmap_equals_the_papers_formulas_over_the_same_permutations(run):
+    """Linear CKA from centred Grams in numpy, ResNet's rows reordered by the documented seeded
+    permutations (torch.randperm, seed 0), then tau, p and the calibrated score as in the paper,
+    per cell and for the best cell against the best cell of each permuted matrix."""
+    import math
+
+    out, summary, _ = run
+    cnn, resnet = _reps(out, "fashioncnn"), _reps(out, "resnet")
+    K, n = 60, 100
+    gen = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(n, generator=gen).numpy() for _ in range(K)]
+    gx = [_centred_gram(cnn[a].double().numpy()) for a in CNN]
+    gy = [_centred_gram(resnet[b].double().numpy()) for b in RESNET]
+    cka = lambda a, b: float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    raw = np.array([[cka(a, b) for b in gy] for a in gx])
+    null = np.array([[[cka(a, b[p][:, p]) for b in gy] for a in gx] for p in perms])  # [K, 3, 6]
+
+    def paper(obs, nul):
+        pooled = np.sort(np.concatenate([[obs], nul]))
+        tau = pooled[math.ceil(0.95 * (K + 1)) - 1]
+        return tau, (1 + np.sum(nul >= obs)) / (K + 1), min(max((obs - tau) / (1 - tau), 0.0), 1.0)
+
+    cal = summary["calibrated_heatmaps"]["cka"]
+    assert cal["n_permutations"] == K and cal["rows"] == CNN and cal["cols"] == RESNET
+    assert np.allclose(cal["raw"], summary["heatmap_matrices"]["cka"]["values"], atol=1e-6)
+    for i in range(3):
+        for j in range(6):
+            tau, p, c = paper(raw[i, j], null[:, i, j])
+            assert cal["raw"][i][j] == pytest.approx(raw[i, j], abs=1e-5)
+            assert cal["tau"][i][j] == pytest.approx(tau, abs=1e-5)
+            assert cal["p_value"][i][j] == pytest.approx(p, abs=1e-9)
+            assert cal["calibrated"][i][j] == pytest.approx(c, abs=1e-4)
+            assert cal["null_mean"][i][j] == pytest.approx(null[:, i, j].mean(), abs=1e-5)
+    tau, p, c = paper(raw.max(), null.reshape(K, -1).max(axis=1))
+    agg, best = cal["aggregate"], summary["best_cell_calibrated"]["cka"]
+    assert (agg["tau"], agg["p_value"], agg["calibrated"]) == pytest.approx((tau, p, c), abs=1e-5)
+    assert best["p_value"] == agg["p_value"] and best["calibrated"] == agg["calibrated"]
+    i, j = np.unravel_index(raw.argmax(), raw.shape)
+    assert (best["fashioncnn_layer"], best["resnet_layer"]) == (CNN[i], RESNET[j])
+    # the claim about the best cell reads the best-of-layers p-value
+    claim = next(c for c in summary["claims"] if c["claim"].startswith("best cka cell"))
+    assert claim["p"] == agg["p_value"]
+    # every heatmap: calibrated scores in [0, 1], p-values on the 1/(K+1) grid, 0 where p > 0.05
+    for name, entry in summary["calibrated_heatmaps"].items():
+        c, pv = np.array(entry["calibrated"]), np.array(entry["p_value"])
+        assert np.all((c >= 0) & (c <= 1)) and np.allclose(pv * (K + 1), np.round(pv * (K + 1))), name
+        assert np.all(c[pv > 0.05] == 0), name
+
+
+def test_the_report_reads_the_calibrated_numbers(run):
+    from prh_lightning.analysis.calibrated import above_chance_phrase
+    from prh_lightning.recipes._fashion_settings import HEATMAPS
+
+    out, summary, stdout = run
+    report = (out / "report.md").read_text()
+    for name, best in summary["best_cell_calibrated"].items():
+        phrase = above_chance_phrase(best["score"], best["calibrated"], best["p_value"], HEATMAPS[name][2])
+        assert phrase in report, name
+        assert f"({summary['calibrated_heatmap_figures'][name]})" in report
+    best = summary["best_cell_calibrated"]["cka"]
+    assert above_chance_phrase(best["score"], best["calibrated"], best["p_value"], "linear CKA") in stdout
+    live = summary["monitor_history"]["alignment/cka/resnet/calibrated"]
+    assert f"ResNet was {live[0][1]:.3f} at the first check and {live[-1][1]:.3f} at the last" in report
 
 
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
