@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._edge_null import mutual_knn_null
 from ._numerics import Centred, centre
 from ._plan import MetricPlan, register_plan, score_pair
 from ._ties import check_copies_at_boundary
@@ -471,6 +472,7 @@ for _name in _SCORERS:
             pairs=_knn_pairs(_name),
             bounds=_RANGES[_name],
             permute=permute_neighbours,
+            null=mutual_knn_null if _name == "mutual_knn" else None,
             resampling="groups",
         )
     )
