@@ -79,6 +79,19 @@ def test_the_curve_is_exported_and_plots_mean_band_and_chance(tmp_path):
     assert path.stat().st_size > 1000
 
 
+def test_several_curves_share_one_axes_with_one_chance_entry_and_ticks_at_the_sizes():
+    a, b, noise = _pair(n=120, seed=6)
+    g = torch.Generator().manual_seed(0)
+    curves = [alignment_curve(x, b, "mutual_knn", sizes=[30, 60, 120], repeats=2, n_permutations=2, generator=g, k=3)
+              for x in (a, noise)]
+    ax = curves[0].plot(label="a")
+    curves[1].plot(ax, label="noise")
+    labels = [line.get_label() for line in ax.lines]
+    assert labels.count("a") == 1 and labels.count("noise") == 1 and labels.count("chance (permuted pairs)") == 1
+    assert len(ax.lines) == 4
+    assert list(ax.get_xticks()) == [30, 60, 120] and [t.get_text() for t in ax.get_xticklabels()] == ["30", "60", "120"]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
