@@ -2,8 +2,8 @@
 
 A reference spec is one of:
 
-- an ``nn.Module`` fed the probe inputs (every leaf layer tapped; a sentence-transformer gives
-  its sentence embedding);
+- an ``nn.Module`` fed the probe inputs: short for ``Reference(module, layers="*")`` (every
+  leaf layer tapped), or ``Reference(module)`` (its output) for a sentence-transformer;
 - a :class:`Reference` (its own inputs, layers, pooling, ``class_names`` for a text model);
 - a registered model name (``"minilm"``, ``"all-MiniLM-L6-v2"``, ``"efficientnet-lite0"``, any
   name of :data:`prh_lightning.models.zoo.REGISTRY`) or a ``{"class_path": ..., "init_args":
@@ -16,6 +16,7 @@ A reference spec is one of:
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from prh_lightning.tracking.scoring import RESERVED
 
 Features = dict[str, torch.Tensor]
 _ALIASES = {"minilm": "all-MiniLM-L6-v2"}
+OUTPUT = "output"  # Reference(layers=OUTPUT): the model's output, one feature column named "output"
 
 
 @dataclass
@@ -52,9 +54,13 @@ class Reference:
             ``lambda x, y: [CLASS_NAMES[i] for i in y]`` for a text model (cross-modal).
         class_names: shorthand for that last case, usable from YAML: the model reads
             ``class_names[label]`` of each probe sample.
-        layers: ``None`` (the model's output only, one column ``"output"``; ``encode`` for a
-            sentence-transformer given strings) or a :class:`~prh_lightning.taps.LayerTaps`
-            selection: ``"*"``, ``"auto"`` (the family default), names, globs.
+        layers: ``"output"`` (default): the model's output only, one column ``"output"``
+            (``encode`` for a sentence-transformer given strings); or a
+            :class:`~prh_lightning.taps.LayerTaps` selection: ``"*"`` (every leaf layer),
+            ``"auto"`` (the family default), names, globs, types; ``["output"]`` (a list) taps a
+            sub-module named ``output``. ``None`` is deprecated: it meant the output here but
+            every leaf in ``LayerTaps``; it warns and means ``"output"`` for now, and will mean
+            every leaf, as in ``LayerTaps``, in a later release.
         reduce: pooling of tapped layers (see ``LayerTaps``).
         forward_fn: ``forward_fn(model, inputs_chunk) -> output`` to call the model yourself.
         batch_size: probe rows per forward call.
@@ -62,11 +68,20 @@ class Reference:
         metrics: the metrics computed against this reference (``None``: all of the tracker's).
             k-NN metrics are undefined against class names (``n`` rows, 10 distinct): use
             ``metrics=("cka",)`` there.
+
+    >>> from torch import nn
+    >>> from prh_lightning.tracking.probe import Probe
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    >>> probe = Probe(torch.randn(5, 4))
+    >>> {k: tuple(v.shape) for k, v in Reference(net).features(probe).items()}
+    {'output': (5, 2)}
+    >>> {k: tuple(v.shape) for k, v in Reference(net, layers="*").features(probe).items()}
+    {'0': (5, 3), '1': (5, 3), '2': (5, 2)}
     """
 
     model: Any
     inputs: Sequence[Any] | torch.Tensor | Callable[[Any, torch.Tensor | None], Any] | None = None
-    layers: Any = None
+    layers: Any = OUTPUT
     reduce: Any = "mean"
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
     batch_size: int = 64
@@ -87,19 +102,33 @@ class Reference:
             raise ValueError(f"Reference.batch_size must be a positive int, got {self.batch_size!r}")
         if self.class_names is not None and self.inputs is not None:
             raise ValueError("give Reference(inputs=...) or class_names=..., not both")
+        if self.layers is None:
+            warnings.warn(
+                "Reference(layers=None) is deprecated: it means the model's output here but every leaf layer in "
+                "LayerTaps(layers=None). Write layers='output' for the output or layers='*' for every leaf; None "
+                "means 'output' for now and will mean every leaf, as in LayerTaps, in a later release",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.layers = OUTPUT
+
+    @property
+    def output_only(self) -> bool:
+        """True when the reference gives its model's output (``layers="output"``), not tapped layers."""
+        return isinstance(self.layers, str) and self.layers == OUTPUT
 
     def features(self, probe: Probe) -> Features:
         """Ordered ``{layer: Tensor[n, d]}`` of the reference on the probe."""
         inputs = self._inputs(probe)
-        size = num_rows(inputs) if _is_text(inputs) and self.layers is None else self.batch_size  # encode batches
+        size = num_rows(inputs) if _is_text(inputs) and self.output_only else self.batch_size  # encode batches
         chunks = [slice_inputs(inputs, i, i + size) for i in range(0, num_rows(inputs), size)]
-        if self.layers is not None:
+        if not self.output_only:
             forward = self.forward_fn or _call_reference
             return probe_features(self.model, chunks, layers=self.layers, reduce=self.reduce, forward_fn=forward)
         with side_effect_free(self.model):
             device = module_device(self.model)
             outputs = [_as_features(self._output(move_inputs(c, device))) for c in chunks]
-        return {"output": torch.cat(outputs)}
+        return {OUTPUT: torch.cat(outputs)}
 
     def _inputs(self, probe: Probe) -> Any:
         if self.class_names is not None:
@@ -193,7 +222,7 @@ def check_references(references: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(spec, Mapping) and "model" in spec:
             spec = Reference(**spec)
         if isinstance(spec, nn.Module):  # every leaf layer; a sentence-transformer's embedding
-            spec = Reference(spec, layers=None if hasattr(spec, "encode") else "*")
+            spec = Reference(spec, layers=OUTPUT if hasattr(spec, "encode") else "*")
         elif not isinstance(spec, (Reference, Mapping, torch.Tensor)) and not callable(spec):
             raise TypeError(
                 f"reference {name!r} is a {type(spec).__name__}; use an nn.Module, a Reference(...), a registered "
