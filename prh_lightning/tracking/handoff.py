@@ -9,12 +9,13 @@ owner names a private file: rank 0 of the workers writes the tracker's state the
 looks at the tracker (and deletes it). JSON only: nothing is unpickled. The file is also
 removed when the owner is garbage collected or the launching process exits.
 
+>>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
 >>> tracker = AlignmentTracker(probe=torch.rand(8, 3), metrics=("cka",), snapshots=False, calibration=0)
->>> _ = tracker.check(torch.nn.Linear(3, 2), step=0)
+>>> _ = tracker.check(model, step=0)
 >>> copy = AlignmentTracker(probe=torch.rand(8, 3), metrics=("cka",), snapshots=False, calibration=0)
 >>> restore(copy, json.loads(json.dumps(portable_state(tracker))))
->>> list(copy.history) == list(tracker.history), copy.last_step
-(True, 0)
+>>> list(copy.history) == list(tracker.history) != [], copy.last_step, copy.last_matrices["cka/self"].shape
+(True, 0, torch.Size([3, 3]))
 """
 
 from __future__ import annotations
