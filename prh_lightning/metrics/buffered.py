@@ -3,6 +3,10 @@
 Metrics that need every sample at once (k-NN, RSA, kernel CKA, SVCCA) append each batch to
 list states (``dist_reduce_fx="cat"``, so DDP gathers the union of all ranks' samples) and
 score the whole buffer in ``compute()`` with the functional core.
+
+With ``sharded=True`` each rank keeps its own samples and ``compute()`` runs blocked across
+ranks (:mod:`prh_lightning.metrics._distributed`): the ``[n, d]`` union never has to fit on
+one device. Same score as the gathered one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ class BufferedPairMetric(Metric):
             the bound or subsample. There is no reservoir sampling: scores are exact.
         buffer_on_cpu: move the buffer to CPU after each update (torchmetrics'
             ``compute_on_cpu``), to spare accelerator memory; ``compute`` then runs on CPU.
+        sharded: under ``torch.distributed`` with more than one process, do not gather the
+            samples: each rank keeps its shard, and ``compute`` passes row panels between ranks
+            (one at a time) and gathers only small results (neighbour lists ``[n, k]``, HSIC
+            sums). ``max_samples`` then bounds each rank's shard, not the union. For the k-NN
+            metrics (exact neighbours), ``CKA`` with ``kernel="rbf"`` or ``unbiased=True`` and
+            ``UnbiasedCKA``; other metrics refuse it. Collectives run on the buffer's device
+            (gloo on CPU, NCCL on CUDA: keep ``buffer_on_cpu=False`` there). Without a
+            process group, ``compute`` is the ordinary single-process one.
         kwargs: torchmetrics ``Metric`` options (``sync_on_compute``, ``process_group``, ...).
 
     ``update(a, b, index=None)``: ``index [batch]`` integer sample ids (e.g. dataset indices).
@@ -69,11 +81,14 @@ class BufferedPairMetric(Metric):
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
         *,
+        sharded: bool = False,
         _buffer: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("compute_on_cpu", buffer_on_cpu)
+        sharded = check_sharded(sharded, self.metric_name, _buffer, kwargs)
         super().__init__(**kwargs)
+        self.sharded = sharded
         self.normalize = bool(normalize)
         self.max_samples = check_max_samples(max_samples)
         if _buffer:
@@ -136,10 +151,36 @@ class BufferedPairMetric(Metric):
 
     def compute(self) -> Tensor:
         """The score of ``prh_lightning.functional.METRICS[metric_name]`` on all samples (0-dim)."""
-        from prh_lightning.functional import METRICS
+        return self._score(self.metric_name, **self.metric_kwargs())
 
+    def _score(self, metric: str, **options: Any) -> Tensor:
+        """``METRICS[metric]`` of the union of every rank's samples: gathered, or sharded."""
+        from prh_lightning.functional import METRICS
+        from prh_lightning.metrics._distributed import sharded_score, shards_across_ranks
+
+        if self.sharded and shards_across_ranks(self.process_group):
+            a, b, ids = self._local_samples()
+            return sharded_score(metric, a, b, ids, self.normalize, self.process_group, **options)
         a, b = self.samples()
-        return METRICS[self.metric_name](a, b, normalize=self.normalize, **self.metric_kwargs())
+        return METRICS[metric](a, b, normalize=self.normalize, **options)
+
+    def _local_samples(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """This rank's ``a [n_r, d_a]``, ``b [n_r, d_b]`` and ids ``[n_r]`` (or None); a rank without
+        samples takes empty ones of the other ranks' widths."""
+        import torch
+
+        from prh_lightning.metrics._distributed import ShardGroup
+
+        group = ShardGroup(self.process_group)
+        widths = [x[0].shape[1] if x else 0 for x in (self.a, self.b)]
+        widths = group.all_reduce(torch.tensor(widths, device=self.device), "max").tolist()
+        if not max(widths):
+            raise RuntimeError(f"{type(self).__name__} has no samples; call update(a, b) before compute()")
+        if _is_empty(self.a):
+            empty = torch.empty(0, widths[0], device=self.device)
+            return empty, torch.empty(0, widths[1], device=self.device), None
+        ids = None if _is_empty(self.index) else dim_zero_cat(self.index)
+        return dim_zero_cat(self.a), dim_zero_cat(self.b), ids
 
     def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: _AX_TYPE | None = None) -> _PLOT_OUT_TYPE:
         """Plot one value or a sequence of values (e.g. one per epoch) with torchmetrics' plotting.
@@ -150,6 +191,24 @@ class BufferedPairMetric(Metric):
         Returns: ``(figure, axis)``.
         """
         return self._plot(val, ax)
+
+
+def check_sharded(sharded: bool, metric: str, buffered: bool, kwargs: dict[str, Any]) -> bool:
+    """Validate ``sharded=`` and turn torchmetrics' gathering sync off for it (in ``kwargs``)."""
+    from prh_lightning.metrics._distributed import SHARDED_METRICS
+
+    if not isinstance(sharded, bool):
+        raise TypeError(f"sharded must be True or False, got {sharded!r}")
+    if not sharded:
+        return False
+    if not buffered:
+        raise ValueError("sharded=True is for buffered metrics; streaming CKA already syncs only d x d statistics")
+    if metric not in SHARDED_METRICS:
+        raise ValueError(f"sharded=True is available for {SHARDED_METRICS}, not {metric or 'this metric'!r}")
+    if kwargs.get("sync_on_compute", False):
+        raise ValueError("sharded=True computes across ranks without gathering; do not pass sync_on_compute=True")
+    kwargs["sync_on_compute"] = False
+    return True
 
 
 def check_k_arg(k: int) -> int:

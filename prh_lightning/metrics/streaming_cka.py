@@ -74,6 +74,7 @@ class CKA(BufferedPairMetric):
     """
 
     full_state_update = True
+    metric_name = "cka"  # the buffered modes
 
     def __init__(
         self,
@@ -166,12 +167,7 @@ class CKA(BufferedPairMetric):
     def compute(self) -> Tensor:
         """CKA of all samples seen (over all DDP ranks); 0-dim float32."""
         if self.mode == "buffer":
-            from prh_lightning.functional import METRICS
-
-            a, b = self.samples()
-            return METRICS["cka"](
-                a, b, kernel=self.kernel, unbiased=self.unbiased, sigma=self.sigma, normalize=self.normalize
-            ).float()
+            return self._score("cka", kernel=self.kernel, unbiased=self.unbiased, sigma=self.sigma).float()
         if self.mode == "minibatch":
             return self._compute_minibatch().float()
         return linear_cka_from_moments(*self._deduplicated_moments()).float()
