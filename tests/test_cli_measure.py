@@ -203,3 +203,18 @@ def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, features, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (folder / "alignment").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--permutations", "-1"], "--permutations must be >= 0"),
+    (["--sizes", "24,48", "--repeats", "0"], "--repeats must be >= 1"),
+    (["--sizes", "24,48", "--curve-permutations", "-2"], "--curve-permutations must be >= 0"),
+])
+def test_bad_calibration_and_curve_settings_are_refused(tmp_path, features, capsys, args, message):
+    out, _ = features
+    folder = tmp_path / "out"
+    (folder / "features").mkdir(parents=True)
+    (folder / "features" / f"synth_n{N}").symlink_to(out / "features" / f"synth_n{N}")
+    assert main(["measure", "--out", str(folder), "--k", str(K_NN), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (folder / "alignment").exists()
