@@ -95,6 +95,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 print(f"{what:>10} {m:>5}: median {med[m] * 1e3:7.1f} ms [{min(t) * 1e3:.1f}, {max(t) * 1e3:.1f}]")
             print(f"{what:>10} ratio shard / rank0 (medians): {med['shard'] / med['rank0']:.2f}")
         print(f"max |shard - rank0| over the {len(a)} logged values of the last check: {worst:.2e}")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} CPUs (other jobs slow both modes)")
     finally:
         dist.destroy_process_group()
 
