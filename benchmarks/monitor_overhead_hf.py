@@ -1,0 +1,182 @@
+"""Wall-time overhead of the Hugging Face front end (``AlignmentTrainerCallback``) at its defaults.
+
+Fine-tunes the offline all-MiniLM-L6-v2 (``AutoModelForSequenceClassification``, a fresh
+classification head) with a real ``transformers.Trainer`` on a few hundred short template
+sentences (4 topics), with and without ``AlignmentTrainerCallback.attach(trainer,
+AlignmentTracker(every_n_steps=...))`` (tracker defaults: probe = 256 samples of the training
+data, ``layers="*"``, CKA + mutual k-NN, 20 calibration permutations, no reference), same seed,
+runs interleaved in one process (plain, tracked, plain, tracked, ...). Scalars go to TensorBoard
+through ``report_to`` in both runs. Prints each pair's wall time of ``trainer.train()``, the
+median ratio tracked / plain, the spread (min-max) of the pair ratios and the time spent inside
+the callback's hooks.
+
+    python benchmarks/monitor_overhead_hf.py [--texts 400] [--epochs 2] [--batch-size 8] [--repeats 3] [--every 50] [--layers '*']
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+TOPICS = {
+    "sports": ["striker", "goalkeeper", "coach", "referee", "runner", "team", "league", "match"],
+    "weather": ["storm", "rain", "forecast", "wind", "snow", "heatwave", "cloud", "fog"],
+    "food": ["soup", "bread", "recipe", "cheese", "salad", "oven", "spice", "dessert"],
+    "music": ["guitar", "concert", "drummer", "melody", "choir", "album", "violin", "singer"],
+}
+ADJECTIVES = ["new", "old", "loud", "quiet", "famous", "strange", "local", "tiny", "huge", "early"]
+VERBS = ["surprised", "delighted", "worried", "bored", "amazed", "annoyed"]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=400, help="training sentences")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (plain, tracked), interleaved")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    parser.add_argument("--every", type=int, default=50, help="tracker check interval in optimiser steps")
+    parser.add_argument("--layers", default="*", help="the tracker's layers= ('*' is its default; 'auto': one per block)")
+    return parser.parse_args(argv)
+
+
+def sentences(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``n`` short sentences ``"the <adj> <word> <verb> everyone"`` labelled by the word's topic."""
+    g = torch.Generator().manual_seed(seed)
+    topics = list(TOPICS)
+    texts, labels = [], []
+    for _ in range(n):
+        t = int(torch.randint(len(topics), (1,), generator=g))
+        words = TOPICS[topics[t]]
+        pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
+        texts.append(f"the {pick(ADJECTIVES)} {pick(words)} {pick(VERBS)} everyone at the {pick(words)}")
+        labels.append(t)
+    return texts, labels
+
+
+class Texts(torch.utils.data.Dataset):
+    def __init__(self, encodings: dict, labels: list[int]) -> None:
+        self.encodings, self.labels = encodings, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+
+_TIMED = []
+
+
+def timed_callback_class():
+    """One ``TimedCallback`` class per process (created on first use: transformers imports late)."""
+    if _TIMED:
+        return _TIMED[0]
+    from prh_lightning.integrations.huggingface import AlignmentTrainerCallback
+
+    class TimedCallback(AlignmentTrainerCallback):
+        """AlignmentTrainerCallback that adds up the wall time spent inside its own hooks."""
+
+        seconds = 0.0
+
+        def _timed(self, hook: str, *args, **kwargs):
+            start = time.perf_counter()
+            out = getattr(super(), hook)(*args, **kwargs)
+            TimedCallback.seconds += time.perf_counter() - start
+            return out
+
+        def on_train_begin(self, *args, **kwargs):
+            return self._timed("on_train_begin", *args, **kwargs)
+
+        def on_step_end(self, *args, **kwargs):
+            return self._timed("on_step_end", *args, **kwargs)
+
+        def on_save(self, *args, **kwargs):
+            return self._timed("on_save", *args, **kwargs)
+
+    _TIMED.append(TimedCallback)
+    return TimedCallback
+
+
+def train_once(args: argparse.Namespace, data: Texts, tokenizer, tracked: bool, tmp: str) -> tuple[float, int, int]:
+    """Seconds of one ``trainer.train()`` (model loading is outside the timing), checks run, model layers."""
+    import transformers
+
+    from prh_lightning.models.pretrained import minilm_path
+    from prh_lightning.tracking import AlignmentTracker
+
+    transformers.set_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=len(TOPICS))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(tmp, "tb")
+    targs = transformers.TrainingArguments(
+        output_dir=os.path.join(tmp, "out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        learning_rate=5e-5, logging_steps=args.every, save_strategy="no", report_to=["tensorboard"], use_cpu=True,
+        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=targs, train_dataset=data, data_collator=transformers.DataCollatorWithPadding(tokenizer),
+    )
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # no log dicts on stdout
+    tracker = None
+    if tracked:  # defaults; only the interval (and, if asked, the layers) are ours
+        tracker = AlignmentTracker(every_n_steps=args.every, **({} if args.layers == "*" else {"layers": args.layers}))
+        timed_callback_class().attach(trainer, tracker)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return seconds, (tracker.n_checks if tracker is not None else 0), (len(tracker.model_layers) if tracker else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    from prh_lightning.models.pretrained import minilm_path
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    texts, labels = sentences(args.texts)
+    data = Texts(dict(tokenizer(texts, truncation=True)), labels)
+    steps = args.epochs * -(-args.texts // args.batch_size)
+    print(
+        f"MiniLM (all-MiniLM-L6-v2) sequence classification, {args.texts} sentences, {args.epochs} epoch(s), "
+        f"batch {args.batch_size} ({steps} optimiser steps), {args.threads} thread(s); tracker: defaults "
+        f"(probe 256 training samples, layers={args.layers!r}, cka + mutual_knn, calibration 20) + every "
+        f"{args.every} steps; TensorBoard through report_to in both runs"
+    )
+    plain, tracked, inside = [], [], []
+    TimedCallback = timed_callback_class()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_once(args, data, tokenizer, False, tmp)  # warm-up (imports, allocator, first-call overheads)
+        for r in range(args.repeats):
+            plain.append(train_once(args, data, tokenizer, False, tmp)[0])
+            TimedCallback.seconds = 0.0
+            seconds, checks, n_layers = train_once(args, data, tokenizer, True, tmp)
+            tracked.append(seconds)
+            inside.append(TimedCallback.seconds)
+            print(f"  pair {r + 1}: plain {plain[-1]:7.2f} s   tracked {tracked[-1]:7.2f} s   "
+                  f"ratio {tracked[-1] / plain[-1]:.3f}   (inside the callback {inside[-1]:.2f} s, "
+                  f"{checks} checks, {n_layers} model layers)")
+    ratios = [t / p for t, p in zip(tracked, plain)]
+    ratio = statistics.median(ratios)
+    print(f"median plain {statistics.median(plain):.2f} s, median tracked {statistics.median(tracked):.2f} s")
+    print(f"overhead ratio (median of pairs): {ratio:.3f}  -> {100 * (ratio - 1):+.1f}% wall time; "
+          f"spread of pair ratios {min(ratios):.3f}-{max(ratios):.3f}")
+    share = statistics.median(t / (m - t) for t, m in zip(inside, tracked))
+    print(f"time inside the callback / rest of the tracked run (median): {share:.3f} -> {100 * share:+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
