@@ -18,7 +18,7 @@ dimensions so many layer pairs can be scored at once.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -189,16 +189,79 @@ def _scaled_rows(x64: torch.Tensor, scale: float, r: torch.Tensor | slice) -> to
     return x64[r] * scale
 
 
-def _exact_rows(x64: torch.Tensor, scale: float, r: torch.Tensor, cols: int) -> torch.Tensor:
-    """``[len(r), n]`` float64 inner products of rows ``r`` of ``x64 * scale`` with all rows,
-    multiplying ``cols`` rescaled rows at a time (no rescaled copy of the whole layer)."""
+def _shift(c: Centred, x64: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """``[n]`` float64 ``m . xc_j`` with ``xc_j = x_j * scale - m`` (exact), in row blocks; ``None``
+    when the pivot ``m`` is 0 (no common offset to carry: the usual case for normalised rows)."""
+    if not bool(c.mean.any()):
+        return None
     n = x64.shape[0]
-    left = _scaled_rows(x64, scale, r)
-    out = torch.empty(r.numel(), n, dtype=torch.float64, device=x64.device)
-    for s in range(0, n, cols):
-        e = min(n, s + cols)
-        torch.mm(left, _scaled_rows(x64, scale, slice(s, e)).T, out=out[:, s:e])
-    return out
+    return torch.cat([(_scaled_rows(x64, c.scale, slice(s, s + rows)) - c.mean) @ c.mean for s in range(0, n, rows)])
+
+
+def rounding_bound(xc: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Bound on the rounding error of the float32 scores ``r_ij = xc_i . xc_j + shift_j``.
+
+    Returns ``(base [n], rel)``: ``|fl(r_ij) - r_ij| <= base_i + rel * |fl(r_ij)|`` for every ``j``.
+    From the standard bound for a dot product in any summation order
+    (``|fl(u . v) - u . v| <= gamma_d |u| |v|``, ``gamma_d = d u / (1 - d u)``, ``u = eps / 2``)
+    plus the rounding of ``xc`` and ``shift`` to float32 and of the final addition.
+    """
+    n, d = xc.shape
+    unit = float(torch.finfo(xc.dtype).eps) / 2
+    gamma = (d + 3) * unit / (1 - (d + 3) * unit)  # dot product (gamma_d) + casting xc_i, xc_j (2u)
+    norms = torch.linalg.vector_norm(xc, dim=1).double()
+    # the float32 norms themselves may be low by a relative (d + 2) u: inflate them
+    norms = norms * (1 + (d + 2) * unit / (1 - (d + 2) * unit))
+    base = gamma * norms * float(norms.max())
+    if shift is not None:
+        base = base + unit * float(shift.abs().max()) * 3  # shift rounded to float32, then added
+    return base, 4 * unit  # the rounding of the sum itself, with slack for |r| vs |fl(r)|
+
+
+def _rerank(
+    c: Centred,
+    x64: torch.Tensor,
+    shift: torch.Tensor | None,
+    rows: torch.Tensor,
+    scores: torch.Tensor,
+    floor: torch.Tensor,
+    tol: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """``[R, k]`` exact neighbours of ``rows [R]`` from their float32 scores ``scores [R, n]``
+    (excluded entries ``-inf``), whose rounding error is at most ``tol [R]``.
+
+    Candidates are the columns scoring at least ``floor [R]`` (a superset of the exact top ``k``).
+    A candidate whose float32 score is more than ``2 tol`` from every other candidate's keeps
+    its place whatever the rounding; the others get their score ``xc_i . xc_j + shift_j`` in
+    float64 (``xc = x64 * scale - mean``, exact; each product summed in one fixed order, so
+    identical rows score identically and exact ties stay exact). Ranking by these mixed scores
+    is the exact ranking; ties: lower index first.
+    """
+    r_pos, cols = (scores >= floor[:, None]).nonzero(as_tuple=True)  # row-major: columns ascending
+    counts = torch.bincount(r_pos, minlength=rows.numel())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(cols.numel(), device=cols.device) - starts[r_pos]
+    width = int(counts.max())
+    cand = torch.zeros(rows.numel(), width, dtype=torch.long, device=cols.device)
+    cand[r_pos, slot] = cols
+    mixed = torch.full((rows.numel(), width), float("-inf"), dtype=torch.float64, device=x64.device)
+    mixed[r_pos, slot] = scores[r_pos, cols].double()
+    # which candidates sit within 2 tol of another one (in float32 order)
+    ranked, where = torch.sort(mixed, dim=1, descending=True)
+    close = (ranked[:, :-1] - ranked[:, 1:]) <= 2 * tol[:, None]  # False beside -inf padding
+    need_ranked = torch.zeros_like(ranked, dtype=torch.bool)
+    need_ranked[:, :-1] |= close
+    need_ranked[:, 1:] |= close
+    needed = torch.zeros_like(need_ranked).scatter_(1, where, need_ranked)
+    r_need, s_need = needed.nonzero(as_tuple=True)
+    if r_need.numel():
+        cols_need = cand[r_need, s_need]
+        right = x64.index_select(0, cols_need).mul_(c.scale).sub_(c.mean)
+        left = (x64[rows] * c.scale).sub_(c.mean)
+        exact = right.mul_(left[r_need]).sum(dim=1)
+        mixed[r_need, s_need] = exact if shift is None else exact + shift[cols_need]
+    return torch.gather(cand, 1, _top_k(mixed, k)[0])
 
 
 def exact_neighbours(
@@ -209,62 +272,62 @@ def exact_neighbours(
     gram: torch.Tensor | None = None,
     exclude_self: bool = True,
     groups: torch.Tensor | None = None,
+    ordered: bool = True,
 ) -> torch.Tensor:
     """``[n, k]`` neighbours of ``x64`` by inner product, from its centred copy ``c``.
 
     Scores are ``r_ij = (xc_i . xc_j) + (m . xc_j)`` in the compute dtype (same ranking per row
-    as ``x_i . x_j``). In float32, rows whose top ``k + 1`` scores are not separated by more
-    than a rounding-error bound are ranked again in float64 from ``x64 * c.scale`` (exact
-    power-of-two rescaling: same ranking, no overflow), ``rows`` rows at a time.
+    as ``x_i . x_j``). In float32 a certificate decides, row by row, whether the float32 order is
+    the exact one: every gap between the top ``k + 1`` scores must exceed twice the rounding
+    bound of :func:`rounding_bound`. Rows without it are ranked again with float64 scores from
+    the centred ``x64 * c.scale - c.mean`` (exact power-of-two rescaling: same ranking, no
+    overflow), but only among their candidates (columns whose float32 score is within three
+    times the bound of the ``k``-th; every other column is provably below the exact ``k``-th
+    score), and only for the candidates that sit within twice the bound of another one.
 
-    Memory: the whole ``[n, n]`` ``gram`` buffer when given, else ``[rows, n]`` blocks; the
-    rescaled float64 features are formed ``rows`` rows at a time, never as a whole copy.
+    ``ordered=False``: only the neighbour *sets* must be exact (mutual and cycle k-NN, CKNNA's
+    masks), so only the gap between the ``k``-th and ``k + 1``-th scores is certified; the order
+    inside a list is then the float32 one.
+
+    Memory: the whole ``[n, n]`` ``gram`` buffer when given, else ``[rows, n]`` blocks; float64
+    work only on the rows re-ranked and their candidates.
     """
     xc = c.xc
     n, d = xc.shape
     exact = xc.dtype == torch.float64
-    # [n]: m . xc_j with xc_j = x_j * scale - m (exact), in row blocks
-    shift = torch.cat([(_scaled_rows(x64, c.scale, slice(s, s + rows)) - c.mean) @ c.mean for s in range(0, n, rows)])
-    shift_c = shift.to(xc.dtype)
+    shift = _shift(c, x64, rows)
+    shift_c = None if shift is None else shift.to(xc.dtype)
     if not exact:
-        norms = torch.linalg.vector_norm(xc, dim=1)
-        # |fl(r_ij) - r_ij| <~ eps (sqrt(d) |xc_i| |xc_j| + |m . xc_j| + |r_ij|): blocked float32 dot
-        # products err by a few eps |xc_i| |xc_j|; sqrt(d) on top keeps a wide margin
-        eps = float(torch.finfo(xc.dtype).eps)
-        base = 2 * eps * (math.sqrt(d) * norms * float(norms.max()) + float(shift.abs().max()))
-    idx_blocks, redo_rows = [], []
+        base, rel = rounding_bound(xc, shift)
+    idx_blocks = []
     for s in range(0, n, n if gram is not None else rows):
         e = n if gram is not None else min(n, s + rows)
         if gram is not None:
             block = _symmetric_gram_into(xc, gram)
         else:
             block = xc[s:e] @ xc.T
-        block.add_(shift_c[None, :])
+        if shift_c is not None:
+            block.add_(shift_c[None, :])
         _exclude(block, s, groups, exclude_self, k)
         idx, values = _top_k(block, k)
-        del block
         if not exact:
             finite = torch.isfinite(values)
-            scale = values.abs().where(finite, 0.0).amax(dim=1)
-            tol = base[s:e] + 2 * eps * scale
+            values = values.double()
+            # error bound of every score down to the candidates' floor below (|fl r| <= max + 3 tol)
+            tol = (base[s:e] + rel * values.abs().where(finite, 0.0).amax(dim=1)) * (1 + 4 * rel)
             gaps = (values[:, :-1] - values[:, 1:]).where(finite[:, 1:], float("inf"))
+            if not ordered:
+                gaps = gaps[:, k - 1 :]  # the set boundary only
             redo = (gaps <= 2 * tol[:, None]).any(dim=1).nonzero().flatten()
             if redo.numel():
-                redo_rows.append(redo + s)
+                # candidates: every column whose exact score can reach the exact k-th one (see _rerank)
+                floor = values[redo, k - 1] - 3 * tol[redo]
+                floor_c = floor.to(block.dtype)
+                floor_c = torch.where(floor_c.double() > floor, torch.nextafter(floor_c, floor_c.new_tensor(-torch.inf)), floor_c)
+                idx[redo] = _rerank(c, x64, shift, redo + s, block[redo], floor_c, tol[redo], k)
+        del block
         idx_blocks.append(idx)
-    idx = torch.cat(idx_blocks)
-    if redo_rows:
-        rows_redo = torch.cat(redo_rows)
-        step = max(1, rows // 2)  # float64 rows: twice the bytes of float32 ones
-        for s in range(0, rows_redo.numel(), step):
-            r = rows_redo[s : s + step]
-            g64 = _exact_rows(x64, c.scale, r, step)  # the inner products themselves: exact ties stay exact
-            if exclude_self:
-                g64[torch.arange(r.numel(), device=r.device), r] = float("-inf")
-            if groups is not None:
-                g64.masked_fill_(groups[r, None] == groups[None, :], float("-inf"))
-            idx[r] = _top_k(g64, k)[0]
-    return idx
+    return torch.cat(idx_blocks)
 
 
 # -- scorers on neighbour lists (broadcast over leading dims) ------------------------------
@@ -375,10 +438,16 @@ RECALL_SAMPLE = 1000  # rows checked against exact search when neighbour lists a
 
 
 def prepare_neighbours(
-    x64: torch.Tensor, ctx, k: int = 10, groups: torch.Tensor | None = None, knn_backend: str = "exact"
+    x64: torch.Tensor,
+    ctx,
+    k: int = 10,
+    groups: torch.Tensor | None = None,
+    knn_backend: str = "exact",
+    ordered: bool = True,
 ) -> Neighbours:
     """Per-layer work of the k-NN metrics: ``[n, k]`` neighbour lists of ``x64 [n, d]``, exact, or
-    approximate with ``knn_backend="faiss"`` (then with their recall on a subsample of rows)."""
+    approximate with ``knn_backend="faiss"`` (then with their recall on a subsample of rows).
+    ``ordered=False``: exact neighbour sets, listed in float32 order (see :func:`exact_neighbours`)."""
     n = x64.shape[0]
     check_k(k, n)
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
@@ -391,7 +460,7 @@ def prepare_neighbours(
         generator = torch.Generator().manual_seed(0)
         return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator))
     rows = ctx.block(n, _BLOCK_BYTES)
-    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups)
+    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered)
     if groups is None:  # bootstrap copies are handled by their groups
         check_copies_at_boundary(x64, idx, ctx.name)
     return Neighbours(idx)
@@ -462,13 +531,16 @@ def _check_backend(value) -> None:
         raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {value!r}")
 
 
+_ORDERED = ("lcs_knn", "edit_distance_knn")  # scores that read the order inside each list
+
 for _name in _SCORERS:
     register_plan(
         MetricPlan(
             name=_name,
             defaults={"k": 10, "knn_backend": "exact"},
             option_checks={"knn_backend": _check_backend},
-            prepare=prepare_neighbours,
+            # mutual and cycle k-NN depend on the neighbour sets only
+            prepare=functools.partial(prepare_neighbours, ordered=_name in _ORDERED),
             pairs=_knn_pairs(_name),
             bounds=_RANGES[_name],
             permute=permute_neighbours,
