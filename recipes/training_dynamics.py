@@ -10,7 +10,9 @@ Online: Hugging Face model revisions (``--hf-models EleutherAI/pythia-70m,Eleuth
 At every recorded step (:mod:`prh_lightning.analysis.dynamics`): mutual k-NN between every pair
 of runs at the compared layer (percentile bootstrap over probe images, the same resamples at
 every step so start and end are compared with a paired interval) and at the best layer pair;
-within-run drift: each checkpoint against the run's final one and its previous one.
+within-run drift: each checkpoint against the run's final one and its previous one. Every
+between-run score is also calibrated against chance (:func:`prh_lightning.calibrate`,
+``--permutations`` seeded shufflings of the probe): calibrated score, chance level and p-value.
 
     python recipes/training_dynamics.py --out runs/dynamics --quick
 """
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 from prh_lightning.analysis.claims import corrected_confidence, verdict
-from prh_lightning.analysis.dynamics import between_runs, drift, step_difference_interval
+from prh_lightning.analysis.calibrated import draw_permutations
+from prh_lightning.analysis.dynamics import between_runs, calibrated_between_runs, drift, step_difference_interval
 from prh_lightning.recipes import _common as common
 from prh_lightning.recipes._dynamics_report import between_figure, drift_figure, write_report
 from prh_lightning.reporting import save_figure, write_json
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--k", type=int, default=10, help="neighbours for mutual k-NN (default 10)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples over probe images")
+    p.add_argument("--permutations", type=int, default=200,
+                   help="probe shufflings that calibrate every between-run score against chance (default 200)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--hf-models", help="online mode: comma-separated Hugging Face model ids (e.g. EleutherAI/pythia-70m)")
     p.add_argument("--revisions", help="online mode: comma-separated revisions, in training order (e.g. step1000,step2000)")
@@ -79,6 +84,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise common.RecipeInputError(f"--max-steps ({args.max_steps}) must be at least 2 x --every ({args.every})")
     if args.bootstrap < 10:
         raise common.RecipeInputError(f"--bootstrap must be >= 10, got {args.bootstrap}")
+    if args.permutations < 19:
+        raise common.RecipeInputError(f"--permutations must be >= 19 (p = 1/(K+1) must reach 0.05), got {args.permutations}")
     if (args.hf_models is None) != (args.revisions is None):
         raise common.RecipeInputError("--hf-models and --revisions go together")
     return archs
@@ -255,6 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     common.log("alignment between runs")
     layer = compared_layer(runs)
     between = between_runs(runs, layer=layer, k=args.k, n_bootstrap=args.bootstrap, seed=args.seed)
+    common.log(f"calibration ({args.permutations} probe shufflings per step and pair)")
+    calibrated = calibrated_between_runs(runs, draw_permutations(n_probe, args.permutations, args.seed), layer=layer, k=args.k)
     drifts = drift(runs, layer=layer, k=args.k)
     change = change_over_training(between, args.k, n_probe)
     save_figure(between_figure(between, change["chance"]), args.out / "figures" / "between_runs.png")
@@ -262,9 +271,13 @@ def run(args: argparse.Namespace) -> dict:
     seconds = time.time() - start
     between = {key: v for key, v in between.items() if key != "replicates"}
     summary = {"recipe": "training-dynamics", "settings": common.settings_dict(args), "data": data,
-               "runs": list(runs), "between_runs": between, "drift": drifts, "change": change, "seconds": seconds}
+               "runs": list(runs), "between_runs": between, "calibrated_between_runs": calibrated,
+               "calibration": {"n_permutations": args.permutations, "seed": args.seed, "alpha": 0.05,
+                               "permutations": "prh_lightning.analysis.draw_permutations(n_probe, n_permutations, seed); "
+                                               "each reorders the probe rows of the second run of a pair"},
+               "drift": drifts, "change": change, "seconds": seconds}
     write_json(args.out / "summary.json", summary)
-    write_report(args.out, between, drifts, change, list(runs), args, seconds)
+    write_report(args.out, between, drifts, change, list(runs), args, seconds, calibrated)
     return summary
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from .calibrated import above_chance_phrase, calibrate_statistic, calibration_fields, draw_permutations
 from .centroids import centroid_rsa, centroid_rsa_bootstrap, class_centroids, stratified_bootstrap
 from .claims import CANNOT_TELL, DOES_NOT_HOLD, HOLDS, corrected_confidence, holm, verdict, verdict_from_p
-from .dynamics import between_runs, drift, resampled_mutual_knn, step_difference_interval
+from .dynamics import between_runs, calibrated_between_runs, drift, resampled_mutual_knn, step_difference_interval
 from .model_matrix import BestLayerPairs, best_layer_pair_matrix, calibrated_best_layer_pairs
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "class_centroids",
     "stratified_bootstrap",
     "between_runs",
+    "calibrated_between_runs",
     "drift",
     "resampled_mutual_knn",
     "step_difference_interval",

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["resampled_mutual_knn", "between_runs", "drift", "step_difference_interval"]
+__all__ = ["resampled_mutual_knn", "between_runs", "calibrated_between_runs", "drift", "step_difference_interval"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,51 @@ def between_runs(runs: Mapping[str, Mapping[int, Any]], layer: str | None = None
             "ci_low": np.quantile(replicates, alpha, axis=0).tolist(),
             "ci_high": np.quantile(replicates, 1 - alpha, axis=0).tolist(),
             "confidence": confidence, "replicates": replicates}
+
+
+def calibrated_between_runs(runs: Mapping[str, Mapping[int, Any]], permutations: torch.Tensor,
+                            layer: str | None = None, k: int = 10, alpha: float = 0.05) -> dict[str, Any]:
+    """:func:`between_runs`' scores calibrated against chance with :func:`prh_lightning.calibrate`
+    (mutual k-NN, L2-normalised rows): at every shared step and for every pair of runs ``a vs b``,
+    the rows of every layer of ``b`` are reordered by each of ``permutations [K, n]``.
+
+    Returns ``{"steps", "compared": {pair: {field: [steps]}}, "best_layer_pair": {pair: {field:
+    [steps]}}, "n_permutations"}`` with fields ``raw``, ``null_mean``, ``tau``, ``p_value``,
+    ``calibrated``: the compared layer's cell (``layer``; default each checkpoint's last layer),
+    calibrated on its own, and the best layer pair calibrated against the best pair of each
+    permuted matrix. Features are scored in float64.
+
+    >>> x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    >>> runs = {"a": {0: {"h": x}}, "b": {0: {"h": x.flip(1)}}}  # a rotated copy
+    >>> perms = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(i)) for i in range(19)])
+    >>> calibrated_between_runs(runs, perms, k=3)["compared"]["a vs b"]["p_value"]
+    [0.05]
+    """
+    from prh_lightning.calibration import calibrate
+
+    names = list(runs)
+    if len(names) < 2:
+        raise ValueError(f"need at least two runs to compare, got {names}")
+    steps = sorted(set.intersection(*(set(c) for c in runs.values())))
+    fields = ("raw", "null_mean", "tau", "p_value", "calibrated")
+    compared = {f"{a} vs {b}": {f: [] for f in fields} for a, b in itertools.combinations(names, 2)}
+    best = {key: {f: [] for f in fields} for key in compared}
+    for step in steps:
+        for a, b in itertools.combinations(names, 2):
+            ra, rb = _float64(runs[a][step]), _float64(runs[b][step])
+            i, j = list(ra).index(_layer(ra, layer)), list(rb).index(_layer(rb, layer))
+            res = calibrate(ra, rb, "mutual_knn", permutations=permutations, alpha=alpha, aggregate="max", k=k)
+            for f in fields:
+                compared[f"{a} vs {b}"][f].append(float(getattr(res, f)[i, j]))
+                best[f"{a} vs {b}"][f].append(float(getattr(res.aggregate, f)))
+    return {"steps": steps, "compared": compared, "best_layer_pair": best, "n_permutations": int(permutations.shape[0])}
+
+
+def _float64(reps: Any) -> dict[str, torch.Tensor]:
+    """``{layer: [n, d] float64}``: neighbour lists ranked in float64 (as :func:`between_runs`'
+    lists of the unrounded cosine), not at float32 rounding of the normalised rows."""
+    items = reps.items() if hasattr(reps, "items") else ((name, reps[name]) for name in reps.layers)
+    return {name: x.double() for name, x in items}
 
 
 def _mutual(idx_a: torch.Tensor, idx_b: torch.Tensor) -> float:
