@@ -240,36 +240,48 @@ def test_on_error_raise_raises_on_every_rank_without_hanging(tmp_path):
     assert r0["error"].startswith("RuntimeError: on rank 1:") and "boom" in r0["error"]
 
 
-def _uneven_worker(rank: int, world: int, port: int, out: str, n: int) -> None:
+SIZES = (7, 2)  # shares of 3, 2, 2 rows; of 1, 1, 0 rows (a rank with nothing to run)
+
+
+def _uneven_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    record = {}
     try:
         torch.manual_seed(0)
         model = FlakyNet()
-        x = torch.randn(n, 4)
-        tracker = AlignmentTracker(probe=x, metrics=("cka",), calibration=0, batch_size=2)
-        values = tracker.check(model, 0)
-        with torch.no_grad():  # the layers by hand, on every row at once
-            a = model.a(x)
-            by_hand = {"a": a, "b": model.b(torch.tanh(a))}
+        for n in SIZES:
+            x = torch.randn(n, 4)
+            # the inputs themselves as a precomputed reference: rows gathered out of order would show
+            tracker = AlignmentTracker(
+                probe=x, references={"inputs": x}, metrics=("cka",), calibration=0, batch_size=2
+            )
+            values = tracker.check(model, 0)
+            with torch.no_grad():  # the layers by hand, on every row at once
+                a = model.a(x)
+                by_hand = {"a": a, "b": model.b(torch.tanh(a))}
+            by_hand["x"] = x
+            record[str(n)] = {"values": values, "features": {k: v.tolist() for k, v in by_hand.items()}}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"values": values, "features": {k: v.tolist() for k, v in by_hand.items()}}, f)
+            json.dump(record, f)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.ddp
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("n", [7, 2])  # shares of 3, 2, 2 rows; of 1, 1, 0 rows
-def test_uneven_shares_on_three_ranks_equal_brute_force(tmp_path, n):
-    mp.spawn(_uneven_worker, args=(3, _free_port(), str(tmp_path), n), nprocs=3, join=True)
+def test_uneven_shares_on_three_ranks_equal_brute_force(tmp_path):
+    mp.spawn(_uneven_worker, args=(3, _free_port(), str(tmp_path)), nprocs=3, join=True)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
-    assert records[0]["values"] == records[1]["values"] == records[2]["values"]
-    feats = {k: torch.tensor(v) for k, v in records[0]["features"].items()}
-    logged = records[0]["values"]
-    # the tapped layers are the two Linear modules (tanh is a function): their within-model CKA, by hand
-    assert logged["alignment/cka/self/mean_offdiag"] == pytest.approx(brute_cka(feats["a"], feats["b"]), abs=1e-5)
+    for n in map(str, SIZES):
+        assert records[0][n]["values"] == records[1][n]["values"] == records[2][n]["values"]
+        feats = {k: torch.tensor(v) for k, v in records[0][n]["features"].items()}
+        # the tapped layers are the two Linear modules (tanh is a function): their within-model CKA, by hand
+        logged = records[0][n]["values"]
+        assert logged["alignment/cka/self/mean_offdiag"] == pytest.approx(brute_cka(feats["a"], feats["b"]), abs=1e-5)
+        for layer in ("a", "b"):
+            assert logged[f"alignment/cka/inputs/{layer}"] == pytest.approx(brute_cka(feats[layer], feats["x"]), abs=1e-5)
 
 
 def test_shard_bounds_cover_the_rows_in_order():
