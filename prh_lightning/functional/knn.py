@@ -505,9 +505,104 @@ def _pairwise(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor], scorer, cost
     )
 
 
+# -- all layer pairs at once from a dense position map (n^2 bytes per layer of x) -------------
+
+_DENSE_MAX = 2**26  # position maps up to this many entries (64 MB, n <= 8,192); beyond: sorted lookups
+_BIT_K = 62  # bit-parallel LCS / edit distance keep a list in one int64
+
+
+def _positions(idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [n, n]`` int8: ``out[i, j]`` = place of ``j`` in the list ``idx[i]`` (``[n, k]``), else -1."""
+    n, k = idx.shape
+    out.fill_(-1)
+    return out.scatter_(1, idx, torch.arange(k, dtype=torch.int8, device=idx.device).expand(n, k))
+
+
+def lcs_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
+    """LCS lengths from bit masks ``matches [..., kb]`` (bit ``p`` of entry ``j``: ``a_p == b_j``;
+    ``ka <= 62``), bit-parallel over ``a`` (Allison-Dix / Crochemore et al.): ``kb`` steps of
+    a few integer operations for all pairs at once.
+
+    >>> a, b = [1, 2, 3], [2, 9, 3]
+    >>> m = torch.tensor([sum(1 << p for p, x in enumerate(a) if x == y) for y in b])
+    >>> lcs_from_matches(m, 3)
+    tensor(2)
+    """
+    full = (1 << ka) - 1
+    v = torch.full(matches.shape[:-1], full, dtype=torch.long, device=matches.device)
+    for j in range(matches.shape[-1]):
+        m = matches[..., j]
+        v = ((v + (v & m)) | (v & ~m)) & full
+    return ka - _popcount(v, ka)
+
+
+def edit_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
+    """Levenshtein distances from bit masks ``matches [..., kb]`` (as in :func:`lcs_from_matches`),
+    bit-parallel over ``a`` (Myers 1999, in Hyyro's form for the whole-string distance).
+
+    >>> a, b = [1, 2, 3], [2, 3, 4]
+    >>> m = torch.tensor([sum(1 << p for p, x in enumerate(a) if x == y) for y in b])
+    >>> edit_from_matches(m, 3)
+    tensor(2)
+    """
+    full, top = (1 << ka) - 1, 1 << (ka - 1)
+    pv = torch.full(matches.shape[:-1], full, dtype=torch.long, device=matches.device)
+    mv = torch.zeros_like(pv)
+    score = torch.full_like(pv, ka)
+    for j in range(matches.shape[-1]):
+        eq = matches[..., j]
+        xv = eq | mv
+        xh = ((((eq & pv) + pv) & full) ^ pv) | eq
+        ph = mv | (~(xh | pv) & full)
+        mh = pv & xh
+        score += (ph & top).ne(0).long() - (mh & top).ne(0).long()
+        ph = ((ph << 1) | 1) & full
+        mh = (mh << 1) & full
+        pv = mh | (~(xv | ph) & full)
+        mv = ph & xv
+    return score
+
+
+def _popcount(v: torch.Tensor, bits: int) -> torch.Tensor:
+    return sum(((v >> p) & 1) for p in range(bits))
+
+
+def _dense_matrix(name: str, idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> torch.Tensor:
+    """``[Lx, Ly]`` float64 scores of every layer pair from one ``[n, n]`` int8 position map per
+    layer of ``x``: each score is a gather of ``n k`` entries (mutual: is ``y``'s neighbour in
+    ``x``'s list; cycle: is ``i`` in ``x``'s list of each ``y``-neighbour; LCS / edit: bit masks
+    of the matching places, then bit-parallel dynamic programmes over all ``Ly`` pairs at once)."""
+    n, k = idx_x[0].shape
+    ly = len(idx_y)
+    stacked = torch.stack(idx_y)  # [Ly, n, k]
+    by_row = stacked.permute(1, 0, 2).reshape(n, ly * k)  # row i: the y-lists of sample i
+    pos = torch.empty(n, n, dtype=torch.int8, device=stacked.device)
+    rows = torch.arange(n, device=stacked.device)
+    out = []
+    for idx in idx_x:
+        _positions(idx, pos)
+        if name == "cycle_knn":  # pos[j, i] >= 0: i is in x's list of j, for j in y's list of i
+            found = pos.view(-1)[stacked * n + rows[:, None]] >= 0  # [Ly, n, k]
+            out.append(found.any(dim=2).sum(dim=1).double() / n)
+            continue
+        place = torch.gather(pos, 1, by_row).view(n, ly, k).permute(1, 0, 2)  # [Ly, n, k]
+        if name == "mutual_knn":
+            out.append((place >= 0).sum(dim=(1, 2)).double() / (n * k))
+            continue
+        bits = torch.where(place >= 0, torch.ones((), dtype=torch.long, device=place.device) << place.long().clamp_(min=0), 0)
+        if name == "lcs_knn":
+            out.append(lcs_from_matches(bits, k).sum(dim=1).double() / n)
+        else:
+            out.append(1.0 - edit_from_matches(bits, k).sum(dim=1).double() / (n * k))
+    return torch.stack(out)
+
+
 def _knn_pairs(name: str):
     def pairs(xs: list[Neighbours], ys: list[Neighbours], k: int = 10, groups: torch.Tensor | None = None, **_) -> torch.Tensor:
         ix, iy = [s.idx for s in xs], [s.idx for s in ys]
+        n = ix[0].shape[0]
+        if n * n <= _DENSE_MAX and k <= _BIT_K and not (name == "cycle_knn" and groups is not None):
+            return _dense_matrix(name, ix, iy)
         if name == "mutual_knn":
             return _mutual_knn_matrix(ix, iy)
         if name == "cycle_knn" and groups is not None:
