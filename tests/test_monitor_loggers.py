@@ -35,6 +35,17 @@ K = 5
 LAYERS = ["conv1", "conv2", "fc"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_globals(monkeypatch):
+    """MLFlowLogger calls mlflow.set_tracking_uri (process-wide): each test starts without it
+    and without an active experiment, and the old values come back afterwards."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+
+
 def read_mlflow_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """``{key: [(step, value), ...]}`` parsed from the file store's ``metrics/<key>`` files
     (one ``timestamp value step`` line per logged point), without MLflow's own reader."""
@@ -120,3 +131,66 @@ def test_mlflow_file_store_gets_scalars_and_figures_csv_gets_scalars_only(tmp_pa
         assert [v for _, v in logged] == pytest.approx([v for _, v in metrics[key]], abs=1e-6), key
     written = [f for _, _, files in os.walk(tmp_path / "csv") for f in files]
     assert "metrics.csv" in written and not [f for f in written if f.endswith(".png") or "tfevents" in f]
+
+
+class HFTiny(torch.nn.Module):
+    """TinyNet behind a Hugging Face style forward: keyword inputs in, {"loss", "logits"} out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        return out if labels is None else {"loss": torch.nn.functional.cross_entropy(logits, labels), **out}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": int(self.y[i])}
+
+
+@pytest.mark.slow
+def test_hugging_face_trainer_reporting_to_mlflow_file_store(tmp_path, monkeypatch):
+    """The HF front end through the Trainer's own MLflow integration: per-layer calibrated tags
+    (a key and its own folder in the file store) must not end training, values match brute force."""
+    transformers = pytest.importorskip("transformers")
+    from prh_lightning.integrations.huggingface import AlignmentTrainerCallback
+    from prh_lightning.tracking import AlignmentTracker
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "prh-hf")
+    torch.manual_seed(0)
+    model, twin = HFTiny(), TinyNet()
+    px, py = synthetic_data(40, seed=123)
+    tracker = AlignmentTracker(probe={"x": px, "labels": py}, layers=[f"net.{l}" for l in LAYERS], k=K,
+                               metrics=("cka",), references={"twin": Reference(twin, inputs=px, layers=["conv1", "fc"])},
+                               every_n_steps=2, calibration=5)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, learning_rate=0.1,
+        save_strategy="no", logging_steps=100, report_to=["mlflow"], use_cpu=True, disable_tqdm=True,
+        lr_scheduler_type="constant", optim="sgd", seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(*synthetic_data(48)))
+    AlignmentTrainerCallback.attach(trainer, tracker)
+    trainer.train()
+
+    runs = [d for d in glob.glob(str(tmp_path / "mlruns" / "*" / "*")) if os.path.isdir(os.path.join(d, "metrics"))]
+    assert len(runs) == 1, runs
+    metrics = read_mlflow_metrics(runs[0])
+    assert [s for s, _ in metrics["alignment/cka/twin/best"]] == [0, 2, 4]
+    expected_keys = {t.replace("/calibrated", ".calibrated") if t.count("/") == 4 else t for t in tracker.history}
+    assert {k for k in metrics if k.startswith("alignment/")} == expected_keys  # nothing lost by the store
+    assert [s for s, _ in metrics["alignment/cka/twin/net.fc.calibrated"]] == [0, 2, 4]
+    now, ref = tiny_features(model.net, px), tiny_features(twin, px)
+    for layer in LAYERS:
+        expected = max(brute_cka(now[layer], ref[r]) for r in ("conv1", "fc"))
+        assert metrics[f"alignment/cka/twin/net.{layer}"][-1][1] == pytest.approx(expected, abs=1e-4)

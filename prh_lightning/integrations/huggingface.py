@@ -13,7 +13,9 @@
 The tracker checks at the start of training and every ``every_n_steps`` optimiser steps (the
 model in eval mode under ``no_grad``, training flags restored). Scalars go through
 ``trainer.log`` to every integration the Trainer reports to (TensorBoard, W&B, MLflow, ...)
-and to ``trainer.state.log_history``. The tracker's state (history, counters) is kept in
+and to ``trainer.state.log_history``; when the Trainer reports to MLflow, whose file store keeps
+each ``/`` of a key as a folder, ``.../<layer>/calibrated`` is logged as ``.../<layer>.calibrated``
+(see :func:`~prh_lightning.tracking.sinks.folder_safe`). The tracker's state (history, counters) is kept in
 ``TrainerState.stateful_callbacks`` and so in each checkpoint's ``trainer_state.json``; the
 snapshot features of ``self_initial`` / ``self_previous`` are written next to it as
 ``alignment_snapshots.safetensors``. Resuming with ``trainer.train(resume_from_checkpoint=...)``
@@ -28,6 +30,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from prh_lightning.tracking.probe import probe_from_loader
+from prh_lightning.tracking.sinks import folder_safe
 from prh_lightning.tracking.tracker import AlignmentTracker
 
 STATE_KEY = "prh_lightning.AlignmentTracker"
@@ -101,9 +104,18 @@ class AlignmentTrainerCallback(TrainerCallback):
             return
         self.tracker.log_scalars(values, step)
         if self.trainer is not None:
-            self.trainer.log(dict(values))
+            self.trainer.log(self._trainer_keys(values))
         else:
             state.log_history.append({**values, "step": step})
+
+    def _trainer_keys(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` with :func:`folder_safe` keys when an MLflow integration is attached."""
+        from transformers.integrations import MLflowCallback
+
+        if not any(isinstance(cb, MLflowCallback) for cb in self.trainer.callback_handler.callbacks):
+            return dict(values)
+        keys = folder_safe(list(values))
+        return {keys[tag]: value for tag, value in values.items()}
 
     def _json_state(self) -> dict[str, Any]:
         state = self.tracker.state_dict()
