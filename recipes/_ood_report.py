@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prh_lightning.analysis.claims import RULE, corrected_confidence, verdict
+from prh_lightning.analysis.calibrated import calibrated_model_pairs
+from prh_lightning.analysis.claims import RULE, corrected_confidence, holm, verdict
 
 SET_ROLES = ("in-distribution", "ood", "noise")
 GRANULARITIES = ("models", "layers", "layers_pretrained")
@@ -46,6 +47,28 @@ def judge_claims(point: dict, replicates: dict, metrics: list[str],
         value, lo, hi = float(pick(point)), float(pick(low)), float(pick(high))
         out.append({**c, "value": value, "low": lo, "high": hi, "confidence": confidence,
                     "verdict": verdict(lo, hi, c["direction"])})
+    return out
+
+
+# -- calibration ----------------------------------------------------------------------------------
+def calibrated_scores(feats: dict[str, list[dict]], metrics: list[str], permutations, pretrained: list[bool],
+                      options: Callable[[str], dict]) -> dict[str, dict[str, dict]]:
+    """``{role: {metric: fields}}``: each model pair's best layer pair calibrated
+    (:func:`prh_lightning.analysis.calibrated_model_pairs`: lists over pairs of ``raw``,
+    ``null_mean``, ``tau``, ``p_value``, ``calibrated``), plus ``p_holm`` (Holm over the
+    pretrained pairs), ``pretrained_mean`` (their mean calibrated score) and ``above_chance``
+    (how many have Holm p < 0.05 and a calibrated score > 0). ``options(metric)``: its kwargs."""
+    pre = np.array([pretrained[i] and pretrained[j] for i, j in itertools.combinations(range(len(pretrained)), 2)])
+    out = {}
+    for role, models in feats.items():
+        out[role] = {}
+        for m in metrics:
+            cols = calibrated_model_pairs(models, m, permutations, normalize=True, **options(m))
+            q = np.full(len(pre), np.nan)
+            q[pre] = holm(np.nan_to_num(np.array(cols["p_value"])[pre], nan=1.0))
+            cal = np.array(cols["calibrated"])
+            out[role][m] = {**cols, "p_holm": q, "pretrained_mean": float(np.mean(cal[pre])),
+                            "above_chance": int(np.sum((q < 0.05) & (cal > 0))), "pretrained_pairs": int(pre.sum())}
     return out
 
 
@@ -119,8 +142,43 @@ def surprises(point, claims: list[dict], metrics: list[str]) -> str:
             "simpler (few objects on a plain background), so every model sorts them by the same few factors.")
 
 
+def calibrated_section(calibrated: dict, metrics: list[str], names: list[str], set_names: dict, k_perm: int) -> tuple[str, str, str]:
+    """``(text, table, central)``: the calibrated reading of every set (pretrained pairs above
+    chance, Holm over the pretrained pairs of each metric and set), its table, and the central
+    claim read from the calibrated scores."""
+    from prh_lightning.analysis.calibrated import above_chance_phrase
+    from prh_lightning.reporting import markdown_table
+
+    pairs = [f"{names[i]} vs {names[j]}" for i, j in itertools.combinations(range(len(names)), 2)]
+    rows = [[m] + [f"{calibrated[r][m]['pretrained_mean']:.2f} ({calibrated[r][m]['above_chance']}/"
+                   f"{calibrated[r][m]['pretrained_pairs']}; chance {np.nanmean(calibrated[r][m]['null_mean']):.3f})"
+                   for r in SET_ROLES] for m in metrics]
+    first = metrics[0]
+    lines = []
+    for r in SET_ROLES:
+        c = calibrated[r][first]
+        said = [f"{pairs[p]}: " + above_chance_phrase(c["raw"][p], c["calibrated"][p], c["p_holm"][p], first, p_label="Holm p")
+                for p in range(len(pairs)) if np.isfinite(c["p_holm"][p]) and np.isfinite(c["raw"][p])]
+        lines.append(f"- {r} ({set_names[r]}): " + "; ".join(said))
+    everywhere = {r: sum(calibrated[r][m]["above_chance"] == calibrated[r][m]["pretrained_pairs"] for m in metrics) for r in SET_ROLES}
+    text = (f"Each model pair's best layer pair, calibrated against {k_perm} shufflings of the images (the second model's "
+            "rows reordered in every layer; the null is the best pair of each shuffled matrix): 0 = not beyond the null's "
+            "95% quantile, 1 = the metric's maximum. Table: mean calibrated score of the pretrained pairs (pairs above "
+            "chance, Holm over the pretrained pairs of each metric and set, / pretrained pairs; mean chance level = null "
+            f"mean of the raw score). Every pretrained pair is above chance for {everywhere['in-distribution']} of "
+            f"{len(metrics)} metrics on in-distribution images, {everywhere['ood']} on OOD images and {everywhere['noise']} "
+            f"on noise. {first}, pretrained pairs:\n\n" + "\n".join(lines))
+    lower = [m for m in metrics if calibrated["noise"][m]["pretrained_mean"] < calibrated["in-distribution"][m]["pretrained_mean"]]
+    central = (f"Read from the calibrated scores (no interval): the pretrained pairs' mean calibrated score is lower on "
+               f"noise than on in-distribution images for {len(lower)} of {len(metrics)} metrics"
+               f"{' (' + ', '.join(lower) + ')' if lower else ''}, and on noise every pretrained pair stays above chance for "
+               f"{everywhere['noise']} of {len(metrics)} metrics.")
+    header = ["metric"] + [f"calibrated, {r}" for r in SET_ROLES]
+    return text, markdown_table(header, rows), central
+
+
 def write_report(out: Path, point, low, high, claims, metrics, names, set_names, args, seconds: float,
-                 undefined: list[str] = ()) -> None:
+                 undefined: list[str] = (), calibrated: dict | None = None) -> None:
     from prh_lightning.reporting import Report, markdown_table
 
     rows = [[f"{role} ({set_names[role]})"] + [_ci(point, low, high, f"{role}/metric_agreement_{g}") for g in GRANULARITIES]
@@ -147,9 +205,12 @@ def write_report(out: Path, point, low, high, claims, metrics, names, set_names,
         table=markdown_table(["set", "models", "layers", "layers, pretrained only"], rows),
         figure="figures/metric_corr_in-distribution_layers_pretrained.png",
     )
+    cal_text, cal_table, central = calibrated_section(calibrated, metrics, names, set_names, args.permutations)
+    rep.section("Alignment above chance (calibrated)", cal_text, table=cal_table)
     rep.section("Alignment level by input set",
-                f"Mean score of the pretrained model pairs (best layer pair) per metric. Chance level of mutual k-NN: "
-                f"k/(n-1) = {args.k / (args.n_images - 1):.3f}. " + surprises(point, claims, metrics),
+                f"Raw mean score of the pretrained model pairs (best layer pair) per metric; chance levels differ by metric "
+                f"and set (see the calibrated section; for mutual k-NN about k/(n-1) = {args.k / (args.n_images - 1):.3f}). "
+                + surprises(point, claims, metrics),
                 table=markdown_table(["metric"] + [f"pretrained, {r}" for r in SET_ROLES] + ["random controls, noise"], align_rows),
                 figure="figures/alignment_by_set.png")
     cross = [[m, _ci(point, low, high, "in-distribution_vs_ood/rank_corr", i), _ci(point, low, high, "in-distribution_vs_noise/rank_corr", i)]
@@ -169,7 +230,7 @@ def write_report(out: Path, point, low, high, claims, metrics, names, set_names,
         f"lower than in-distribution -> **{seed1}**. **Seed claim 2** (agreement is lower on random noise) -> "
         f"**{by_id['noise_agreement_lower']['verdict']}**. **Central claim** (noise gives lower alignment than real images) "
         f"holds for {sum(c['verdict'] == 'holds' for c in claims if c['id'].startswith('noise_lower/'))} of {len(metrics)} "
-        "metrics. The seed used 17 ViTs on Places365 / ImageNet-O; we use three ImageNet EfficientNet-Lites, Flickr8k and "
+        f"metrics (raw differences). {central} The seed used 17 ViTs on Places365 / ImageNet-O; we use three ImageNet EfficientNet-Lites, Flickr8k and "
         "Fashion-MNIST offline, so magnitudes are not comparable, only directions.",
     )
     if undefined:

@@ -13,6 +13,10 @@ Reported per set, with delete-a-group jackknife intervals over images
 - the mean alignment of the pretrained model pairs per metric, and of the random controls;
 - per metric, the Spearman correlation of the pair scores between two sets.
 
+Every best-layer-pair score is also calibrated against chance (:func:`prh_lightning.calibrate`,
+``--permutations`` seeded shufflings of the images, the best pair of each shuffled matrix as
+the null): calibrated score, chance level and p-value per metric, set and model pair.
+
 Claims are judged by :func:`prh_lightning.analysis.claims.verdict` on Bonferroni-corrected
 intervals of the differences.
 
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prh_lightning.analysis.calibrated import draw_permutations
 from prh_lightning.recipes import _common as common
 from prh_lightning.recipes import _ood_report as report
 from prh_lightning.recipes import _vision_set as vs
@@ -62,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, help="blocks tapped per model, plus the pooled head (default 3, quick 1)")
     p.add_argument("--k", type=int, default=10, help="neighbours for the k-NN metrics and CKNNA (default 10)")
     p.add_argument("--jackknife-groups", type=int, help="image groups of the delete-a-group jackknife (default 20, quick 12)")
+    p.add_argument("--permutations", type=int, default=200,
+                   help="image shufflings that calibrate every best-layer-pair score against chance (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", default="auto", help=common.THREADS_HELP)
@@ -83,6 +90,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise common.RecipeInputError(f"--blocks must be >= 1, got {args.blocks}")
     if not 5 <= args.jackknife_groups <= args.n_images // 2:
         raise common.RecipeInputError(f"--jackknife-groups must be in [5, n_images / 2], got {args.jackknife_groups}")
+    if args.permutations < 19:
+        raise common.RecipeInputError(f"--permutations must be >= 19 (p = 1/(K+1) must reach 0.05), got {args.permutations}")
     names = vs.parse_model_names(args.models)
     if sum(not n.endswith(vs.RANDOM_SUFFIX) for n in names) < 2:
         raise common.RecipeInputError("--models needs at least two pretrained models (lite0, lite1, lite2)")
@@ -240,6 +249,9 @@ def run(args: argparse.Namespace) -> dict:
     feats, data = extract(names, set_names, args)
     common.log("scoring")
     point = all_statistics(feats, metrics, pretrained, args.k)
+    common.log(f"calibration ({args.permutations} image shufflings per metric, set and model pair)")
+    perms = draw_permutations(args.n_images, args.permutations, args.seed)
+    calibrated = report.calibrated_scores(feats, metrics, perms, pretrained, lambda m: metric_kwargs(m, args.k))
     common.log(f"jackknife ({args.jackknife_groups} groups)")
     replicates = jackknife(feats, metrics, pretrained, args, point)
     low, high = intervals(point, replicates, metrics, args.k, 0.95)
@@ -252,13 +264,18 @@ def run(args: argparse.Namespace) -> dict:
         "models": names, "metrics": metrics, "sets": set_names, "model_pairs": pairs,
         "statistics": {key: {"value": point[key], "ci_low": low[key], "ci_high": high[key]} for key in point},
         "interval": "95% delete-a-group jackknife (normal approximation, t with G-1 df), clamped to each statistic's range",
+        "calibrated": calibrated,
+        "calibration": {"n_permutations": args.permutations, "seed": args.seed, "alpha": 0.05,
+                        "permutations": "prh_lightning.analysis.draw_permutations(n_images, n_permutations, seed); "
+                                        "each reorders the images of every layer of the second model of a pair"},
         "claims": claims, "figures": figures, "seconds": seconds,
         "undefined_scores": sorted(set(UNDEFINED)),
     }
     from prh_lightning.reporting import write_json
 
     write_json(args.out / "summary.json", summary)
-    report.write_report(args.out, point, low, high, claims, metrics, names, set_names, args, seconds, sorted(set(UNDEFINED)))
+    report.write_report(args.out, point, low, high, claims, metrics, names, set_names, args, seconds, sorted(set(UNDEFINED)),
+                        calibrated)
     return summary
 
 

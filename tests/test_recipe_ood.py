@@ -15,7 +15,7 @@ from prh_lightning.recipes import ood
 
 TINY = ["--n-images", "20", "--image-size", "48", "--models", "lite0,lite1,lite0-random",
         "--metrics", "mutual_knn,cka,cknna", "--k", "3", "--blocks", "1", "--jackknife-groups", "5",
-        "--ood", "noise", "--noise-set", "gaussian-noise", "--in-dist", "flickr", "--threads", "1"]
+        "--ood", "noise", "--noise-set", "gaussian-noise", "--in-dist", "flickr", "--permutations", "39", "--threads", "1"]
 
 
 @pytest.mark.slow
@@ -55,6 +55,68 @@ def test_tiny_run_writes_consistent_outputs(tmp_path):
     assert {c["verdict"] for c in claims} <= {"holds", "does not hold", "cannot tell"}
     report = (tmp_path / "report.md").read_text()
     assert "Seed claim 1" in report and "Bonferroni" in report
+    _check_calibrated(summary, report)
+
+
+def _check_calibrated(summary: dict, report: str) -> None:
+    """Calibrated best-pair numbers beside the raw ones, consistent with them, and read by the report."""
+    from prh_lightning.analysis.calibrated import above_chance_phrase
+    from prh_lightning.analysis.claims import holm
+
+    assert summary["calibration"]["n_permutations"] == 39
+    pre = np.array([True, False, False])  # lite0 vs lite1 is the only pretrained pair
+    for role in ood.SET_ROLES:
+        raw_best = np.array(summary["statistics"][f"{role}/model_scores"]["value"], dtype=float)  # [metrics, pairs]
+        for m, metric in enumerate(summary["metrics"]):
+            c = summary["calibrated"][role][metric]
+            assert np.allclose(c["raw"], raw_best[m], atol=1e-6), (role, metric)
+            p, cal = np.array(c["p_value"]), np.array(c["calibrated"])
+            assert np.allclose(p * 40, np.round(p * 40)) and np.all((cal >= 0) & (cal <= 1))
+            assert np.all(cal[p > 0.05] == 0)
+            assert c["p_holm"][0] == pytest.approx(holm(p[pre])[0]) and c["pretrained_mean"] == pytest.approx(cal[0])
+            assert c["above_chance"] == int(c["p_holm"][0] < 0.05 and cal[0] > 0)
+        c = summary["calibrated"][role]["mutual_knn"]
+        phrase = above_chance_phrase(c["raw"][0], c["calibrated"][0], c["p_holm"][0], "mutual_knn", p_label="Holm p")
+        assert f"lite0 vs lite1: {phrase}" in report
+    assert "## Alignment above chance (calibrated)" in report and "Read from the calibrated scores" in report
+
+
+def test_calibrated_scores_against_numpy_cka_over_the_same_permutations():
+    """A rotated copy is above chance at p = 1/(K+1); an independent model is scored as numpy's CKA
+    under the same permutations says (the best of its 2 x 2 layer pairs, the paper's formulas)."""
+    import math
+
+    import torch
+
+    from prh_lightning.recipes import _ood_report
+
+    gen = torch.Generator().manual_seed(0)
+    n, K = 40, 39
+    base = [torch.randn(n, 6, generator=gen), torch.randn(n, 4, generator=gen)]
+    rot = torch.linalg.qr(torch.randn(6, 6, generator=gen)).Q
+    other = [torch.randn(n, 5, generator=gen), base[1] + 2 * torch.randn(n, 4, generator=gen)]
+    models = [dict(zip("ab", base)), {"a": base[0] @ rot, "b": base[1].flip(1)}, dict(zip("ab", other))]
+    perms = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(100 + i)) for i in range(K)])
+    out = _ood_report.calibrated_scores({"in-distribution": models}, ["cka"], perms, [True, True, False], lambda m: {})
+    c = out["in-distribution"]["cka"]
+    assert c["p_value"][0] == pytest.approx(1 / (K + 1)) and c["calibrated"][0] == pytest.approx(1.0, abs=1e-6)
+    assert c["above_chance"] == 1 and c["pretrained_pairs"] == 1
+
+    def cka(x, y):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+        x, y = x - x.mean(0), y - y.mean(0)
+        return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+    xs = [t.double().numpy() for t in base]
+    ys = [t.double().numpy() for t in other]
+    best = lambda perm: max(cka(x, y[perm]) for x in xs for y in ys)  # noqa: E731
+    observed, null = best(np.arange(n)), np.array([best(p.numpy()) for p in perms])
+    tau = np.sort(np.concatenate([[observed], null]))[math.ceil(0.95 * (K + 1)) - 1]
+    assert c["raw"][1] == pytest.approx(observed, abs=1e-6)
+    assert c["tau"][1] == pytest.approx(tau, abs=1e-6)
+    assert c["p_value"][1] == pytest.approx((1 + np.sum(null >= observed)) / (K + 1))
+    assert c["calibrated"][1] == pytest.approx(min(max((observed - tau) / (1 - tau), 0), 1), abs=1e-6)
 
 
 def test_metric_correlation_is_spearman():
@@ -86,7 +148,7 @@ def test_noise_images_align_less_than_photos():
 @pytest.mark.parametrize(
     "extra, message",
     [(["--metrics", "mutual_knn,foo"], "--metrics"), (["--models", "lite0,lite0-random"], "two pretrained"),
-     (["--jackknife-groups", "2"], "--jackknife-groups")],
+     (["--jackknife-groups", "2"], "--jackknife-groups"), (["--permutations", "5"], "--permutations")],
 )
 def test_bad_input_gives_a_message(tmp_path, capsys, extra, message):
     assert ood.main(["--out", str(tmp_path), *TINY, *extra]) == 2

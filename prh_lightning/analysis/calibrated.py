@@ -10,12 +10,14 @@ without an upper bound ``high``).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["draw_permutations", "calibration_fields", "calibrate_statistic", "above_chance_phrase"]
+__all__ = ["draw_permutations", "calibration_fields", "calibrated_model_pairs", "calibrate_statistic", "above_chance_phrase"]
 
 FIELDS = ("raw", "null_mean", "tau", "p_value", "calibrated", "z_score")
 
@@ -52,6 +54,47 @@ def calibration_fields(result: Any, cells: bool = True) -> dict[str, Any]:
     agg = result.aggregate
     out["aggregate"] = None if agg is None else {key: float(getattr(agg, key)) for key in FIELDS}
     out["n_permutations"] = int(result.null.shape[0])
+    return out
+
+
+def calibrated_model_pairs(models: Sequence[Any], metric: str, permutations: torch.Tensor,
+                           pairs: Sequence[tuple[int, int]] | None = None, alpha: float = 0.05,
+                           **metric_kwargs: Any) -> dict[str, list[float]]:
+    """The best layer pair of every model pair, calibrated: ``calibrate(models[i], models[j],
+    metric, permutations=..., aggregate="max")`` for each ``(i, j)`` in ``pairs`` (default: all
+    ``i < j``); the rows of every layer of ``models[j]`` are reordered by each permutation.
+
+    Args:
+        models: each model's layers (as ``xs`` of :func:`prh_lightning.alignment_matrix`), all on
+            the same ``n`` samples; permutations: ``LongTensor[K, n]``.
+        metric_kwargs: ``normalize``, ``clip_quantile`` and the metric's options.
+
+    Returns lists over pairs: ``raw``, ``null_mean``, ``tau``, ``p_value``, ``calibrated``,
+    ``z_score`` (NaN for a pair whose neighbour lists run through identical rows,
+    :class:`prh_lightning.functional.AmbiguousNeighbours`).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(40, 5, generator=g)
+    >>> models = [[x], [x.flip(1)], [torch.randn(40, 5, generator=g)]]
+    >>> out = calibrated_model_pairs(models, "cka", draw_permutations(40, 39, seed=0))
+    >>> out["p_value"][0], out["calibrated"][0]
+    (0.025, 1.0)
+    """
+    from prh_lightning.calibration import calibrate
+    from prh_lightning.functional import AmbiguousNeighbours
+
+    if pairs is None:
+        pairs = list(itertools.combinations(range(len(models)), 2))
+    out: dict[str, list[float]] = {key: [] for key in FIELDS}
+    for i, j in pairs:
+        try:
+            agg = calibrate(models[i], models[j], metric, permutations=permutations, alpha=alpha, aggregate="max",
+                            **metric_kwargs).aggregate
+            values = [float(getattr(agg, key)) for key in FIELDS]
+        except AmbiguousNeighbours:
+            values = [float("nan")] * len(FIELDS)
+        for key, value in zip(FIELDS, values):
+            out[key].append(value)
     return out
 
 
