@@ -1,6 +1,8 @@
 """AlignmentMonitor with the loggers besides TensorBoard, in real Trainer runs: MLflow's local
-file store (metric files and PNG artifacts read back from disk and checked against brute-force
-formulas and against the TensorBoard images of the same run) and CSV (scalars, no figures)."""
+file store (metric files and PNG artifacts read back from disk), W&B offline (the run file's
+history records and media PNGs), both checked against brute-force formulas and against the
+TensorBoard images of the same run; CSV (scalars, no figures); the Hugging Face front end
+reporting to MLflow."""
 
 from __future__ import annotations
 
@@ -194,3 +196,94 @@ def test_hugging_face_trainer_reporting_to_mlflow_file_store(tmp_path, monkeypat
     for layer in LAYERS:
         expected = max(brute_cka(now[layer], ref[r]) for r in ("conv1", "fc"))
         assert metrics[f"alignment/cka/twin/net.{layer}"][-1][1] == pytest.approx(expected, abs=1e-4)
+
+
+def wandb_records(path: str) -> list[bytes]:
+    """The serialized records of an offline W&B run file (``run-<id>.wandb``), read without wandb:
+    a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of chunks, each with a 7-byte
+    header (CRC32 4, little-endian length 2, type 1: full / first / middle / last)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", path
+    pos, out, parts, block = 7, [], b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or (length == 0 and kind == 0):  # block trailer / zero padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            parts = chunk
+        elif kind == 3:
+            parts += chunk
+        elif kind == 4:
+            out.append(parts + chunk)
+    return out
+
+
+def wandb_history(run_dir: str) -> list[dict]:
+    """Every history row (``wandb.log`` call) of an offline run, values decoded from JSON."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2  # the record schema only
+
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    rows = []
+    for data in wandb_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+@pytest.mark.slow
+def test_wandb_offline_gets_scalars_and_figures(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is in the dev extra (pip install -e '.[dev]')")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb",
+                       "WANDB_CONFIG_DIR": tmp_path / "wandb-config", "WANDB_CACHE_DIR": tmp_path / "wandb-cache",
+                       "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+        monkeypatch.setenv(var, str(value))
+    L.seed_everything(0)
+    twin = TinyNet()
+    px, py = synthetic_data(40, seed=123)
+    mon = AlignmentMonitor(probe=(px, py), layers=LAYERS, k=K, every_n_train_steps=2,
+                           references={"twin": Reference(twin, layers=["conv1", "fc"])})
+    wandb_logger = WandbLogger(project="prh", save_dir=str(tmp_path / "wandb"), offline=True)
+    tb_logger = TensorBoardLogger(tmp_path / "tb", name="tb")
+    model = TinyNet()
+    x, y = synthetic_data(64)
+    trainer = L.Trainer(max_epochs=2, callbacks=[mon], logger=[wandb_logger, tb_logger], **TRAINER_KW)
+    trainer.fit(model, loader(x, y), loader(*synthetic_data(32, seed=1)))
+    wandb_logger.experiment.finish()
+
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
+    rows = wandb_history(run_dir)
+    tag = "alignment/cka/twin/best"
+    scalars = [row for row in rows if tag in row]
+    assert [row["trainer/global_step"] for row in scalars] == [0, 1, 3, 5, 7]
+    now, ref = tiny_features(model, px), tiny_features(twin, px)
+    for layer in LAYERS:
+        expected = max(brute_cka(now[layer], ref[r]) for r in ("conv1", "fc"))
+        assert scalars[-1][f"alignment/cka/twin/{layer}"] == pytest.approx(expected, abs=1e-4)
+        assert f"alignment/cka/twin/{layer}/calibrated" in scalars[-1]  # W&B keeps the tags as they are
+
+    # figures: the same pixels as TensorBoard's images of the same tag and step
+    acc = event_accumulator(str(tmp_path / "tb"))
+    tb_images = {(t, e.step): e for t in acc.Tags()["images"] for e in acc.Images(t)}
+    wandb_images = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("/filenames"):
+                (name,) = value
+                wandb_images[(key[: -len("/filenames")], row["trainer/global_step"])] = os.path.join(run_dir, "files", name)
+    assert set(wandb_images) == set(tb_images)
+    assert [s for t, s in sorted(wandb_images) if t == "alignment_heatmap/cka/twin"] == [3, 7]
+    for key, path in wandb_images.items():
+        with open(path, "rb") as f:
+            assert np.array_equal(decode_png(f.read()), decode_png(tb_images[key].encoded_image_string)), key
