@@ -8,7 +8,9 @@ k-NN alignment of every model pair is averaged. Intervals: percentile bootstrap 
 (scipy.stats.bootstrap; duplicated images are never each other's neighbours), the same
 resamples at every level so differences between levels are paired. Chance: the same mean when
 each model's rows are shuffled independently (analytic mean ``k / (n - 1)``); per level a
-permutation p-value, Holm-corrected over the levels.
+permutation p-value, Holm-corrected over the levels, and the calibrated score of Gröger, Wen &
+Brbić (``clamp((score - tau) / (1 - tau), 0, 1)``, tau the null's 95% quantile); each model pair
+calibrated on its own with :func:`prh_lightning.calibrate`.
 
     python recipes/noise.py --out runs/noise --quick
 """
@@ -25,12 +27,14 @@ import numpy as np
 import torch
 from scipy import stats
 
-from prh_lightning.analysis.claims import RULE, corrected_confidence, holm, verdict, verdict_from_p
+from prh_lightning.analysis.calibrated import calibrate_statistic, calibrated_model_pairs, draw_permutations
+from prh_lightning.analysis.claims import corrected_confidence, holm, verdict, verdict_from_p
 from prh_lightning.analysis.dynamics import resampled_mutual_knn
 from prh_lightning.functional.knn import knn_indices, mutual_knn_from_indices
 from prh_lightning.recipes import _common as common
 from prh_lightning.recipes import _vision_set as vs
-from prh_lightning.reporting import Report, markdown_table, save_figure, write_json
+from prh_lightning.recipes._noise_report import curve_figure, write_report
+from prh_lightning.reporting import save_figure, write_json
 
 # Holm over L levels can only reach p < 0.05 when the smallest permutation p, 1 / (P + 1), is below
 # 0.05 / L: P >= 20 L (checked in check_args).
@@ -52,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layer", default="_avg_pooling", help="layer compared (default: the pooled head, 1280-d)")
     p.add_argument("--k", type=int, default=10, help="neighbours for mutual k-NN (default 10)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples over images")
-    p.add_argument("--permutations", type=int, help="row shuffles for the chance band")
+    p.add_argument("--permutations", type=int, help="row shuffles for the chance band and the calibration "
+                   "(default 4000, quick 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
@@ -145,7 +150,8 @@ def analyse(feats, pairs, k: int, sigmas: np.ndarray, args: argparse.Namespace) 
     )
     null = chance_null(feats, pairs, k, args.permutations, args.seed + 1)
     band_low, band_high = np.percentile(null, [2.5, 97.5], axis=0)
-    p_raw = (1 + (null >= point).sum(axis=0)) / (1 + len(null))
+    cal = calibrate_statistic(point, null, high=1.0)  # the paper's formulas on the mean's own null
+    p_raw = cal["p_value"]
     p_holm = holm(p_raw)
     at_chance = first_at_chance(p_holm)
     # claim "alignment falls from clean to the largest sigma": paired bootstrap of the difference,
@@ -160,6 +166,9 @@ def analyse(feats, pairs, k: int, sigmas: np.ndarray, args: argparse.Namespace) 
         "chance_analytic": k / (n - 1),
         "chance_band_low": band_low,
         "chance_band_high": band_high,
+        "chance_null_mean": cal["null_mean"],
+        "threshold_tau": cal["tau"],
+        "calibrated_alignment": cal["calibrated"],
         "p_value_above_chance": p_raw,
         "p_value_above_chance_holm": p_holm,
         "first_chance_level": at_chance,
@@ -174,79 +183,12 @@ def analyse(feats, pairs, k: int, sigmas: np.ndarray, args: argparse.Namespace) 
     }
 
 
-def curve_figure(sigmas: np.ndarray, res: dict, per_pair: np.ndarray, pair_names: list[str], title: str):
-    """Mean alignment with its bootstrap band, per-pair lines and the chance band vs sigma."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.6, 4.0), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.fill_between(sigmas, res["chance_band_low"], res["chance_band_high"], color="grey", alpha=0.3,
-                    label="shuffled-pairing chance (95%)")
-    for name, values in zip(pair_names, per_pair):
-        ax.plot(sigmas, values, linewidth=0.8, alpha=0.7, label=name)
-    ax.fill_between(sigmas, res["ci_low"], res["ci_high"], color="C3", alpha=0.25, label="bootstrap 95% CI")
-    ax.plot(sigmas, res["mean_alignment"], color="C3", linewidth=2, label="mean over pairs")
-    if res["first_chance_sigma"] is not None:
-        ax.axvline(res["first_chance_sigma"], color="k", linestyle="--", linewidth=1, label="first level not distinguishable from chance")
-    ax.set_xlabel("noise std sigma (pixels in [0, 1])")
-    ax.set_ylabel("mutual k-NN alignment")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    return fig
-
-
-def write_report(out: Path, res: dict, sigmas: np.ndarray, names: list[str], args, seconds: float) -> None:
-    """``report.md``: what the curve shows, with its uncertainty, and the claims by the stated rule."""
-    a0, lo0, hi0 = res["mean_alignment"][0], res["ci_low"][0], res["ci_high"][0]
-    a1, lo1, hi1 = res["mean_alignment"][-1], res["ci_low"][-1], res["ci_high"][-1]
-    at = res["first_chance_level"]
-    chance_text = (
-        f"The first level whose alignment is not distinguishable from chance (Holm-adjusted p >= 0.05 over the "
-        f"{len(sigmas)} levels) is sigma = {sigmas[at]:.3g} (level {at} of {len(sigmas) - 1}); 'not distinguishable' "
-        "is not 'equal to chance'."
-        if at is not None else
-        f"Every level, up to sigma = {sigmas[-1]:.3g}, is above chance (Holm-adjusted p < 0.05 at each of the "
-        f"{len(sigmas)} levels; at the largest sigma raw p = {res['p_value_above_chance'][-1]:.3g}, adjusted "
-        f"{res['p_value_above_chance_holm'][-1]:.3g})."
-    )
-    falls, above = res["claims"]
-    to_chance = {"holds": "does not hold", "cannot tell": "cannot tell", "does not hold": "cannot tell"}[above["verdict"]]
-    rows = [[f"{s:.3g}", float(m), float(lo), float(hi), float(c), float(p), float(q)] for s, m, lo, hi, c, p, q in zip(
-        sigmas, res["mean_alignment"], res["ci_low"], res["ci_high"], res["chance_band_high"],
-        res["p_value_above_chance"], res["p_value_above_chance_holm"])]
-    report = Report(
-        "Alignment under progressive Gaussian noise",
-        f"Models: {', '.join(names)} (EfficientNet-Lite, ImageNet weights unless '-random'); "
-        f"{args.n_images} Flickr8k photos at {args.image_size} px; layer `{args.layer}`; "
-        f"mutual k-NN with k = {args.k}; {args.levels} levels sigma = 0 .. {args.max_sigma}; "
-        f"{args.bootstrap} bootstrap resamples over images, {args.permutations} row shuffles. "
-        f"Run time {seconds:.0f} s.",
-    )
-    report.section(
-        "What the data shows",
-        f"Clean images: mean pairwise alignment {a0:.3f} (95% CI {lo0:.3f}-{hi0:.3f}); at sigma = "
-        f"{sigmas[-1]:.3g}: {a1:.3f} ({lo1:.3f}-{hi1:.3f}); chance k/(n-1) = {res['chance_analytic']:.3f}. "
-        + chance_text,
-        figure="figures/noise_curve.png",
-    )
-    report.section(
-        "Claims",
-        f"{RULE} Two claims are judged, each at 97.5% (Bonferroni); the chance test at the largest sigma uses its "
-        f"Holm-adjusted p-value.\n\n"
-        f"- {falls['text']}: difference {falls['value']:.3f} [{falls['low']:.3f}, {falls['high']:.3f}] -> **{falls['verdict']}**\n"
-        f"- {above['text']}: Holm-adjusted p = {above['p_holm']:.3g} -> **{above['verdict']}**\n\n"
-        "The seed (000/001) ran this experiment on 17 ViTs but reported no result, so there is no number to "
-        "compare with. Its general claim that structure-free inputs break alignment: alignment falls with noise -> "
-        f"**{falls['verdict']}**; it falls *to chance* -> **{to_chance}**"
-        + (" (the models still agree on the noisiest images above chance, e.g. on their remaining low-frequency content)."
-           if above["verdict"] == "holds" else "."),
-    )
-    report.section("Numbers per level", "p: permutation p-value that alignment exceeds chance; Holm: adjusted over the levels.",
-                   table=markdown_table(["sigma", "mean", "CI low", "CI high", "chance 97.5%", "p", "Holm p"], rows))
-    report.write(out / "report.md")
+def pair_calibration(feats, pairs: list[tuple[int, int]], names: list[str], k: int, permutations) -> dict[str, dict]:
+    """``{"a vs b": {field: [levels]}}``: each model pair at each level, calibrated with
+    :func:`prh_lightning.calibrate` (the second model's rows reordered by ``permutations``)."""
+    per_level = [calibrated_model_pairs([[f] for f in level], "mutual_knn", permutations, pairs=pairs, k=k) for level in feats]
+    return {f"{names[i]} vs {names[j]}": {key: [lv[key][p] for lv in per_level] for key in per_level[0]}
+            for p, (i, j) in enumerate(pairs)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -267,14 +209,19 @@ def run(args: argparse.Namespace) -> dict:
     common.log("bootstrap and chance band")
     res = analyse(feats, pairs, args.k, sigmas, args)
     per_pair = per_pair_curves(feats, pairs, args.k)
+    pair_cal = pair_calibration(feats, pairs, names, args.k, draw_permutations(len(images), args.permutations, args.seed + 2))
     save_figure(curve_figure(sigmas, res, per_pair, pair_names, "Alignment vs Gaussian noise"),
                 args.out / "figures" / "noise_curve.png")
     seconds = time.time() - start
     summary = {"recipe": "noise", "settings": common.settings_dict(args), "data": data, "models": names,
                "pairs": pair_names, "sigmas": sigmas, "per_pair_alignment": dict(zip(pair_names, per_pair)),
+               "per_pair_calibrated": pair_cal, "calibration": {
+                   "n_permutations": args.permutations, "seed": args.seed + 2, "alpha": 0.05, "permutations":
+                   "prh_lightning.analysis.draw_permutations(n_images, n_permutations, seed) reorder the second model "
+                   "of a pair (per_pair_calibrated); the mean's null shuffles every model (chance_null)"},
                **res, "seconds": seconds}
     write_json(args.out / "summary.json", summary)
-    write_report(args.out, res, sigmas, names, args, seconds)
+    write_report(args.out, res, sigmas, names, args, seconds, pair_cal)
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -35,6 +36,56 @@ def test_tiny_run_writes_consistent_outputs(tmp_path):
     assert summary["data"]["n_items"] == 24 and len(summary["data"]["sha256"]) == 64
     report = (tmp_path / "report.md").read_text()
     assert "Bonferroni" in report and "Holm" in report
+    _check_calibration(summary, report)
+
+
+def _mutual_knn(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Brute force in float64: cosine neighbours of every row (itself excluded), mean shared fraction."""
+    def lists(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(u) & set(v)) / k for u, v in zip(lists(a), lists(b))]))
+
+
+def _paper(observed: float, null: np.ndarray) -> tuple[float, float, float]:
+    K = len(null)
+    tau = np.sort(np.concatenate([[observed], null]))[math.ceil(0.95 * (K + 1)) - 1]
+    return tau, (1 + np.sum(null >= observed)) / (K + 1), min(max((observed - tau) / (1 - tau), 0.0), 1.0)
+
+
+def _check_calibration(summary: dict, report: str) -> None:
+    """Features re-extracted here; mutual k-NN by brute force over the same permutations (the mean's
+    null: numpy's default_rng(seed + 1), one permutation per model; each pair: torch.randperm with
+    seed + 2 reordering the second model), then the paper's formulas; the report reads them."""
+    from prh_lightning.analysis.calibrated import above_chance_phrase
+    from prh_lightning.recipes import _vision_set as vs
+    from prh_lightning.recipes._common import resolve_flickr_dir
+
+    images, _ = vs.flickr_images(resolve_flickr_dir(), 24, 64, 0)
+    models = [vs.load_vision_model(name, seed=i) for i, name in enumerate(["lite0", "lite1"])]
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(7))
+    feats = [[f.double().numpy() for f in level] for level in
+             noise.level_features(models, images, eps, np.array(summary["sigmas"]), "_avg_pooling", 32)]
+    rng = np.random.default_rng(1)
+    shuffles = [(rng.permutation(24), rng.permutation(24)) for _ in range(99)]
+    gen = torch.Generator().manual_seed(2)
+    perms = [torch.randperm(24, generator=gen).numpy() for _ in range(99)]
+    pair = summary["per_pair_calibrated"]["lite0 vs lite1"]
+    assert summary["calibration"]["n_permutations"] == 99
+    for level, (a, b) in enumerate(feats):
+        observed = _mutual_knn(a, b, 3)
+        assert summary["mean_alignment"][level] == pytest.approx(observed, abs=1e-9)
+        tau, p, cal = _paper(observed, np.array([_mutual_knn(a[pa], b[pb], 3) for pa, pb in shuffles]))
+        got = (summary["threshold_tau"][level], summary["p_value_above_chance"][level], summary["calibrated_alignment"][level])
+        assert got == pytest.approx((tau, p, cal), abs=1e-9), level
+        tau, p, cal = _paper(observed, np.array([_mutual_knn(a, b[q], 3) for q in perms]))
+        assert (pair["raw"][level], pair["tau"][level], pair["p_value"][level], pair["calibrated"][level]) == pytest.approx(
+            (observed, tau, p, cal), abs=1e-9), level
+    m, c, q = summary["mean_alignment"], summary["calibrated_alignment"], summary["p_value_above_chance_holm"]
+    assert above_chance_phrase(m[0], c[0], q[0], "mean mutual k-NN", p_label="Holm p") in report
+    assert "lite0 vs lite1 at sigma 3: " + above_chance_phrase(pair["raw"][-1], pair["calibrated"][-1], pair["p_value"][-1], "mutual k-NN") in report
 
 
 def test_shuffled_null_matches_analytic_chance():
