@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from torch.utils.data.distributed import DistributedSampler
 
 import prh_lightning.functional as F
-from prh_lightning.metrics import CKA, RSA, LCSKNN, CycleKNN, EditDistanceKNN, MutualKNN, UnbiasedCKA
+from prh_lightning import alignment_matrix
+from prh_lightning.metrics import CKA, CKNNA, LCSKNN, RSA, SVCCA, AlignmentMatrix, CycleKNN, EditDistanceKNN, MutualKNN, UnbiasedCKA
 from prh_lightning.metrics._distributed import Shard, ShardGroup, deduplicate, sharded_neighbours
 from reference_formulas import ref_mutual_knn
 
@@ -63,7 +64,20 @@ METRICS = {
     "linear_unbiased_cka": lambda: CKA(unbiased=True, normalize=False, sharded=True),
     "unbiased_cka": lambda: UnbiasedCKA(sharded=True),
     "rbf_unbiased_cka": lambda: UnbiasedCKA(kernel="rbf", sigma=0.8, sharded=True),
+    "cknna": lambda: CKNNA(k=K, sharded=True),
+    "biased_cknna": lambda: CKNNA(k=K, unbiased=False, sharded=True),
+    "svcca": lambda: SVCCA(dim=3, sharded=True),
 }
+MATRICES = {  # layer x layer, one model against itself and against another
+    "mutual_knn": {"k": K},
+    "cknna": {"k": K},
+    "cka": {"kernel": "rbf"},
+    "svcca": {"dim": 2, "clip_quantile": 0.9},
+}
+
+
+def layers(a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return {"a": a, "b": b}, {"b": b, "ab": torch.cat([a, b], dim=1)[:, ::2], "sin": torch.sin(3 * a)}
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -84,13 +98,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         a, b, ties = make_data()
         mine = rank_indices(rank)
         metrics = {name: make() for name, make in METRICS.items()}
+        matrices = {name: AlignmentMatrix(metric=name.split("@")[0], sharded=True, **options) for name, options in MATRICES.items()}
+        matrices["mutual_knn@self"] = AlignmentMatrix(metric="mutual_knn", k=K, sharded=True)
+        xs, ys = layers(a, b)
         for chunk in mine.split(BATCH):
             for metric in metrics.values():
                 metric.update(a[chunk], b[chunk], index=chunk)
+            for name, matrix in matrices.items():
+                in_y = None if name.endswith("@self") else {key: v[chunk] for key, v in ys.items()}
+                matrix.update({key: v[chunk] for key, v in xs.items()}, in_y, index=chunk)
         for name in originals:
             setattr(dist, name, counting(name))
         try:
             out = {name: float(metric.compute()) for name, metric in metrics.items()}
+            out["matrices"] = {name: matrix.compute() for name, matrix in matrices.items()}
             group = ShardGroup()
             lists = {}
             for key, x, normalize in (("a", a, True), ("ties", ties, False)):
@@ -121,18 +142,30 @@ def test_sharded_compute_equals_one_process_on_the_union_without_gathering_featu
     expected["linear_unbiased_cka"] = float(F.cka(ua, ub, unbiased=True, normalize=False))
     expected["unbiased_cka"] = float(F.unbiased_cka(ua, ub))
     expected["rbf_unbiased_cka"] = float(F.unbiased_cka(ua, ub, kernel="rbf", sigma=0.8))
+    expected["cknna"] = float(F.cknna(ua, ub, k=K))
+    expected["biased_cknna"] = float(F.cknna(ua, ub, k=K, unbiased=False))
+    expected["svcca"] = float(F.svcca(ua, ub, dim=3))
+    xs, ys = layers(ua, ub)
+    expected_matrices = {name: alignment_matrix(xs, ys, metric=name, **options) for name, options in MATRICES.items()}
+    # sharded SVCCA works from float64 [d, d] statistics; the single-process float32 SVD errs by ~2e-6
+    x64, y64 = ({key: v.double() for key, v in side.items()} for side in (xs, ys))
+    expected_matrices["svcca"] = alignment_matrix(x64, y64, metric="svcca", **MATRICES["svcca"]).float()
+    expected_matrices["mutual_knn@self"] = alignment_matrix(xs, metric="mutual_knn", k=K)
     tied_lists = brute_force_lists(ties[order], K, normalize=False)
     for out in results:
         for name, value in expected.items():
             assert out[name] == pytest.approx(value, abs=1e-6), name
+        for name, value in expected_matrices.items():
+            torch.testing.assert_close(out['matrices'][name], value, atol=1e-6, rtol=0, msg=lambda m, name=name: f'{name}: {m}')
         assert torch.equal(out["lists"]["a"], brute_force_lists(ua, K, normalize=True))
         assert torch.equal(out["lists"]["ties"], tied_lists)
-        # features travel one rank's panel at a time; all_gather only carries ids, lists and vectors
+        # features travel one rank's panel at a time; all_gather carries ids, neighbour lists and kernel
+        # values at the neighbours ([n_r, k]), vectors, and the padding duplicate's features (one row)
         panel_rows = max(rank_indices(r).numel() for r in range(WORLD))
         broadcasts = [shape for name, shape, _ in out["sent"] if name == "broadcast"]
         assert broadcasts and max(shape[0] for shape in broadcasts) <= panel_rows < N
         gathered = [(shape, floating) for name, shape, floating in out["sent"] if name == "all_gather"]
-        assert all(len(shape) == 1 or not floating or shape[0] <= 1 for shape, floating in gathered)
+        assert all(len(shape) == 1 or not floating or shape[0] <= 1 or shape[1] == K for shape, floating in gathered)
     # the ties really are ties: the tie rule decides many of these lists
     g = ties[order] @ ties[order].T
     assert (g.sort(dim=1, descending=True).values[:, K - 1] == g.sort(dim=1, descending=True).values[:, K]).any()
@@ -153,6 +186,8 @@ def test_without_a_process_group_sharded_is_the_ordinary_compute():
 def test_sharded_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="available for"):
         RSA(sharded=True)
+    with pytest.raises(ValueError, match="available for"):
+        AlignmentMatrix(metric="rsa", sharded=True)
     with pytest.raises(ValueError, match="d x d statistics"):
         CKA(sharded=True)  # streaming linear CKA never gathers samples
     with pytest.raises(ValueError, match="sync_on_compute"):

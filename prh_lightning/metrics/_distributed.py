@@ -37,10 +37,10 @@ from prh_lightning.functional._validation import check_k, check_min_samples, che
 from prh_lightning.functional.knn import Neighbours, _top_k
 from prh_lightning.metrics._checks import first_occurrences
 
-__all__ = ["SHARDED_METRICS", "ShardGroup", "sharded_score", "shards_across_ranks"]
+__all__ = ["SHARDED_METRICS", "ShardGroup", "sharded_matrix", "sharded_score", "shards_across_ranks"]
 
 KNN_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn")
-SHARDED_METRICS = KNN_METRICS + ("cka", "unbiased_cka")
+SHARDED_METRICS = KNN_METRICS + ("cknna", "cka", "unbiased_cka", "svcca")
 _BLOCK = 2**24  # entries of one [rows, panel] block (64 MB in float32)
 
 
@@ -137,10 +137,23 @@ def deduplicate(group: ShardGroup, ids: Tensor | None, *local: Tensor) -> tuple[
     return [x[mine] for x in local], kept
 
 
-def condition_rows(group: ShardGroup, x: Tensor, name: str, normalize: bool) -> Tensor:
-    """``x [n_r, d]`` in float64, rows L2-normalised when ``normalize`` (as ``_numerics.condition``;
-    a rank may hold fewer than 2 rows). An all-zero row raises on every rank."""
+def condition_rows(
+    group: ShardGroup, x: Tensor, name: str, normalize: bool, clip_quantile: float | None = None
+) -> Tensor:
+    """``x [n_r, d]`` in float64, outliers clipped and rows L2-normalised as ``_numerics.condition``
+    does on the union (the clipping threshold, a mean over samples, is reduced over ranks; a
+    rank may hold fewer than 2 rows). An all-zero row raises on every rank."""
     x64 = x.detach().to(torch.float64)
+    if clip_quantile is not None:
+        if isinstance(clip_quantile, bool) or not isinstance(clip_quantile, (int, float)) or not 0.0 < clip_quantile <= 1.0:
+            raise ValueError(f"clip_quantile must be in (0, 1], got {clip_quantile!r}")
+        if clip_quantile < 1.0:
+            rows = max(1, 2**23 // max(1, x64.shape[1]))  # torch.quantile refuses inputs above 2**24 elements
+            chunks = [torch.quantile(x64[s : s + rows].abs(), clip_quantile, dim=1) for s in range(0, x64.shape[0], rows)]
+            per_sample = torch.cat(chunks) if chunks else x64.new_zeros(0)
+            total = group.all_reduce(torch.stack([per_sample.sum(), x64.new_tensor(float(x64.shape[0]))]))
+            t = total[0] / total[1]
+            x64 = x64.clamp(-t, t)
     if not normalize:
         return x64
     if x.dtype == torch.float64 and x64.numel():  # exact power-of-two rescale against over/underflow
@@ -159,12 +172,21 @@ class Shard:
     """One layer's rows on this rank after conditioning: ``x64 [n_r, d]`` (float64) and the global
     facts the metrics need (total ``n``, every rank's size, this rank's offset)."""
 
-    def __init__(self, group: ShardGroup, x: Tensor, sizes: list[int], name: str, normalize: bool, dtype: torch.dtype):
+    def __init__(
+        self,
+        group: ShardGroup,
+        x: Tensor,
+        sizes: list[int],
+        name: str,
+        normalize: bool,
+        dtype: torch.dtype,
+        clip_quantile: float | None = None,
+    ):
         self.group, self.sizes, self.name, self.dtype = group, sizes, name, dtype
         self.n = sum(sizes)
         self.offset = sum(sizes[: group.rank])
         self.input_eps = float(torch.finfo(x.dtype).eps)
-        self.x64 = condition_rows(group, x, name, normalize)
+        self.x64 = condition_rows(group, x, name, normalize, clip_quantile)
 
     def centred(self, exact_mean: bool) -> tuple[Tensor, Tensor, float]:
         """``(xc [n_r, d] compute dtype, mean [d] float64, scale)`` as ``_numerics.centre`` does on
@@ -201,7 +223,7 @@ def _merge(values: Tensor, index: Tensor, new_values: Tensor, new_index: Tensor,
     return torch.gather(v, 1, order), torch.gather(i, 1, order)
 
 
-def _scan(shard: Shard, rows: Tensor, keep: int, panel_input: Tensor, score) -> tuple[Tensor, Tensor]:
+def _scan(shard: Shard, rows: Tensor, keep: int, panel_input: Tensor, score, exclude_self: bool = True) -> tuple[Tensor, Tensor]:
     """Top-``keep`` (values, global indices) of ``score(s, e, panel) -> [e - s, n_p]`` for local
     ``rows[s:e]`` over every rank's panel of ``panel_input``, self excluded; ties: lower index first."""
     c = rows.numel()
@@ -215,7 +237,7 @@ def _scan(shard: Shard, rows: Tensor, keep: int, panel_input: Tensor, score) -> 
             e = min(c, s + step)
             block = score(s, e, panel)
             own = rows[s:e] + shard.offset - offset  # column of the row itself in this panel
-            inside = (own >= 0) & (own < panel.shape[0])
+            inside = (own >= 0) & (own < panel.shape[0]) & exclude_self
             block[torch.arange(e - s, device=block.device)[inside], own[inside]] = float("-inf")
             width = min(keep, panel.shape[0])
             if width < panel.shape[0]:
@@ -245,7 +267,7 @@ def _inflated_norms(xc: Tensor) -> Tensor:
     return torch.linalg.vector_norm(xc, dim=1).double() * (1 + (d + 2) * unit / (1 - (d + 2) * unit))
 
 
-def sharded_neighbours(shard: Shard, k: int) -> Tensor:
+def sharded_neighbours(shard: Shard, k: int, exclude_self: bool = True) -> Tensor:
     """``[n_r, k]`` global neighbour lists of this rank's rows among the union's: the exact ranking
     by ``x_i . x_j`` (ties: lower index first), as ``functional.knn.exact_neighbours`` gives on the
     gathered features.
@@ -265,7 +287,7 @@ def sharded_neighbours(shard: Shard, k: int) -> Tensor:
     left = torch.cat([xc, torch.ones_like(xc[:, :1])], dim=1)
     right = torch.cat([xc, shift.to(xc.dtype)[:, None]], dim=1)
     rows = torch.arange(xc.shape[0], device=xc.device)
-    values, index = _scan(shard, rows, k + 1, right, lambda s, e, panel: left[rows[s:e]] @ panel.T)
+    values, index = _scan(shard, rows, k + 1, right, lambda s, e, panel: left[rows[s:e]] @ panel.T, exclude_self)
     idx = index[:, :k].clone()
     if xc.dtype == torch.float64:
         return idx
@@ -292,11 +314,11 @@ def sharded_neighbours(shard: Shard, k: int) -> Tensor:
         out[r_pos, cols] = (x_scaled[r[r_pos]] * panel[cols, :d]).sum(dim=1)
         return out
 
-    idx[redo] = _scan(shard, redo, k, packed, exact_scores)[1]
+    idx[redo] = _scan(shard, redo, k, packed, exact_scores, exclude_self)[1]
     return idx
 
 
-def check_copies_sharded(shard: Shard, idx_all: Tensor) -> None:
+def check_copies_sharded(shard: Shard, idx_all: Tensor, exclude_self: bool = True) -> None:
     """``_ties.check_copies_at_boundary`` over the union: refuse neighbour lists ``idx_all [n, k]``
     that cut through groups of identical rows. Only rows whose random projection collides with
     another's (identical rows do) are gathered."""
@@ -317,7 +339,7 @@ def check_copies_sharded(shard: Shard, idx_all: Tensor) -> None:
     counts[: copy_counts.numel()] = copy_counts
     kth = group[idx_all[:, -1]]
     inside = (group[idx_all] == kth[:, None]).sum(dim=1)
-    split = inside < counts[kth] - (group == kth).long()
+    split = inside < counts[kth] - (exclude_self & (group == kth)).long()
     affected = int(split.sum())
     if 0 < affected <= MAX_AFFECTED * n:
         warnings.warn(
@@ -382,49 +404,180 @@ def sharded_median_distance(shard: Shard, x: Tensor, sq: Tensor) -> Tensor:
     return (low.sqrt() + high.sqrt()) / 2
 
 
-def sharded_cka(a: Shard, b: Shard, kernel: str = "linear", unbiased: bool = False, sigma: float | None = None) -> Tensor:
-    """Kernel CKA of the union (``functional.cka``) from blocked HSIC sums; float64 0-dim."""
-    n = a.n
+def sharded_cka(
+    xs: list[Shard], ys: list[Shard] | None, kernel: str = "linear", unbiased: bool = False, sigma: float | None = None
+) -> Tensor:
+    """``[Lx, Ly]`` kernel CKA of the union (``functional.cka``) from blocked HSIC sums, float64.
+
+    One round of panels: for every layer ``l`` the kernel block ``K_l [rows, panel]`` (zero
+    diagonal when ``unbiased``); ``Σ K_l∘K_m`` for all layer pairs in one GEMM, and the row sums
+    ``r_l``. Then, with ``t_l = Σ r_l``, biased ``HSIC = Σ K∘L - 2 r_K.r_L / n + t_K t_L / n^2``
+    (``tr(KHLH)``) and unbiased ``[Σ K~∘L~ + t_K t_L / ((n-1)(n-2)) - 2 r_K.r_L / (n-2)] / (n(n-3))``.
+    """
+    layers = xs + (ys or [])
+    first = layers[0]
+    n, g, device = first.n, first.group, first.x64.device
     if unbiased:
         check_min_samples(n, 4, "unbiased CKA")
-    sides = [_KernelSide(a, kernel, sigma), _KernelSide(b, kernel, sigma)]
-    g, device = a.group, a.x64.device
-    rows_local = a.x64.shape[0]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # Σ K∘L, Σ K∘K, Σ L∘L
-    row_sums = torch.zeros(2, rows_local, dtype=torch.float64, device=device)
-    step = max(1, _BLOCK // max(1, max(a.sizes)))
-    packed = torch.cat([sides[0].x, sides[0].sq[:, None], sides[1].x, sides[1].sq[:, None]], dim=1)
-    da = sides[0].x.shape[1]
-    for offset, panel in g.panels(packed, a.sizes):
-        pa, pa_sq, pb, pb_sq = panel[:, :da], panel[:, da], panel[:, da + 1 : -1], panel[:, -1]
+    sides = [_KernelSide(shard, kernel, sigma) for shard in layers]
+    rows_local, count = first.x64.shape[0], len(sides)
+    inner = torch.zeros(count, count, dtype=torch.float64, device=device)
+    row_sums = torch.zeros(count, rows_local, dtype=torch.float64, device=device)
+    step = max(1, _BLOCK // max(1, count * max(first.sizes)))
+    packed = torch.cat([torch.cat([side.x, side.sq[:, None]], dim=1) for side in sides], dim=1)
+    bounds = torch.tensor([0] + [side.x.shape[1] + 1 for side in sides]).cumsum(0).tolist()
+    for offset, panel in g.panels(packed, first.sizes):
         for s in range(0, rows_local, step):
             e = min(rows_local, s + step)
-            K, L = sides[0].block(slice(s, e), pa, pa_sq), sides[1].block(slice(s, e), pb, pb_sq)
-            own = torch.arange(s, e, device=device) + a.offset - offset
+            own = torch.arange(s, e, device=device) + first.offset - offset
             inside = (own >= 0) & (own < panel.shape[0])
             local = torch.arange(e - s, device=device)[inside]
-            if unbiased:  # zero diagonals
-                K[local, own[inside]] = 0.0
-                L[local, own[inside]] = 0.0
-            sums += torch.stack([(K * L).sum(), (K * K).sum(), (L * L).sum()])
-            row_sums[0, s:e] += K.sum(dim=1)
-            row_sums[1, s:e] += L.sum(dim=1)
-    r_k, r_l = row_sums
-    totals = g.all_reduce(torch.cat([sums, torch.stack([r_k @ r_l, r_k @ r_k, r_l @ r_l, r_k.sum(), r_l.sum()])]))
-    s_kl, s_kk, s_ll, c_kl, c_kk, c_ll, t_k, t_l = totals
-
-    def hsic(s_xy, c_xy, t_x, t_y):
-        if unbiased:
-            return (s_xy + t_x * t_y / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * c_xy) / (n * (n - 3))
-        return s_xy - 2.0 / n * c_xy + t_x * t_y / n**2
-
-    self_a, self_b = hsic(s_kk, c_kk, t_k, t_k), hsic(s_ll, c_ll, t_l, t_l)
-    for value in (self_a, self_b):
+            blocks = []
+            for side, lo, hi in zip(sides, bounds[:-1], bounds[1:]):
+                K = side.block(slice(s, e), panel[:, lo : hi - 1], panel[:, hi - 1])
+                if unbiased:
+                    K[local, own[inside]] = 0.0
+                blocks.append(K.flatten())
+            stacked = torch.stack(blocks)
+            inner += stacked @ stacked.T
+            row_sums[:, s:e] += stacked.view(count, e - s, -1).sum(dim=2)
+    inner = g.all_reduce(inner)
+    cross = g.all_reduce(row_sums @ row_sums.T)
+    totals = g.all_reduce(row_sums.sum(dim=1))
+    if unbiased:
+        hsic = (inner + torch.outer(totals, totals) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+    else:
+        hsic = inner - 2.0 / n * cross + torch.outer(totals, totals) / n**2
+    selfs = hsic.diagonal()
+    for value in selfs:
         check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
-    return hsic(s_kl, c_kl, t_k, t_l) / torch.sqrt(self_a * self_b)
+    scores = hsic / torch.sqrt(selfs[:, None] * selfs[None, :])
+    lx = len(xs)
+    return scores[:lx, :lx] if ys is None else scores[:lx, lx:]
 
 
-# -- entry point -----------------------------------------------------------------------------
+# -- CKNNA: neighbour lists plus kernel values at the neighbours -------------------------------
+
+
+def sharded_cknna_layer(shard: Shard, k: int, unbiased: bool):
+    """``functional.cknna.CknnaLayer`` of the union for one layer: lists and ``K_ij`` at them
+    (float64, from the conditioned rows, in a second round of panels), gathered (``[n, k]``)."""
+    from prh_lightning.functional.cknna import CknnaLayer, _masked_hsic_against
+
+    check_k(k, shard.n, minimum=2)
+    if unbiased:
+        check_min_samples(shard.n, 4, "unbiased CKNNA")
+    g, x64 = shard.group, shard.x64
+    idx = sharded_neighbours(shard, k, exclude_self=unbiased)
+    val = torch.zeros(idx.shape, dtype=torch.float64, device=idx.device)
+    for offset, panel in g.panels(x64, shard.sizes):
+        there = (idx >= offset) & (idx < offset + panel.shape[0])
+        r, t = there.nonzero(as_tuple=True)
+        val[r, t] = (x64[r] * panel[idx[r, t] - offset]).sum(dim=1)
+    idx_all = g.gather_rows(idx, shard.sizes)
+    check_copies_sharded(shard, idx_all, exclude_self=unbiased)
+    layer = CknnaLayer(idx_all, g.gather_rows(val, shard.sizes), torch.zeros(idx_all.shape, dtype=torch.float64, device=idx.device))
+    layer.back = layer.lookup(idx_all, torch.arange(shard.n, device=idx.device)[:, None])[1]
+    layer.self_sim = _masked_hsic_against(layer, [layer], unbiased)[0]
+    check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {shard.name}")
+    return layer
+
+
+# -- SVCCA: d x d statistics -------------------------------------------------------------------
+
+
+def sharded_svcca_basis(shard: Shard, dim: int) -> tuple[Tensor, Tensor]:
+    """This rank's rows of the union's top-``dim`` left singular vectors ``U [n_r, dim]`` of the
+    standardised layer (``functional.cca``), from the ``[d, d]`` Gram ``Z^T Z = V S^2 V^T``
+    summed over ranks: ``U = Z V S^-1``. Returns ``(U_local, S)``."""
+    g, x64 = shard.group, shard.x64
+    n = shard.n
+    mean = g.all_reduce(x64.sum(dim=0)) / n
+    z = x64 - mean
+    std = torch.sqrt(g.all_reduce((z * z).sum(dim=0)) / (n - 1))
+    scale = float(g.all_reduce(z.abs().amax() if z.numel() else z.new_zeros(()), "max"))
+    keep = std > 16 * torch.finfo(torch.float64).eps * max(scale, 1e-300)
+    z = torch.where(keep, z / torch.where(keep, std, 1.0), 0.0)
+    eigenvalues, vectors = torch.linalg.eigh(g.all_reduce(z.T @ z))
+    order = torch.argsort(eigenvalues, descending=True)
+    singular = eigenvalues[order].clamp_min(0.0).sqrt()
+    tol = singular[0] * max(n, z.shape[1]) * torch.finfo(shard.dtype).eps
+    rank = int((singular > tol).sum())
+    if rank < dim:
+        raise ValueError(
+            f"svcca dim={dim} exceeds the rank {rank} of the standardised {shard.name} (shape ({n}, {z.shape[1]}), "
+            "constant features removed); lower dim or use more samples / features"
+        )
+    return z @ vectors[:, order[:dim]] / singular[:dim], singular[:dim]
+
+
+def sharded_svcca(xs: list[Shard], ys: list[Shard] | None, dim: int) -> Tensor:
+    """``[Lx, Ly]`` SVCCA: mean singular value of ``U_x^T U_y`` (``[dim, dim]``, summed over ranks)."""
+    bases = [sharded_svcca_basis(shard, dim)[0] for shard in xs + (ys or [])]
+    ux, uy = bases[: len(xs)], (bases if ys is None else bases[len(xs) :])
+    g = xs[0].group
+    m = g.all_reduce(torch.einsum("xnd,yne->xyde", torch.stack(ux), torch.stack(uy)))
+    return torch.linalg.svdvals(m).clamp(0.0, 1.0).mean(dim=-1)
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def check_every_rank_has_samples(has: bool, process_group: Any = None) -> None:
+    """Raise on every rank (no rank left waiting in a collective) unless all ranks hold samples."""
+    group = ShardGroup(process_group)
+    missing = group.world - int(group.all_reduce(torch.tensor(int(has))))
+    if missing:
+        raise RuntimeError(f"{missing} of {group.world} ranks hold no samples; every rank must update before a sharded compute()")
+
+
+def sharded_matrix(
+    metric: str,
+    xs: list[Tensor],
+    ys: list[Tensor] | None,
+    ids: Tensor | None,
+    normalize: bool = True,
+    clip_quantile: float | None = None,
+    process_group: Any = None,
+    **options: Any,
+) -> Tensor:
+    """``[Lx, Ly]`` float64 scores of every layer pair (``alignment_matrix``) of the union of every
+    rank's layers ``xs[l] [n_r, d_l]`` (and ``ys``), repeated ``ids`` dropped, without gathering
+    the features; the same on every rank."""
+    from prh_lightning.functional import get_plan
+
+    if metric not in SHARDED_METRICS:
+        raise ValueError(f"sharded compute supports {SHARDED_METRICS}, not {metric!r}")
+    plan = get_plan(metric)
+    options = plan.bind(options)
+    group = ShardGroup(process_group)
+    layers = xs + (ys or [])
+    dtype = compute_dtype(*layers)
+    kept, sizes = deduplicate(group, ids, *layers)
+    if sum(sizes) < 2:
+        raise ValueError(f"{metric} needs at least 2 samples over all processes, got {sum(sizes)}")
+    names = [f"xs[{i}]" for i in range(len(xs))] + [f"ys[{i}]" for i in range(len(ys or []))]
+    shards = [Shard(group, x, sizes, name, normalize, dtype, clip_quantile) for x, name in zip(kept, names)]
+    sx, sy = shards[: len(xs)], (None if ys is None else shards[len(xs) :])
+    if metric in KNN_METRICS or metric == "cknna":
+        if options.get("knn_backend", "exact") != "exact":
+            raise ValueError('sharded compute finds exact neighbours only; use knn_backend="exact"')
+        if metric == "cknna":
+            states = [sharded_cknna_layer(shard, options["k"], options["unbiased"]) for shard in shards]
+        else:
+            states = []
+            for shard in shards:
+                idx = group.gather_rows(sharded_neighbours(shard, options["k"]), sizes)  # [n, k] ints: small
+                check_copies_sharded(shard, idx)
+                states.append(Neighbours(idx))
+        lx = len(xs)
+        return plan.pairs(states[:lx], states if ys is None else states[lx:], **options).double()
+    if metric == "svcca":
+        return sharded_svcca(sx, sy, options["dim"])
+    if options.get("eps", 0.0):
+        raise ValueError("sharded CKA does not take eps; leave it at 0")
+    unbiased = metric == "unbiased_cka" or bool(options.get("unbiased", False))
+    return sharded_cka(sx, sy, options["kernel"], unbiased, options["sigma"])
 
 
 def sharded_score(
@@ -439,32 +592,5 @@ def sharded_score(
     """``functional.METRICS[metric]`` of the union of every rank's ``a [n_r, d_a]``, ``b [n_r, d_b]``
     (repeated ``ids`` dropped), computed without gathering the features; 0-dim, the same on
     every rank, in the compute dtype (float64 for float64 input, else float32)."""
-    from prh_lightning.functional import get_plan
-
-    if metric not in SHARDED_METRICS:
-        raise ValueError(f"sharded compute supports {SHARDED_METRICS}, not {metric!r}")
-    group = ShardGroup(process_group)
-    dtype = compute_dtype(a, b)
-    (a, b), sizes = deduplicate(group, ids, a, b)
-    if sum(sizes) < 2:
-        raise ValueError(f"{metric} needs at least 2 samples over all processes, got {sum(sizes)}")
-    sa = Shard(group, a, sizes, "a", normalize, dtype)
-    sb = Shard(group, b, sizes, "b", normalize, dtype)
-    plan = get_plan(metric)
-    options = plan.bind(options)
-    if metric in KNN_METRICS:
-        if options.get("knn_backend", "exact") != "exact":
-            raise ValueError('sharded compute finds exact neighbours only; use knn_backend="exact"')
-        k = options["k"]
-        lists = []
-        for shard in (sa, sb):
-            idx = group.gather_rows(sharded_neighbours(shard, k), sizes)  # [n, k] ints: small
-            check_copies_sharded(shard, idx)
-            lists.append(Neighbours(idx))
-        score = plan.pairs([lists[0]], [lists[1]], **options)[0, 0]
-    else:
-        if options.get("eps", 0.0):
-            raise ValueError("sharded CKA does not take eps; leave it at 0")
-        unbiased = metric == "unbiased_cka" or bool(options.get("unbiased", False))
-        score = sharded_cka(sa, sb, options["kernel"], unbiased, options["sigma"])
-    return score.to(dtype)
+    scores = sharded_matrix(metric, [a], [b], ids, normalize, None, process_group, **options)
+    return scores[0, 0].to(compute_dtype(a, b))

@@ -26,7 +26,8 @@ from prh_lightning.metrics._checks import (
     check_index_usage,
     drop_duplicate_ids,
 )
-from prh_lightning.metrics.buffered import DEFAULT_MAX_SAMPLES, _is_empty, check_max_samples
+from prh_lightning.metrics._distributed import check_every_rank_has_samples, sharded_matrix, shards_across_ranks
+from prh_lightning.metrics.buffered import DEFAULT_MAX_SAMPLES, _is_empty, check_max_samples, check_sharded
 
 Layers = Mapping[str, Tensor] | Sequence[Tensor]
 _METRIC_OPTIONS = (
@@ -65,6 +66,8 @@ class AlignmentMatrix(Metric):
         normalize, clip_quantile: passed to ``prh_lightning.alignment_matrix``.
         max_samples: the most probe samples held (as in `BufferedPairMetric`); past it, an error.
         buffer_on_cpu: keep the buffers on CPU (torchmetrics' ``compute_on_cpu``).
+        sharded: under DDP, keep each rank's samples and compute across ranks without gathering
+            them (see `BufferedPairMetric`); every rank must update before ``compute``.
         kwargs: the metric's own options (e.g. ``k=10``) and torchmetrics ``Metric`` options.
 
     ``update(xs, ys=None, index=None)``: ``xs`` (and ``ys`` for a second model) map layer
@@ -84,11 +87,14 @@ class AlignmentMatrix(Metric):
         clip_quantile: float | None = None,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         buffer_on_cpu: bool = False,
+        sharded: bool = False,
         **kwargs: Any,
     ) -> None:
         options = {key: kwargs.pop(key) for key in _METRIC_OPTIONS if key in kwargs}
         options.setdefault("compute_on_cpu", buffer_on_cpu)
+        sharded = check_sharded(sharded, metric, True, options)
         super().__init__(**options)
+        self.sharded = sharded
         self.metric, self.normalize, self.clip_quantile = metric, normalize, clip_quantile
         self.metric_kwargs = kwargs
         self.max_samples = check_max_samples(max_samples)
@@ -188,6 +194,14 @@ class AlignmentMatrix(Metric):
         """The alignment matrix ``[Lx, Ly]`` (``Ly = Lx`` without ``ys``) over all samples and ranks."""
         from prh_lightning.alignment import alignment_matrix
 
+        if self.sharded and shards_across_ranks(self.process_group):
+            check_every_rank_has_samples(not _is_empty(self.x), self.process_group)
+            xs = list(self._split(dim_zero_cat(self.x), "xs").values())
+            ys = None if _is_empty(self.y) else list(self._split(dim_zero_cat(self.y), "ys").values())
+            ids = None if _is_empty(self.index) else dim_zero_cat(self.index)
+            options = dict(normalize=self.normalize, clip_quantile=self.clip_quantile, **self.metric_kwargs)
+            scores = sharded_matrix(self.metric, xs, ys, ids, process_group=self.process_group, **options)
+            return scores.to(torch.float64 if any(t.dtype == torch.float64 for t in xs + (ys or [])) else torch.float32)
         if _is_empty(self.x) or self.layers_x is None:
             raise RuntimeError("AlignmentMatrix has no samples; call update(xs, ys) before compute()")
         stacked = [dim_zero_cat(self.x)]
