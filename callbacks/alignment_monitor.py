@@ -110,7 +110,7 @@ class AlignmentMonitor(Callback):
         within_model: bool = True,
         snapshots: bool = True,
         log_images: bool | int = True,
-        batch_size: int = 256,
+        batch_size: int = 64,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         on_error: str = "warn",
         max_history: int | None = 1000,

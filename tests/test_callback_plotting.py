@@ -74,3 +74,31 @@ def test_layer_step_figure_puts_each_layer_on_a_row_and_steps_in_columns():
     assert curves_figure(many).axes[0].images and not curves_figure(series).axes[0].images  # lines up to 12
     with pytest.raises(ValueError, match="2 steps but 1 values"):
         layer_step_figure({"a": ([0, 1], [0.5])})
+
+
+def _texts_outside(fig) -> list[str]:
+    """Visible, non-empty texts whose drawn extent leaves the figure (1 px tolerance)."""
+    figure_to_array(fig)
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.canvas.get_width_height()
+    outside = []
+    for text in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent")):
+        if not text.get_visible() or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1:
+            outside.append(text.get_text())
+    return outside
+
+
+@pytest.mark.parametrize("n_layers", [1, 7, 13, 40])
+def test_no_label_is_clipped_without_a_layout_engine(n_layers):
+    # margins are computed from the labels (no constrained layout, which costs more than the
+    # drawing itself); every tick label, axis label, title and legend entry must still fit
+    rows = [f"encoder.layer.{i}.attention.output.dense" for i in range(n_layers)]
+    cols = [f"blocks.{i}.mlp.fc2" for i in range(max(1, n_layers // 2))]
+    heat = heatmap_figure(torch.rand(len(rows), len(cols)), rows, cols, "cka: model vs reference", 0, 1,
+                          xlabel="reference layer", ylabel="model layer")
+    assert _texts_outside(heat) == []
+    lines = line_figure({name: ([0, 50, 100], [0.1, 0.2, 0.3]) for name in rows[:12]}, "cka per layer", ylabel="cka")
+    assert _texts_outside(lines) == []

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from prh_lightning.tracking.failures import Failures
+from prh_lightning.tracking.prepared import PreparedStates, split_options
 
 Features = dict[str, torch.Tensor]
 SNAPSHOTS = ("self_initial", "self_previous")
@@ -76,12 +77,15 @@ def score_matrix(
     kwargs: Mapping[str, Any],
     failures: Failures,
     target: str = "self",
+    cache: PreparedStates | None = None,
 ) -> torch.Tensor:
     """``[Lx, Ly]`` float32 CPU scores of ``xs`` against ``ys`` (``None``: against ``xs``).
 
     Layers with non-finite features, and layers the metric rejects (a ``ValueError`` for that
     layer alone), give NaN rows / columns and one report each; other failures give NaN cells.
-    With ``on_error="raise"`` the first failure is raised.
+    With ``on_error="raise"`` the first failure is raised. ``cache``: prepared per-layer states
+    shared with the check's other matrices and kept for the snapshots (same numbers as
+    :func:`prh_lightning.alignment_matrix`, which this calls without a cache).
     """
     from prh_lightning.alignment import alignment_matrix
 
@@ -94,6 +98,8 @@ def score_matrix(
     cols = [j for j, name in enumerate(ys_) if name not in bad_y]
     if not rows or not cols:
         return matrix
+    if cache is not None:
+        return _score_with_cache(xs, ys_, same, rows, cols, metric, kwargs, failures, target, cache, matrix)
     gx = {name: xs[name] for i, name in enumerate(xs) if i in rows}
     gy = None if same else {name: ys_[name] for j, name in enumerate(ys_) if j in cols}
     try:
@@ -102,6 +108,63 @@ def score_matrix(
         if failures.on_error == "raise":
             raise
         sub = _score_around_bad_layers(gx, gx if same else gy, metric, kwargs, failures, target)
+    matrix[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.detach().float().cpu()
+    return matrix
+
+
+def _score_with_cache(
+    xs: Features,
+    ys: Features,
+    same: bool,
+    rows: list[int],
+    cols: list[int],
+    metric: str,
+    kwargs: Mapping[str, Any],
+    failures: Failures,
+    target: str,
+    cache: PreparedStates,
+    matrix: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`score_matrix` from cached per-layer states: each layer is prepared once (a layer
+    the metric rejects is reported and left NaN), then every pair is scored by the plan."""
+    from prh_lightning.alignment import _large_n_plan
+    from prh_lightning.functional._numerics import compute_dtype
+    from prh_lightning.functional._plan import get_plan
+
+    prep, options = split_options(kwargs)
+    names_x, names_y = list(xs), list(ys)
+    lx = [xs[names_x[i]] for i in rows]
+    ly = lx if same else [ys[names_y[j]] for j in cols]
+    plan = get_plan(_large_n_plan(metric, lx, None if same else ly, options))
+    options = plan.bind(options)
+    dtype = compute_dtype(*lx, *([] if same else ly))
+    layers = len(lx) + (0 if same else len(ly))
+
+    def prepared(indices: list[int], names: list[str], features: Features, owner: str) -> tuple[list[int], list]:
+        kept, states = [], []
+        for i in indices:
+            try:
+                states.append(cache.state(plan, options, features[names[i]], names[i], prep, dtype, layers))
+            except ValueError as err:
+                if failures.on_error == "raise":
+                    raise
+                failures.report(f"{owner} layer {names[i]!r}", err)
+                continue
+            kept.append(i)
+        return kept, states
+
+    rows, sx = prepared(rows, names_x, xs, "model")
+    cols, sy = (rows, sx) if same else prepared(cols, names_y, ys, _owner(target))
+    if not rows or not cols:
+        return matrix
+    try:
+        sub = plan.pairs(sx, sx if same else sy, **options)
+    except ValueError:  # a pair the metric cannot score: find it pair by pair
+        if failures.on_error == "raise":
+            raise
+        gx = {names_x[i]: xs[names_x[i]] for i in rows}
+        gy = gx if same else {names_y[j]: ys[names_y[j]] for j in cols}
+        sub = _score_around_bad_layers(gx, gy, metric, kwargs, failures, target)
     matrix[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sub.detach().float().cpu()
     return matrix
 

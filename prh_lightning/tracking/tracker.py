@@ -32,6 +32,7 @@ from prh_lightning.tracking.chance import ChanceLevels, TargetChance, chance_sca
 from prh_lightning.tracking.failures import Failures
 from prh_lightning.tracking.history import History
 from prh_lightning.tracking import distributed
+from prh_lightning.tracking.prepared import PreparedStates
 from prh_lightning.tracking.probe import (
     ForwardError,
     Probe,
@@ -115,7 +116,7 @@ class AlignmentTracker:
         metric_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         within_model: bool = True,
         snapshots: bool = True,
-        batch_size: int = 256,
+        batch_size: int = 64,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         on_error: str = "warn",
         max_history: int | None = 1000,
@@ -180,6 +181,7 @@ class AlignmentTracker:
         self._model_layers: list[str] = []
         self._reference_layers: dict[str, list[str]] = {}
         self._cache: dict[str, Features] = {}  # frozen references' features
+        self._prepared = PreparedStates()  # per-layer metric states of the features above and the snapshots
         self._layers_checked = False
         if probe is not None:
             self.set_probe(probe)
@@ -197,6 +199,7 @@ class AlignmentTracker:
             )
         self.probe = probe
         self._cache.clear()
+        self._prepared.clear()
         self.chance.forget()
 
     @property
@@ -267,6 +270,7 @@ class AlignmentTracker:
         chance = self.compute_chance(features, references, failed) if features and self.chance.enabled else {}
         if features:
             self._previous = features
+        self._prepared.retain(self._live_tensors())
         values = scalars(matrices, self._model_layers, self.prefix)
         values.update(chance_scalars(chance, self._model_layers, self.prefix))
         if not features:  # the probe pass failed: NaN for everything logged before
@@ -274,6 +278,11 @@ class AlignmentTracker:
         self.last_matrices = matrices
         self.last_chance = chance
         return values
+
+    def _live_tensors(self) -> list[torch.Tensor]:
+        """The feature tensors the next check may score again (snapshots, frozen references)."""
+        held = [self._initial or {}, self._previous or {}, *self._cache.values()]
+        return [t for feats in held for t in feats.values()]
 
     def _check_layers(self, model: nn.Module) -> None:
         if not self._layers_checked:  # an unknown layer name is a configuration error: raise now
@@ -430,7 +439,9 @@ class AlignmentTracker:
                 if metric not in self._metrics_for(name):
                     continue
                 try:
-                    matrix = score_matrix(features, ys, metric, self.metric_kwargs[metric], self.failures, name)
+                    matrix = score_matrix(
+                        features, ys, metric, self.metric_kwargs[metric], self.failures, name, cache=self._prepared
+                    )
                 except Exception as err:  # noqa: BLE001 - the metric itself failed
                     self.failures.report(f"{metric} against {name}", err)
                     matrix = torch.full((len(features), len(features if ys is None else ys)), float("nan"))
@@ -549,6 +560,7 @@ class AlignmentTracker:
                     stacklevel=2,
                 )
         self.history.load_state_dict(state["history"])
+        self._prepared.clear()
         self._initial = state.get("initial")
         self._previous = state.get("previous") or self._initial
         self.last_step = state.get("last_step")
