@@ -235,6 +235,16 @@ class CentredKernel:
         return out
 
 
+def _chunked_gram(rows: torch.Tensor, chunks: int = 8) -> torch.Tensor:
+    """``rows^T rows`` for ``rows [N, c]`` in float64, summed over ``chunks`` float32 (or float64)
+    GEMMs of consecutive rows: ``[c, c]``."""
+    step = -(-rows.shape[0] // chunks)
+    out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+    for s in range(0, rows.shape[0], step):
+        out += (rows[s : s + step].T @ rows[s : s + step]).double()
+    return out
+
+
 def _cka_null(
     xs: list[CentredKernel], ys: list[CentredKernel], perms: torch.Tensor, eps: float = 0.0, unbiased: bool = False, **_
 ) -> torch.Tensor:
@@ -249,42 +259,66 @@ def _cka_null(
     permutation of the batch, accumulated in float64 over column chunks (as the raw scores).
     """
     n = xs[0].n
-    device = xs[0].x.device
+    device, dtype = xs[0].x.device, xs[0].x.dtype
     lx, ly = len(xs), len(ys)
     iu = torch.triu_indices(n, n, offset=1, device=device)
     m = iu.shape[1]
-    dense_x = [k.dense() for k in xs]
-    tri_x = torch.stack([c[iu[0], iu[1]] for c in dense_x])  # [Lx, m]
-    diag_x = torch.stack([c.diagonal() for c in dense_x]).double()  # [Lx, n]
-    self_x = torch.stack([(c.double() ** 2).sum() for c in dense_x])
-    del dense_x
-    table = torch.empty(n * n, ly, dtype=tri_x.dtype, device=device)
-    self_y = torch.empty(ly, dtype=torch.float64, device=device)
-    for l, k in enumerate(ys):
-        c = k.dense()
-        self_y[l] = (c.double() ** 2).sum()
-        table[:, l] = c.flatten()
-    del c
+    tri = torch.empty(lx + ly, m, dtype=dtype, device=device)  # C[i, j], i < j, of every layer
+    diag = torch.empty(lx + ly, n, dtype=torch.float64, device=device)
+    # row u n + v (u <= v): C_y[u, v] of every y layer; the lower triangle is never written nor read
+    table = torch.empty(n * n, ly, dtype=dtype, device=device)
+    rows = -(-n // 8)  # 8 row blocks of the upper triangle: about 56 % of a whole Gram's work
+    buffer = torch.empty(rows * n, dtype=dtype, device=device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        a, b = s * n - s * (s + 1) // 2, e * n - e * (e + 1) // 2  # the triangle entries of rows s:e
+        local = (iu[0, a:b] - s) * (n - s) + (iu[1, a:b] - s)
+        for l, k in enumerate(list(xs) + list(ys)):
+            block = k.centred_into(s, e, buffer[: (e - s) * (n - s)].view(e - s, n - s), c0=s)
+            torch.index_select(block.view(-1), 0, local, out=tri[l, a:b])
+            diag[l, s:e] = block.diagonal()
+            if l >= lx:
+                table.view(n, n, ly)[s:e, s:, l - lx] = block
+    tri_x = tri[:lx]
+    gram = _chunked_gram(tri.T)
+    self_sims = 2.0 * gram.diagonal() + (diag**2).sum(dim=1)  # ||C||^2
+    for value in self_sims:
+        check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
+    self_x, self_y = self_sims[:lx], self_sims[lx:]
+    diag_x = diag[:lx]
     denom = torch.sqrt(self_x[:, None] * self_y[None, :])
     if eps:
         c = n * (n - 3) if unbiased else 1.0
         sx = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=device)
         sy = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=device)
         denom = denom + eps * c * sx[:, None] * sy[None, :]
-    rows, cols = iu[0], iu[1]
-    batch = max(1, min(16, _BUDGET // max(1, m * ly)))
+    # Buffers are allocated once and reused: fresh multi-megabyte tensors per batch cost page faults
+    # of the order of the gather itself. int32 keys when n^2 allows (half the index traffic).
+    key_dtype = torch.int32 if n * n < 2**31 else torch.int64
+    first, second = iu[0].to(key_dtype), iu[1].to(key_dtype)
+    batch = max(1, min(_NULL_BATCH, _BUDGET // max(1, m * ly)))
+    buffers = torch.empty(3, m * batch, dtype=key_dtype, device=device)
+    moved = torch.empty(m * batch, ly, dtype=dtype, device=device)
     chunk = -(-m // 8)
     out = []
     for s in range(0, perms.shape[0], batch):
-        p = perms[s : s + batch]
-        b = p.shape[0]
-        keys = (p.index_select(1, rows) * n + p.index_select(1, cols)).T.reshape(-1)  # [m * B]: (i<j, perm)
-        moved = table.index_select(0, keys).view(m, b * ly)  # C_y[π(i), π(j)] for every y layer and perm
+        p = perms[s : s + batch].T.contiguous().to(key_dtype)  # [n, B]
+        b = p.shape[1]
+        keys, high, low = (buf[: m * b].view(m, b) for buf in buffers)
+        # keys[(i, j), perm] = u n + v with {u, v} = {π(i), π(j)}, u < v (i < j): one row of moved
+        # per triangle entry and permutation
+        torch.index_select(p, 0, first, out=keys)
+        torch.index_select(p, 0, second, out=high)
+        torch.minimum(keys, high, out=low)
+        torch.maximum(keys, high, out=high)
+        torch.mul(low, n, out=keys).add_(high)
+        torch.index_select(table, 0, keys.view(-1), out=moved[: m * b])
+        block = moved[: m * b].view(m, b * ly)  # C_y[π(i), π(j)] of every y layer, per permutation
         inner = torch.zeros(lx, b * ly, dtype=torch.float64, device=device)
         for c0 in range(0, m, chunk):
-            inner += (tri_x[:, c0 : c0 + chunk] @ moved[c0 : c0 + chunk]).double()
-        diag = table.index_select(0, (p * (n + 1)).reshape(-1)).view(b, n, ly).double()  # C_y[π(i), π(i)]
-        total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag)
+            inner += (tri_x[:, c0 : c0 + chunk] @ block[c0 : c0 + chunk]).double()
+        diag_y = table.index_select(0, (p.T.long() * (n + 1)).flatten()).view(b, n, ly).double()  # C_y[π(i), π(i)]
+        total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag_y)
         out.append(total.permute(1, 0, 2) / denom)
     return torch.cat(out)
 
@@ -345,6 +379,7 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
 
 
 _BUDGET = 2**26
+_NULL_BATCH = 4  # permutations per gather and GEMM in the CKA null
 
 
 def _check_kernel_name(kernel: str) -> None:
