@@ -93,3 +93,22 @@ def test_above_chance_phrase_leads_with_the_calibrated_number(raw, cal, p, expec
     text = above_chance_phrase(raw, cal, p, "CKA")
     assert text.startswith(f"calibrated CKA {cal:.2f} (raw {raw:.2f})")
     assert text.endswith(": " + expected)
+
+
+def test_calibrated_model_pairs_scores_each_pair_and_leaves_undefined_neighbours_nan():
+    """Rotated copy: p = 1/(K+1), calibrated 1; a model of 10 rows repeated 3 times: neighbour
+    lists cut through groups of identical rows, k-NN undefined, NaN."""
+    from prh_lightning.analysis.calibrated import calibrated_model_pairs
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 6, generator=gen)
+    rot = torch.linalg.qr(torch.randn(6, 6, generator=gen)).Q
+    repeated = torch.randn(10, 4, generator=gen).repeat_interleave(3, dim=0)
+    models = [{"h": x}, {"h": x @ rot}, {"h": repeated}]
+    out = calibrated_model_pairs(models, "mutual_knn", draw_permutations(30, 39, seed=0), k=3)
+    assert len(out["p_value"]) == 3  # pairs (0, 1), (0, 2), (1, 2)
+    assert out["p_value"][0] == pytest.approx(1 / 40) and out["calibrated"][0] == pytest.approx(1.0)
+    assert out["raw"][0] == pytest.approx(1.0)
+    assert all(math.isnan(out[key][p]) for key in out for p in (1, 2))
+    only = calibrated_model_pairs(models, "mutual_knn", draw_permutations(30, 39, seed=0), pairs=[(1, 0)], k=3)
+    assert only["p_value"] == [pytest.approx(1 / 40)]
