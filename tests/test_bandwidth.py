@@ -51,7 +51,7 @@ def test_no_block_holds_more_than_its_rows():
     assert sum(sizes) == 200 * 199 // 2 and max(sizes) <= 16 * 199
     m = 200 * 199 // 2
     values = torch.sort(torch.from_numpy(pdist(x.numpy()) ** 2).float()).values
-    got = select_ranks(source, (1, m // 3, m), torch.float32, x.device, bins=4, cap=10)
+    got = select_ranks(source, (1, m // 3, m), (0.0, 1.0), torch.float32, x.device, bins=4, cap=10)
     torch.testing.assert_close(torch.stack(got), values[[0, m // 3 - 1, m - 1]], rtol=1e-5, atol=1e-6)
 
 

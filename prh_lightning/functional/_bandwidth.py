@@ -64,6 +64,7 @@ def _identity(t: torch.Tensor, op: str) -> torch.Tensor:
 def select_ranks(
     source: Source,
     ranks: tuple[int, ...],
+    span: tuple[float, float],
     dtype: torch.dtype,
     device: torch.device,
     bins: int = BINS,
@@ -74,21 +75,25 @@ def select_ranks(
 ) -> list[torch.Tensor]:
     """The ``ranks``-th smallest values (1-based, ascending, close together) streamed by ``source``.
 
-    ``reduce(t, op)`` combines ``t`` over the processes that share the work (``op`` is
-    ``"sum"``, ``"min"`` or ``"max"``); ``gather(t)`` concatenates 1-D tensors over them.
+    ``span``: where most values lie (buckets are spread over it on the first pass; values
+    outside it fall in the end buckets, so it need not be exact). ``reduce(t, op)`` combines
+    ``t`` over the processes that share the work (``op`` is ``"sum"``, ``"min"`` or ``"max"``);
+    ``gather(t)`` concatenates 1-D tensors over them; neither is called while ``source`` streams.
     ``total``: how many values the source streams, when known (at most ``cap``: no counting
     pass). Returns 0-dim tensors in ``dtype``.
     """
     ranks = tuple(sorted(ranks))
     lo = torch.tensor(float("-inf"), dtype=dtype, device=device)  # the interval [lo, hi) holds the ranks
     hi = torch.tensor(float("inf"), dtype=dtype, device=device)
+    low, high = (torch.tensor(v, dtype=dtype, device=device) for v in span)  # where the buckets go
     below, inside = 0, total  # values < lo; values in [lo, hi) (None: unknown before the first pass)
     while True:
         if inside is not None and inside <= cap:
             chosen = gather(torch.cat([v[(v >= lo) & (v < hi)] for v in source()] or [lo.new_empty(0)]))
             ordered = torch.sort(chosen).values
             return [ordered[r - below - 1] for r in ranks]
-        counts, vmin, vmax, edges = _histogram(source, lo, hi, bins, dtype, device, reduce)
+        edges = _inner_edges(low, high, bins)
+        counts, vmin, vmax = _histogram(source, lo, hi, edges, bins, reduce)
         streamed = int(counts.sum())
         if inside is None and streamed < ranks[-1]:
             raise ValueError(f"asked for the {ranks[-1]}-th smallest of {streamed} values")
@@ -104,44 +109,34 @@ def select_ranks(
             continue
         lo = edges[first - 1] if first > 0 else lo
         hi = edges[last] if last < bins - 1 else hi
+        # the next buckets span the new interval, or the values' range on an open side
+        low = lo if torch.isfinite(lo) else vmin
+        high = hi if torch.isfinite(hi) else vmax
         below, inside = new_below, new_inside
 
 
-def _histogram(source: Source, lo, hi, bins: int, dtype, device, reduce):
-    """Counts ``[bins]`` of the values in ``[lo, hi)`` over ``bins - 1`` inner edges spread between
-    the interval's bounds (or, on the first pass, the values' range estimated from one block),
-    with their min and max. Bucket ``i`` holds ``edges[i - 1] <= v < edges[i]``."""
-    counts = torch.zeros(bins, dtype=torch.long, device=device)
-    vmin = torch.tensor(float("inf"), dtype=dtype, device=device)
-    vmax = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    edges = None
+def _histogram(source: Source, lo, hi, edges: torch.Tensor, bins: int, reduce):
+    """Counts ``[bins]`` of the values in ``[lo, hi)`` (bucket ``i`` holds ``edges[i - 1] <= v <
+    edges[i]``), with the min and max of those values, reduced over processes at the end."""
+    counts = torch.zeros(bins, dtype=torch.long, device=edges.device)
+    vmin = torch.tensor(float("inf"), dtype=edges.dtype, device=edges.device)
+    vmax = torch.tensor(float("-inf"), dtype=edges.dtype, device=edges.device)
     for v in source():
         v = v[(v >= lo) & (v < hi)]
-        if edges is None:
-            edges = _inner_edges(lo, hi, v, bins, reduce)
         if v.numel() == 0:
             continue
         counts += torch.bincount(torch.bucketize(v, edges, right=True), minlength=bins)
         low, high = torch.aminmax(v)
         vmin, vmax = torch.minimum(vmin, low), torch.maximum(vmax, high)
-    if edges is None:  # this process streamed nothing; the others may have
-        edges = _inner_edges(lo, hi, lo.new_empty(0), bins, reduce)
-    return reduce(counts, "sum"), reduce(vmin, "min"), reduce(vmax, "max"), edges
+    return reduce(counts, "sum"), reduce(vmin, "min"), reduce(vmax, "max")
 
 
-def _inner_edges(lo, hi, first_block: torch.Tensor, bins: int, reduce) -> torch.Tensor:
-    """``bins - 1`` increasing edges inside ``[lo, hi)``; an unbounded side takes the range of the
-    first block (agreed over processes), which only makes the end buckets wider."""
-    if first_block.numel():
-        low, high = torch.aminmax(first_block)
-    else:
-        low, high = lo.new_tensor(float("inf")), lo.new_tensor(float("-inf"))
-    low, high = reduce(low, "min"), reduce(high, "max")
-    a = lo if torch.isfinite(lo) else low
-    b = hi if torch.isfinite(hi) else high
-    if not (torch.isfinite(a) and torch.isfinite(b)) or bool(b <= a):
-        a, b = (a, a + 1) if torch.isfinite(a) else (lo.new_tensor(0.0), lo.new_tensor(1.0))
-    return torch.linspace(float(a), float(b), bins + 1, dtype=torch.float64, device=lo.device)[1:-1].to(lo.dtype)
+def _inner_edges(low: torch.Tensor, high: torch.Tensor, bins: int) -> torch.Tensor:
+    """``bins - 1`` increasing edges spread over ``[low, high]`` (a unit span if it is empty)."""
+    a, b = float(low), float(high)
+    if not b > a:
+        b = a + 1.0
+    return torch.linspace(a, b, bins + 1, dtype=torch.float64, device=low.device)[1:-1].to(low.dtype)
 
 
 def median_bandwidth(x: torch.Tensor, rows: int | None = None, bins: int = BINS, cap: int = CAP) -> torch.Tensor:
@@ -163,5 +158,6 @@ def median_bandwidth(x: torch.Tensor, rows: int | None = None, bins: int = BINS,
     if n <= _DENSE:
         cap = max(cap, m)
     source = triangle_blocks(x, rows)
-    low, high = select_ranks(source, ((m + 1) // 2, m // 2 + 1), x.dtype, x.device, bins, cap, total=m)
+    span = (0.0, 4.0 * float((x * x).sum(dim=1).max()))  # |x_i - x_j|^2 <= (|x_i| + |x_j|)^2
+    low, high = select_ranks(source, ((m + 1) // 2, m // 2 + 1), span, x.dtype, x.device, bins, cap, total=m)
     return (low.sqrt() + high.sqrt()) / 2

@@ -389,7 +389,6 @@ def sharded_median_distance(shard: Shard, x: Tensor, sq: Tensor) -> Tensor:
 
     def stream() -> Iterator[Tensor]:
         for offset, panel in g.panels(panel_input, shard.sizes):
-            yield x.new_empty(0)  # every rank yields at least once per panel (collectives stay in step)
             for s in range(0, x.shape[0], step):
                 e = min(x.shape[0], s + step)
                 block = squared_distance_block(x[s:e], panel[:, :-1], sq[s:e], panel[:, -1])
@@ -400,7 +399,10 @@ def sharded_median_distance(shard: Shard, x: Tensor, sq: Tensor) -> Tensor:
 
     m = n * (n - 1) // 2
     gather = lambda t: g.gather_rows(t, g.sizes(t.numel(), t.device))  # noqa: E731
-    low, high = select_ranks(stream, ((m + 1) // 2, m // 2 + 1), x.dtype, x.device, reduce=g.all_reduce, gather=gather)
+    largest = g.all_reduce(sq.max() if sq.numel() else sq.new_zeros(()), "max")
+    span = (0.0, 4.0 * float(largest))  # |x_i - x_j|^2 <= (|x_i| + |x_j|)^2
+    ranks = ((m + 1) // 2, m // 2 + 1)
+    low, high = select_ranks(stream, ranks, span, x.dtype, x.device, reduce=g.all_reduce, gather=gather)
     return (low.sqrt() + high.sqrt()) / 2
 
 
