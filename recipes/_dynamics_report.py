@@ -27,7 +27,9 @@ def _axes(title: str, ylabel: str):
     return fig, ax
 
 
-def between_figure(between: dict, chance: float):
+def between_figure(between: dict, chance: float, calibrated: dict | None = None):
+    """Per-pair and mean between-run curves, the chance level and (with ``calibrated``) the
+    permutation null's 95% quantile tau (mean over pairs): 'above chance' means above tau."""
     fig, ax = _axes("Alignment between runs along training (compared layer)", "mutual k-NN")
     steps = between["steps"]
     for name, values in between["per_pair"].items():
@@ -35,6 +37,9 @@ def between_figure(between: dict, chance: float):
     ax.fill_between(steps, between["ci_low"], between["ci_high"], color="C3", alpha=0.25, label="mean, bootstrap 95% CI")
     ax.plot(steps, between["mean"], color="C3", linewidth=2)
     ax.axhline(chance, color="grey", linestyle=":", label="chance k/(n-1)")
+    if calibrated is not None:
+        tau = np.mean([d["tau"] for d in calibrated["compared"].values()], axis=0)
+        ax.plot(calibrated["steps"], tau, color="grey", linestyle="--", label="null 95% quantile (tau)")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
 

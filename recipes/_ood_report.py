@@ -96,8 +96,9 @@ def alignment_by_set_figure(point, low, high, metrics: list[str]):
     return fig
 
 
-def save_figures(out: Path, point, low, high, metrics, names, set_names) -> list[str]:
-    """All figures; returns their paths relative to ``out``."""
+def save_figures(out: Path, point, low, high, metrics, names, set_names, calibrated: dict | None = None) -> list[str]:
+    """All figures; returns their paths relative to ``out``. With ``calibrated``, each model x
+    model heatmap of the first metric gets its calibrated twin (``..._calibrated.png``, 0-1)."""
     from prh_lightning.plotting import heatmap_figure
     from prh_lightning.reporting import save_figure
 
@@ -114,6 +115,14 @@ def save_figures(out: Path, point, low, high, metrics, names, set_names) -> list
         rel = f"figures/scores_{role}_{metrics[0]}.png"
         save_figure(heatmap_figure(matrix, names, names, title=f"{metrics[0]} (best layer pair), {role}"), out / rel)
         paths.append(rel)
+        if calibrated is not None:
+            cal = np.full((len(names), len(names)), np.nan)
+            for p, (i, j) in enumerate(itertools.combinations(range(len(names)), 2)):
+                cal[i, j] = cal[j, i] = calibrated[role][metrics[0]]["calibrated"][p]
+            rel = f"figures/scores_{role}_{metrics[0]}_calibrated.png"
+            save_figure(heatmap_figure(cal, names, names, title=f"calibrated {metrics[0]} (best layer pair), {role}",
+                                       vmin=0.0, vmax=1.0), out / rel)
+            paths.append(rel)
     rel = "figures/alignment_by_set.png"
     save_figure(alignment_by_set_figure(point, low, high, metrics), out / rel)
     return paths + [rel]
@@ -167,7 +176,9 @@ def calibrated_section(calibrated: dict, metrics: list[str], names: list[str], s
             "chance, Holm over the pretrained pairs of each metric and set, / pretrained pairs; mean chance level = null "
             f"mean of the raw score). Every pretrained pair is above chance for {everywhere['in-distribution']} of "
             f"{len(metrics)} metrics on in-distribution images, {everywhere['ood']} on OOD images and {everywhere['noise']} "
-            f"on noise. {first}, pretrained pairs:\n\n" + "\n".join(lines))
+            f"on noise. {first}, pretrained pairs:\n\n" + "\n".join(lines) + "\n\n"
+            + " ".join(f"![{first}, {r}: raw](figures/scores_{r}_{first}.png) ![{first}, {r}: calibrated]"
+                       f"(figures/scores_{r}_{first}_calibrated.png)" for r in SET_ROLES))
     lower = [m for m in metrics if calibrated["noise"][m]["pretrained_mean"] < calibrated["in-distribution"][m]["pretrained_mean"]]
     central = (f"Read from the calibrated scores (no interval): the pretrained pairs' mean calibrated score is lower on "
                f"noise than on in-distribution images for {len(lower)} of {len(metrics)} metrics"

@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     replicates = jackknife(feats, metrics, pretrained, args, point)
     low, high = intervals(point, replicates, metrics, args.k, 0.95)
     claims = report.judge_claims(point, replicates, metrics, lambda conf: intervals(point, replicates, metrics, args.k, conf))
-    figures = report.save_figures(args.out, point, low, high, metrics, names, set_names)
+    figures = report.save_figures(args.out, point, low, high, metrics, names, set_names, calibrated)
     seconds = time.time() - start
     pairs = [f"{names[i]} vs {names[j]}" for i, j in itertools.combinations(range(len(names)), 2)]
     summary = {

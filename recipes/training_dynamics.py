@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     calibrated = calibrated_between_runs(runs, draw_permutations(n_probe, args.permutations, args.seed), layer=layer, k=args.k)
     drifts = drift(runs, layer=layer, k=args.k)
     change = change_over_training(between, args.k, n_probe)
-    save_figure(between_figure(between, change["chance"]), args.out / "figures" / "between_runs.png")
+    save_figure(between_figure(between, change["chance"], calibrated), args.out / "figures" / "between_runs.png")
     save_figure(drift_figure(drifts), args.out / "figures" / "drift.png")
     seconds = time.time() - start
     between = {key: v for key, v in between.items() if key != "replicates"}

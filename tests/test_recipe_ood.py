@@ -79,6 +79,10 @@ def _check_calibrated(summary: dict, report: str) -> None:
         phrase = above_chance_phrase(c["raw"][0], c["calibrated"][0], c["p_holm"][0], "mutual_knn", p_label="Holm p")
         assert f"lite0 vs lite1: {phrase}" in report
     assert "## Alignment above chance (calibrated)" in report and "Read from the calibrated scores" in report
+    for role in ood.SET_ROLES:
+        for kind in ("", "_calibrated"):
+            rel = f"figures/scores_{role}_mutual_knn{kind}.png"
+            assert rel in summary["figures"] and f"({rel})" in report
 
 
 def test_calibrated_scores_against_numpy_cka_over_the_same_permutations():
