@@ -15,7 +15,8 @@ sends them to the loggers (:mod:`._logging`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -301,8 +302,9 @@ class AlignmentMonitor(Callback):
         trainer.callback_metrics.update({tag: torch.tensor(v) for tag, v in values.items()})
         if not trainer.is_global_zero or not trainer.loggers:
             return
-        _logging.log_scalars(trainer, values, _logging.log_step(trainer))
-        self._layouts.update(trainer, list(values))
+        with self._logger_failures("logging the scalars"):
+            _logging.log_scalars(trainer, values, _logging.log_step(trainer))
+            self._layouts.update(trainer, list(values))
         m = self.log_images
         due = (m is True and images) or (not isinstance(m, bool) and m > 0 and (tracker.n_checks - 1) % m == 0)
         if due and step > 0:
@@ -313,10 +315,22 @@ class AlignmentMonitor(Callback):
             return
         from prh_lightning.plotting import figure_to_array
 
-        figures = self.tracker.figures(heatmaps=heatmaps, curves=curves)
-        _logging.log_images(trainer, {tag: figure_to_array(fig) for tag, fig in figures.items()}, _logging.log_step(trainer))
+        with self._logger_failures("drawing or logging the figures"):
+            figures = self.tracker.figures(heatmaps=heatmaps, curves=curves)
+            images = {tag: figure_to_array(fig) for tag, fig in figures.items()}
+            _logging.log_images(trainer, images, _logging.log_step(trainer))
         if heatmaps:
             self._imaged_step = self.tracker.last_step
+
+    @contextlib.contextmanager
+    def _logger_failures(self, what: str) -> Iterator[None]:
+        """A logger or plotting error is reported like any other failure (a warning once, training
+        goes on; raised with ``on_error="raise"``): a full disk or a logger's own limits must not
+        end a multi-day run."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - reported through the tracker's failure policy
+            self.tracker.failures.report(what, err)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.is_global_zero:  # in a spawned worker: hand the state back to the launching process

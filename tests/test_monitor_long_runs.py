@@ -140,3 +140,35 @@ def test_one_layer_model_logs_no_nan_within_model_mean(tmp_path):
     assert not [t for t in mon.history if "mean_offdiag" in t]
     assert not [t for t in trainer.callback_metrics if "mean_offdiag" in t]
     assert all(not math.isnan(v) for points in mon.history.values() for _, v in points)
+
+
+class FullDiskLogger(CSVLogger):
+    """A logger whose disk fills up after its first few writes (every later write raises)."""
+
+    writes = 0
+
+    def log_metrics(self, metrics, step=None):
+        FullDiskLogger.writes += 1
+        if any(key.startswith("alignment") for key in metrics):
+            raise OSError(28, "No space left on device")
+        return super().log_metrics(metrics, step)
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_a_failing_logger_is_reported_once_and_training_goes_on(tmp_path, on_error):
+    mon = AlignmentMonitor(probe=probe(), layers=LAYERS, k=5, every_n_train_steps=2, on_error=on_error)
+    x, y = synthetic_data(64)
+    trainer = L.Trainer(max_steps=6, callbacks=[mon], logger=FullDiskLogger(tmp_path), **TRAINER_KW)
+    if on_error == "raise":
+        with pytest.raises(OSError, match="No space left"):
+            trainer.fit(TinyNet(), loader(x, y, batch_size=8))
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyNet(), loader(x, y, batch_size=8))
+    assert trainer.global_step == 6
+    messages = [str(w.message) for w in caught if "No space left" in str(w.message)]
+    assert len(messages) == 1 and "logging the scalars" in messages[0]
+    # the values were still computed and kept: the history and callback_metrics have every check
+    assert [s for s, _ in mon.history["alignment/cka/self/mean_offdiag"]] == [0, 2, 4, 6]
+    assert "alignment/cka/self/mean_offdiag" in trainer.callback_metrics
