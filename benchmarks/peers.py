@@ -274,7 +274,7 @@ def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tup
 
     methods: dict[str, Callable] = {
         "forward passes only": bare,
-        "prh-lightning model_cka": ours("moments"),
+        "prh-lightning model_cka": ours("auto"),
         "prh-lightning (store=features)": ours("features"),
     }
     if "pytorch-cka" in peers:
@@ -330,7 +330,7 @@ def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tup
         rows.append(("(d) end to end", name, t, t / ours_t, diff, extra, memory[name]))
     if args.profile:
         m1, m2 = copy.deepcopy(lite0), copy.deepcopy(lite1)
-        profile(lambda: ours("moments")(loader, m1, m2))
+        profile(lambda: ours("auto")(loader, m1, m2))
     print(f"[peers] (d) ours beyond the forward passes: {ours_extra:.2f} s; max |ours(224 px for both) - stored(Lite1 at 240 px)| "
           f"= {max_diff(results['prh-lightning model_cka'], expected):.3g} (different inputs, informational)", file=sys.stderr)
     return rows

@@ -17,13 +17,14 @@ matrix product per batch.
 
 Memory: ``8 * (D_a * D_b + sum_i d_i^2 + sum_j d_j^2)`` bytes, independent of ``n``. For the
 blocks of EfficientNet-Lite0 against Lite1 (``D_a = 3,088``, ``D_b = 3,600``) that is about
-140 MB. Storing the float32 features costs only ``4 n (D_a + D_b)`` bytes (14 MB for
-``n = 512``), but scoring them with :func:`prh_lightning.alignment_matrix` forms ``[n, n]``
-kernels per layer: in ``benchmarks/peers.py`` (``n = 512``) the stored path peaked about 265 MB
-above the streaming one, and it grows with ``n``. ``store="auto"`` (default) streams unless the
-moments would need more than ``max_bytes`` (default 1 GiB), and then keeps the features and
-scores them with ``alignment_matrix(metric="cka")`` (same value); ``store="moments"`` always
-streams (and raises above ``max_bytes``); ``store="features"`` always stores.
+125 MB. The float32 features of ``n`` samples cost ``4 n (D_a + D_b)`` bytes (14 MB for
+``n = 512``). ``store="auto"`` (default) therefore keeps the batches as features while they
+are smaller than the moments and folds them into the moments (in order: the same numbers)
+once they are not, or after the last batch, so memory while the models run is the smaller of
+the two; if the moments would need more than ``max_bytes`` (default 1 GiB) it keeps the
+features and scores them with ``alignment_matrix(metric="cka")`` (same value).
+``store="moments"`` folds every batch at once (and raises above ``max_bytes``);
+``store="features"`` always stores and scores with ``alignment_matrix``.
 """
 
 from __future__ import annotations
@@ -178,15 +179,17 @@ class StreamingLinearCKA:
             raise RuntimeError(f"streaming CKA needs at least 2 samples, got {self.n}; call update() first")
         n = float(self.n)
         mu_a = self._sum_a / n
+        # one [D_a, D_b] temporary (addr, then squared in place): the moments can be ~100 MB
         if self.self_comparison:
-            centred = self._ab - n * torch.outer(mu_a, mu_a)
-            squares = _block_sums(centred.square(), self._dims_a, self._dims_a)
-            raw = _block_sums(self._ab.square(), self._dims_a, self._dims_a).diagonal().sqrt()
+            squares = _block_sums(torch.addr(self._ab, mu_a, mu_a, alpha=-n).square_(), self._dims_a, self._dims_a)
+            starts = [sum(self._dims_a[:i]) for i in range(len(self._dims_a))]
+            raw = torch.stack(
+                [torch.linalg.matrix_norm(self._ab[s : s + d, s : s + d]) for s, d in zip(starts, self._dims_a)]
+            )
             norm_a = norm_b = self._checked_norms(squares.diagonal().sqrt(), raw, self.names_a, "a")
         else:
             mu_b = self._sum_b / n
-            centred = self._ab - n * torch.outer(mu_a, mu_b)
-            squares = _block_sums(centred.square(), self._dims_a, self._dims_b)
+            squares = _block_sums(torch.addr(self._ab, mu_a, mu_b, alpha=-n).square_(), self._dims_a, self._dims_b)
             norm_a = self._own_norms(self._aa, mu_a, self._dims_a, self.names_a, "a")
             norm_b = self._own_norms(self._bb, mu_b, self._dims_b, self.names_b, "b")
         return squares / (norm_a[:, None] * norm_b[None, :])
@@ -207,6 +210,21 @@ class StreamingLinearCKA:
                 "centring), so CKA is undefined (0/0); check for collapsed or all-equal representations"
             )
         return centred
+
+
+def _moment_bytes_of(feats: list[dict[str, torch.Tensor]], same: bool) -> int:
+    """:func:`moment_bytes` for the layers of one batch's features (validated as ``[batch, d]``)."""
+    dims = [[_width(x, name) for name, x in side.items()] for side in feats]
+    if not all(dims):
+        raise ValueError("update() needs at least one layer on each side")
+    return moment_bytes(dims[0], None if same else dims[1])
+
+
+def _fold(acc: StreamingLinearCKA, pending: list[list[dict[str, torch.Tensor]]], same: bool) -> None:
+    """Add the waiting batches to ``acc`` in order, freeing each as it goes."""
+    while pending:
+        feats = pending.pop(0)
+        acc.update(feats[0], None if same else feats[1])
 
 
 def _width(x: torch.Tensor, name: str) -> int:
@@ -243,8 +261,8 @@ def model_cka(
 
     Both models see every batch (in eval mode, under ``no_grad``; training flags are restored
     afterwards). Each layer is reduced by :class:`~prh_lightning.LayerTaps` to ``[batch, d]``,
-    and only the moments of :class:`StreamingLinearCKA` are kept, so memory does not grow with
-    the number of samples. Equals ``alignment_matrix(feats_a, feats_b, metric="cka",
+    and only the moments of :class:`StreamingLinearCKA` (or, while smaller, the waiting
+    batches' features) are kept, so memory does not grow with the number of samples. Equals ``alignment_matrix(feats_a, feats_b, metric="cka",
     normalize=normalize)`` on the stored features, up to float64 rounding.
 
     Args:
@@ -257,7 +275,8 @@ def model_cka(
         normalize: L2-normalise each row first.
         store: ``"moments"`` (stream; raises when the moments need more than ``max_bytes``),
             ``"features"`` (keep the features and use ``alignment_matrix``), or ``"auto"``
-            (moments unless they need more than ``max_bytes``, then features).
+            (moments, with batches kept as features until they outgrow the moments; features
+            scored by ``alignment_matrix`` when the moments need more than ``max_bytes``).
         device: move batches (and models) here; ``None`` leaves them where they are.
         forward_fn: ``forward_fn(model, batch)`` for other batch types.
         return_names: also return the layer names ``(scores, names_a, names_b)``.
@@ -282,6 +301,11 @@ def model_cka(
     acc = StreamingLinearCKA(normalize=normalize, max_bytes=max_bytes)
     kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in models]
     streaming = store != "features"
+    # store="auto": batches wait as features while they are smaller than the moments (a few MB
+    # against ~100 MB for wide models), then are folded into the moments in order (the same
+    # numbers as folding each at once); so memory during the forward passes is the smaller of the two.
+    pending: list[list[dict[str, torch.Tensor]]] = []
+    pending_bytes, moment_budget = 0, None
     taps = [LayerTaps(model, layers=spec, reduce=reduce) for model, spec in zip(models, layer_specs)]
     try:
         for model in models:
@@ -299,16 +323,24 @@ def model_cka(
                     else:
                         call_model(model, _to_device(_split_batch(batch)[0], device))
                     feats.append(tap.features())
-                if streaming:
-                    try:
-                        acc.update(feats[0], None if same else feats[1])
+                if streaming and store == "auto":
+                    if moment_budget is None:
+                        moment_budget = _moment_bytes_of(feats, same)
+                        streaming = max_bytes is None or moment_budget <= max_bytes
+                    if streaming:
+                        pending.append(feats)
+                        pending_bytes += sum(v.numel() * v.element_size() for side in feats for v in side.values())
+                        if pending_bytes > moment_budget:
+                            _fold(acc, pending, same)
+                            pending_bytes = 0
                         continue
-                    except MomentBudgetExceeded:
-                        if store == "moments":
-                            raise
-                        streaming = False  # store="auto" and the moments are too big: keep the features
+                elif streaming:
+                    acc.update(feats[0], None if same else feats[1])  # store="moments": raises above max_bytes
+                    continue
                 for kept_side, side_feats in zip(kept, feats):
                     kept_side.append(side_feats)
+            if streaming:
+                _fold(acc, pending, same)
     finally:
         for tap in taps:
             tap.remove()

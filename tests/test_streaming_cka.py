@@ -146,3 +146,34 @@ def test_bad_input_is_refused():
         StreamingLinearCKA().compute()
     with pytest.raises(ValueError, match="store must be"):
         model_cka(nn.Linear(2, 2), None, [torch.randn(3, 2)], store="disk")
+
+
+@pytest.mark.parametrize("width", [2, 40])
+def test_auto_keeps_the_smaller_of_features_and_moments(monkeypatch, width):
+    # store="auto" keeps batches as features while they take less memory than the moments, then
+    # folds them in order: the same numbers as folding each batch at once (store="moments").
+    import prh_lightning.streaming as streaming
+
+    folds: list[int] = []
+    fold = streaming._fold
+    monkeypatch.setattr(streaming, "_fold", lambda acc, pending, same: (folds.append(len(pending)), fold(acc, pending, same)))
+    torch.manual_seed(3)
+    data = torch.randn(120, 6)
+    model_a, model_b = small_mlp(0, width), small_mlp(1, width)
+    names_a, names_b = ["0", "2"], ["2", "4"]
+    auto = model_cka(model_a, model_b, data.split(10), layers_a=names_a, layers_b=names_b, reduce="mean", store="auto")
+    moments = model_cka(model_a, model_b, data.split(10), layers_a=names_a, layers_b=names_b, reduce="mean", store="moments")
+    assert torch.equal(auto, moments)
+    ref = reference_matrix(
+        plain_features(model_a, names_a, data, 10), plain_features(model_b, names_b, data, 10), normalize=True
+    )
+    np.testing.assert_allclose(auto.numpy(), ref, atol=1e-6, rtol=0)
+    # one batch of features: 10 rows x (2 w + 2 w or 3) floats; moments: 8 (D_a D_b + squares)
+    widths_a, widths_b = [width, width], [width, 3]
+    moment = 8 * (sum(widths_a) * sum(widths_b) + sum(d * d for d in widths_a + widths_b) + sum(widths_a + widths_b))
+    per_batch = 4 * 10 * sum(widths_a + widths_b)
+    assert max(folds) <= moment // per_batch + 1  # never more features waiting than the moments' size
+    if per_batch * 12 <= moment:  # wide layers: all 12 batches fit beside the moments, folded at the end
+        assert folds[0] == 12
+    else:
+        assert len(folds) > 2

@@ -493,3 +493,23 @@ def test_cuda_features_go_to_cpu_by_default_or_stay_with_device_model():
     reps = record_representations(net, [(batch, torch.arange(4))], layers="0", device="cuda", progress=False)
     assert next(net.parameters()).is_cuda and reps["0"].device.type == "cpu"
     torch.testing.assert_close(reps["0"], net.cpu()(batch).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_mean_of_large_maps_matches_float64_mean(dtype, channels_last):
+    # maps with >= 64 positions take the matrix-vector path (contiguous CPU), the others mean();
+    # the in-place ReLU after the tapped conv must not change the conv's record
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(inplace=True)).to(dtype)
+    img = torch.randn(4, 3, 12, 10, dtype=dtype) + 0.5
+    if channels_last:
+        model, img = model.to(memory_format=torch.channels_last), img.to(memory_format=torch.channels_last)
+    out = model[0](img).detach().double()
+    with LayerTaps(model, layers=["0", "1"], reduce="mean", dtype=None) as taps:
+        model(img)
+    feats = taps.features()
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for name, ref in (("0", out.mean(dim=(2, 3))), ("1", out.clamp_min(0).mean(dim=(2, 3)))):
+        assert feats[name].dtype == dtype and feats[name].shape == (4, 5)
+        torch.testing.assert_close(feats[name].double(), ref, rtol=tol, atol=tol)
