@@ -25,6 +25,9 @@ from ._validation import check_features
 __all__ = ["compute_dtype", "condition", "Centred", "centre", "power_of_two_scale", "CONSTANT_RTOL"]
 
 CONSTANT_RTOL = 16.0
+# largest |x| for which centring without a pivot keeps the data unscaled: products of two entries
+# and sums of up to 2^40 of them stay far inside float32's normal range
+SAFE_RANGE = (2.0**-40, 2.0**40)
 
 
 def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -139,7 +142,9 @@ def centre(
     """Centre the columns of a float64 ``x64 [n, d]``, refuse constant data, rescale exactly.
 
     ``exact_mean=False`` subtracts :func:`grid_pivot` instead of the mean (exact subtraction,
-    ties preserved; enough for rankings and distances, which are translation invariant).
+    ties preserved; enough for rankings and distances, which are translation invariant); when
+    that pivot is 0 and the largest ``|x|`` lies in ``SAFE_RANGE`` the data are not rescaled
+    (``scale = 1``: the float32 copy is the only pass).
     ``input_dtype_eps`` is the precision of the data as the user gave it; samples whose
     differences all sit below ``CONSTANT_RTOL`` of it (relative to the largest feature) are
     "constant" features and raise: any score would be computed from rounding noise.
@@ -155,6 +160,11 @@ def centre(
     mean = x64.mean(dim=0) if exact_mean else grid_pivot(x64, spread)
     # any power of two works (exact); the bound on |x - mean| from the column ranges avoids a pass
     scale = power_of_two_scale(float(torch.maximum(high - mean, mean - low).max()))
-    xc = torch.sub(x64, mean).mul_(scale)
+    if not exact_mean and not bool(mean.any()):  # pivot 0: nothing to subtract
+        if SAFE_RANGE[0] <= size <= SAFE_RANGE[1]:
+            scale = 1.0  # float32 squares and sums stay in range without rescaling: no pass at all
+        xc = x64 * scale if scale != 1.0 or keep64 else x64
+    else:
+        xc = torch.sub(x64, mean).mul_(scale)
     mean = mean * scale
     return Centred(xc=xc.to(dtype), mean=mean, scale=scale, xc64=xc if keep64 else None)

@@ -212,7 +212,12 @@ def rounding_bound(xc: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.
     norms = torch.linalg.vector_norm(xc, dim=1).double()
     # the float32 norms themselves may be low by a relative (d + 2) u: inflate them
     norms = norms * (1 + (d + 2) * unit / (1 - (d + 2) * unit))
-    base = gamma * norms * float(norms.max())
+    big = float(norms.max())
+    base = gamma * norms * big
+    # gradual underflow: each rounding below float32's normal range errs by up to tiny * u in
+    # absolute terms (d products; casting the entries of xc_i, xc_j: at most sqrt(d) |xc| each)
+    tiny = float(torch.finfo(xc.dtype).tiny) * unit
+    base = base + tiny * (d + 2 * d**0.5 * big + 1)
     if shift is not None:
         base = base + unit * float(shift.abs().max()) * 3  # shift rounded to float32, then added
     return base, 4 * unit  # the rounding of the sum itself, with slack for |r| vs |fl(r)|
