@@ -52,6 +52,10 @@ class AlignmentMonitor(Callback):
             "class_names": [...]}``, a callable of the probe inputs or precomputed features.
         metrics: names from ``prh_lightning.functional.METRICS``.
         layers, reduce: layers of the trained model to tap and their pooling (``LayerTaps``).
+            Default ``"auto"``: the model family's layers (the blocks' hidden states of a Hugging
+            Face transformer, the stages of a torchvision / timm network; see
+            :func:`prh_lightning.families.default_layers`), else every leaf module that computes
+            something in eval mode (``"*"``).
         every_n_train_steps: check every N optimiser steps. ``None`` (default): at validation
             end, or every ``default_every_n_train_steps`` steps when the run has no validation
             loop (a warning says so).
@@ -99,7 +103,7 @@ class AlignmentMonitor(Callback):
         probe: Any = "val",
         references: Mapping[str, Any] | None = None,
         metrics: Sequence[str] = ("cka", "mutual_knn"),
-        layers: Any = "*",
+        layers: Any = "auto",
         reduce: Any = "mean",
         every_n_train_steps: int | None = None,
         check_on_validation_end: bool = True,

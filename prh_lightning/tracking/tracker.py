@@ -69,6 +69,10 @@ class AlignmentTracker:
             references are computed at the first check and cached.
         metrics: names from ``prh_lightning.functional.METRICS``.
         layers, reduce: layers of the tracked model to tap and their pooling (``LayerTaps``).
+            Default ``"auto"``: the model family's layers (the blocks' hidden states of a Hugging
+            Face transformer, the stages of a torchvision / timm network; see
+            :func:`prh_lightning.families.default_layers`), else every leaf module that computes
+            something in eval mode (``"*"``).
         every_n_steps: :meth:`step` checks when ``step % every_n_steps == 0`` (``None``: only
             explicit :meth:`check` calls).
         max_probe_samples: most probe rows kept.
@@ -108,7 +112,7 @@ class AlignmentTracker:
         probe: Any = None,
         references: Mapping[str, Any] | None = None,
         metrics: Sequence[str] = ("cka", "mutual_knn"),
-        layers: Any = "*",
+        layers: Any = "auto",
         reduce: Any = "mean",
         every_n_steps: int | None = None,
         max_probe_samples: int | None = 256,
