@@ -4,13 +4,13 @@ Fine-tunes the offline all-MiniLM-L6-v2 (``AutoModelForSequenceClassification``,
 classification head) with a real ``transformers.Trainer`` on a few hundred short template
 sentences (4 topics), with and without ``AlignmentTrainerCallback.attach(trainer,
 AlignmentTracker(every_n_steps=...))`` (tracker defaults: probe = 256 samples of the training
-data, ``layers="*"``, CKA + mutual k-NN, 20 calibration permutations, no reference), same seed,
+data, ``layers="auto"`` (one per transformer block), CKA + mutual k-NN, 20 calibration permutations, no reference), same seed,
 runs interleaved in one process (plain, tracked, plain, tracked, ...). Scalars go to TensorBoard
 through ``report_to`` in both runs. Prints each pair's wall time of ``trainer.train()``, the
 median ratio tracked / plain, the spread (min-max) of the pair ratios and the time spent inside
 the callback's hooks.
 
-    python benchmarks/monitor_overhead_hf.py [--texts 400] [--epochs 2] [--batch-size 8] [--repeats 3] [--every 50] [--layers '*']
+    python benchmarks/monitor_overhead_hf.py [--texts 400] [--epochs 2] [--batch-size 8] [--repeats 3] [--every 50] [--layers auto]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (plain, tracked), interleaved")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--every", type=int, default=50, help="tracker check interval in optimiser steps")
-    parser.add_argument("--layers", default="*", help="the tracker's layers= ('*' is its default; 'auto': one per block)")
+    parser.add_argument("--layers", default="auto", help="the tracker's layers= ('auto', one per block, is its default; '*': every leaf)")
     return parser.parse_args(argv)
 
 
@@ -127,7 +127,7 @@ def train_once(args: argparse.Namespace, data: Texts, tokenizer, tracked: bool, 
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # no log dicts on stdout
     tracker = None
     if tracked:  # defaults; only the interval (and, if asked, the layers) are ours
-        tracker = AlignmentTracker(every_n_steps=args.every, **({} if args.layers == "*" else {"layers": args.layers}))
+        tracker = AlignmentTracker(every_n_steps=args.every, **({} if args.layers == "auto" else {"layers": args.layers}))
         timed_callback_class().attach(trainer, tracker)
     start = time.perf_counter()
     trainer.train()
