@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from prh_lightning.analysis.calibrated import above_chance_phrase
 from prh_lightning.analysis.claims import RULE
 from prh_lightning.recipes._fashion_settings import CNN_LAYERS, HEATMAPS, NOTES, RESNET_LAYERS, Settings
 
@@ -20,8 +21,6 @@ def heatmap_reading(name: str, matrix: torch.Tensor, contrast: dict[str, Any], c
                     best: dict[str, Any]) -> str:
     """The calibrated reading first (best cell against the best-of-layers null, cells above
     chance, calibrated early / late means), then the raw cells and the tested depth contrast."""
-    from prh_lightning.analysis.calibrated import above_chance_phrase
-
     title = HEATMAPS[name][2]
     calibrated, p = torch.tensor(cal["calibrated"]), torch.tensor(cal["p_value"])
     above = int(((p < 0.05) & (calibrated > 0)).sum())
@@ -56,8 +55,11 @@ def rsa_reading(model: str, st: dict[str, dict], holm: dict[str, dict]) -> str:
     v_names = holm[f"centroid RSA {key} avgpool vs MiniLM (names) above chance"]
     v_tmpl = holm[f"centroid RSA {key} avgpool vs MiniLM (templates) above chance"]
     return (f"Each point is one of the 45 pairs of classes: how far apart {model} puts the two class centroids "
-            f"(avgpool, cosine) against how far apart MiniLM puts the two class names. Spearman RSA is "
-            f"{names['spearman']:.3f} (95% bootstrap interval over images {lo:.3f} to {hi:.3f}, which covers only the "
+            f"(avgpool, cosine) against how far apart MiniLM puts the two class names. Calibrated against the Mantel "
+            f"null (class labels of one side shuffled; chance level {names['spearman_chance']:.3f}): "
+            f"{above_chance_phrase(names['spearman'], names['spearman_calibrated'], v_names['p_holm'], 'Spearman RSA', p_label='Holm p')}; "
+            f"with sentence templates {above_chance_phrase(tmpl['spearman'], tmpl['spearman_calibrated'], v_tmpl['p_holm'], 'Spearman RSA', p_label='Holm p')}. "
+            f"Spearman RSA is {names['spearman']:.3f} (95% bootstrap interval over images {lo:.3f} to {hi:.3f}, which covers only the "
             f"choice of images, not the small number of classes; the seed reported 0.347 for FashionCNN), Pearson "
             f"{names['pearson']:.3f}. Mantel test (class labels of one side shuffled): p = {names['spearman_p']:.3g}, "
             f"Holm-adjusted {v_names['p_holm']:.3g} -> above chance **{v_names['verdict']}**. With sentence templates "
@@ -85,10 +87,11 @@ def monitor_reading(s: Settings, history: dict[str, list[tuple[int, float]]]) ->
 def layer_rsa_table(study: dict[str, dict[str, dict]], layers: list[str]) -> str:
     from prh_lightning.reporting import markdown_table
 
-    rows = [[layer, study["names"][layer]["spearman"], study["names"][layer]["spearman_p"],
-             study["names"][layer]["pearson"], study["templates"][layer]["spearman"],
-             study["templates"][layer]["spearman_p"]] for layer in layers]
-    return markdown_table(["layer", "Spearman (names)", "p", "Pearson (names)", "Spearman (templates)", "p"], rows)
+    rows = [[layer, study["names"][layer]["spearman"], study["names"][layer]["spearman_calibrated"],
+             study["names"][layer]["spearman_p"], study["names"][layer]["pearson"], study["templates"][layer]["spearman"],
+             study["templates"][layer]["spearman_calibrated"], study["templates"][layer]["spearman_p"]] for layer in layers]
+    return markdown_table(["layer", "Spearman (names)", "calibrated", "p", "Pearson (names)", "Spearman (templates)",
+                           "calibrated", "p"], rows)
 
 
 def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch.Tensor],
@@ -149,8 +152,6 @@ def write_report(s: Settings, summary: dict[str, Any], matrices: dict[str, torch
 
 def results_text(s: Settings, summary: dict[str, Any]) -> str:
     """The lines printed at the end of a run."""
-    from prh_lightning.analysis.calibrated import above_chance_phrase
-
     acc, best = summary["test_accuracy"], summary["best_cell_calibrated"]
     return "\n".join([
         f"FashionCNN test accuracy {acc['fashioncnn']:.3f}, ResNet-18 ({summary['resnet_weights']}) {acc['resnet']:.3f}",

@@ -205,6 +205,8 @@ def analyse(s: Settings, cnn, resnet, minilm, facts: dict[str, Any]) -> tuple[di
         "rsa_fashioncnn_minilm_p": fc["names"]["avgpool"]["spearman_p"],
         "rsa_resnet_minilm": rn["names"]["avgpool"]["spearman"],
         "rsa_resnet_minilm_p": rn["names"]["avgpool"]["spearman_p"],
+        "rsa_fashioncnn_minilm_calibrated": fc["names"]["avgpool"]["spearman_calibrated"],
+        "rsa_resnet_minilm_calibrated": rn["names"]["avgpool"]["spearman_calibrated"],
         "rsa_fashioncnn_minilm_templates": fc["templates"]["avgpool"]["spearman"],
         "rsa_fashioncnn_minilm_templates_p": fc["templates"]["avgpool"]["spearman_p"],
         "rsa_resnet_minilm_templates": rn["templates"]["avgpool"]["spearman"],

@@ -4,6 +4,7 @@ force written here (numpy / scipy), and their doctests."""
 from __future__ import annotations
 
 import doctest
+import math
 
 import numpy as np
 import pytest
@@ -71,15 +72,17 @@ def test_empty_model_sets_are_refused():
 
 
 # -- class-centroid RSA ------------------------------------------------------------------------
-def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, seed: int, correlation) -> float:
+def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, seed: int, correlation,
+                          with_null: bool = False):
     """Relabel the items of ``y`` (orderings drawn as the library draws them), recompute its cosine
-    pdist and correlate with ``x``'s each time."""
+    pdist and correlate with ``x``'s each time; the p-value (and the null)."""
     gen = torch.Generator().manual_seed(seed)
     dx = pdist(x, "cosine")
     score = correlation(dx, pdist(y, "cosine")).statistic
     null = [correlation(dx, pdist(y[torch.randperm(len(y), generator=gen).numpy()], "cosine")).statistic
             for _ in range(n_permutations)]
-    return (1 + sum(v >= score for v in null)) / (1 + n_permutations)
+    p_value = (1 + sum(v >= score for v in null)) / (1 + n_permutations)
+    return (p_value, np.array(null)) if with_null else p_value
 
 
 def test_centroid_rsa_scores_and_p_values_equal_brute_force():
@@ -93,10 +96,14 @@ def test_centroid_rsa_scores_and_p_values_equal_brute_force():
     for compare, correlation in (("spearman", spearmanr), ("pearson", pearsonr)):
         score = correlation(pdist(centroids, "cosine"), pdist(text.numpy(), "cosine")).statistic
         assert result[compare] == pytest.approx(score)
-        expected = _brute_force_mantel_p(centroids, text.numpy(), 200, 5, correlation)
+        expected, null = _brute_force_mantel_p(centroids, text.numpy(), 200, 5, correlation, with_null=True)
         assert result[f"{compare}_p"] == expected
         assert 1 / 201 < expected < 0.9
         assert np.isfinite(result[f"{compare}_z"])
+        # calibrated (Gröger et al.): tau = the ceil(0.95 * 201)-th smallest of {score} and the null
+        tau = np.sort(np.concatenate([[score], null]))[math.ceil(0.95 * 201) - 1]
+        assert result[f"{compare}_calibrated"] == pytest.approx(min(max((score - tau) / (1 - tau), 0.0), 1.0), abs=1e-9)
+        assert result[f"{compare}_chance"] == pytest.approx(null.mean(), abs=1e-9)
     low, high = result["spearman_ci"]
     assert -1.0 <= low <= high <= 1.0
 

@@ -101,7 +101,12 @@ def test_centroid_rsa_against_scipy_and_its_statistics(run):
         centroids = np.stack([feats[labels == c].mean(0) for c in range(10)])
         ref = spearmanr(pdist(centroids, "cosine"), pdist(text["names"].double().numpy(), "cosine")).statistic
         assert summary[key] == pytest.approx(ref, abs=1e-6)
-        assert summary[f"{key}_p"] == _brute_force_mantel_p(centroids, text["names"].double().numpy(), 99, 0, spearmanr)
+        p_value, null = _brute_force_mantel_p(centroids, text["names"].double().numpy(), 99, 0, spearmanr, with_null=True)
+        assert summary[f"{key}_p"] == p_value
+        # calibrated as in the paper: tau = the ceil(0.95 * 100)-th smallest of {score} and the 99 null scores
+        tau = np.sort(np.concatenate([[summary[key]], null]))[94]
+        assert summary[f"{key}_calibrated"] == pytest.approx(min(max((summary[key] - tau) / (1 - tau), 0.0), 1.0), abs=1e-9)
+        assert summary["centroid_rsa"][model]["names"]["avgpool"]["spearman_chance"] == pytest.approx(np.mean(null), abs=1e-9)
         assert -1.0 <= summary[key] <= 1.0
         assert 1 / 100 <= summary[f"{key}_p"] <= 1.0  # 99 permutations: p is a multiple of 1/100
         assert summary[f"{key}_p"] * 100 == pytest.approx(round(summary[f"{key}_p"] * 100))
@@ -208,6 +213,10 @@ def test_the_report_reads_the_calibrated_numbers(run):
         assert f"({summary['calibrated_heatmap_figures'][name]})" in report
     best = summary["best_cell_calibrated"]["cka"]
     assert above_chance_phrase(best["score"], best["calibrated"], best["p_value"], "linear CKA") in stdout
+    holm = {c["claim"]: c["p_holm"] for c in summary["claims"]}
+    st = summary["centroid_rsa"]["resnet"]["names"]["avgpool"]
+    p_holm = holm["centroid RSA resnet avgpool vs MiniLM (names) above chance"]
+    assert above_chance_phrase(st["spearman"], st["spearman_calibrated"], p_holm, "Spearman RSA", p_label="Holm p") in report
     live = summary["monitor_history"]["alignment/cka/resnet/calibrated"]
     assert f"ResNet was {live[0][1]:.3f} at the first check and {live[-1][1]:.3f} at the last" in report
 
@@ -244,7 +253,8 @@ def test_tensorboard_holds_the_alignment_scalars(run):
     assert "test_acc" in EventAccumulator(str(out / "tensorboard" / "resnet")).Reload().Tags()["scalars"]
 
 
-def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, seed: int, correlation) -> float:
+def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, seed: int, correlation,
+                          with_null: bool = False):
     """Mantel p-value from scratch: relabel the items of ``y`` (orderings drawn as the library draws
     them), recompute its cosine pdist and correlate with ``x``'s each time."""
     gen = torch.Generator().manual_seed(seed)
@@ -252,7 +262,8 @@ def _brute_force_mantel_p(x: np.ndarray, y: np.ndarray, n_permutations: int, see
     score = correlation(dx, pdist(y, "cosine")).statistic
     null = [correlation(dx, pdist(y[torch.randperm(len(y), generator=gen).numpy()], "cosine")).statistic
             for _ in range(n_permutations)]
-    return (1 + sum(v >= score for v in null)) / (1 + n_permutations)
+    p_value = (1 + sum(v >= score for v in null)) / (1 + n_permutations)
+    return (p_value, np.array(null)) if with_null else p_value
 
 
 def _hide_fashion_mnist(tmp_path: Path, monkeypatch) -> Path:

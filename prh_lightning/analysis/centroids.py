@@ -85,10 +85,14 @@ def centroid_rsa(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, n_pe
     """RSA between the class centroids of ``x [n, d]`` and ``text [C, e]`` (one row per class).
 
     Returns ``{"spearman", "pearson", "spearman_p", "pearson_p", "spearman_z", "pearson_z",
+    "spearman_chance", "pearson_chance", "spearman_calibrated", "pearson_calibrated",
     "spearman_ci": [low, high], "confidence", "n_classes"}``: Spearman and Pearson RSA, Mantel
-    p-values (one-sided, ``n_permutations`` label shuffles), z-scores against the null, and the
-    bootstrap interval of the Spearman score.
+    p-values (one-sided, ``n_permutations`` label shuffles), z-scores against the null, the null
+    mean (chance) and the calibrated score ``clamp((r - tau) / (1 - tau), 0, 1)`` (tau: the
+    null's 95% quantile, :func:`prh_lightning.analysis.calibrate_statistic`), and the bootstrap
+    interval of the Spearman score.
     """
+    from prh_lightning.analysis.calibrated import calibrate_statistic
     from prh_lightning.functional import permutation_test
 
     x, text = x.double(), text.double()
@@ -100,6 +104,9 @@ def centroid_rsa(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, n_pe
         result[compare] = test.score
         result[f"{compare}_p"] = test.p_value
         result[f"{compare}_z"] = test.z_score
+        cal = calibrate_statistic([test.score], test.null[:, None].numpy(), high=1.0)
+        result[f"{compare}_chance"] = float(cal["null_mean"][0])
+        result[f"{compare}_calibrated"] = float(cal["calibrated"][0])
     low, high, _ = centroid_rsa_bootstrap(x, labels, text, n_bootstrap, confidence, seed, distance)
     result["spearman_ci"] = [low, high]
     return result
