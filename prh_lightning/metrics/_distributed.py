@@ -302,19 +302,21 @@ def sharded_neighbours(shard: Shard, k: int, exclude_self: bool = True) -> Tenso
     if not int(g.all_reduce(torch.tensor(redo.numel(), device=xc.device))):
         return idx
     floor = values[redo, k - 1] - 3 * tol[redo]
-    d = xc.shape[1]
-    packed = torch.cat([x_scaled, right.double()], dim=1)  # float32 -> float64 -> float32 is exact
 
     def exact_scores(s: int, e: int, panel: Tensor) -> Tensor:
+        """Float64 products of rows ``redo[s:e]`` with their candidates in ``panel`` (rescaled
+        float64 rows, from which the compute-dtype scores are formed again: ``xc_j`` exactly)."""
         r = redo[s:e]
-        approx = (left[r] @ panel[:, d:].to(xc.dtype).T).double()
+        centred = panel - mean
+        right_p = torch.cat([centred.to(xc.dtype), (centred @ mean).to(xc.dtype)[:, None]], dim=1)
+        approx = (left[r] @ right_p.T).double()
         candidates = approx >= floor[s:e, None]
         r_pos, cols = candidates.nonzero(as_tuple=True)
         out = torch.full_like(approx, float("-inf"))
-        out[r_pos, cols] = (x_scaled[r[r_pos]] * panel[cols, :d]).sum(dim=1)
+        out[r_pos, cols] = (x_scaled[r[r_pos]] * panel[cols]).sum(dim=1)
         return out
 
-    idx[redo] = _scan(shard, redo, k, packed, exact_scores, exclude_self)[1]
+    idx[redo] = _scan(shard, redo, k, x_scaled, exact_scores, exclude_self)[1]
     return idx
 
 
