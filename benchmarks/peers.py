@@ -2,7 +2,7 @@
 EfficientNet-Lite0 vs Lite1 (ImageNet weights, blocks and pooled head, spatial mean) on
 Flickr images, in one process.
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py [--n 512] [--repeats 3] [--profile]
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py [--n 512] [--repeats 3] [--tasks abcd] [--profile]
 
 Tasks: (a) linear CKA layer x layer, (b) unbiased CKA, (c) RSA (correlation RDM, Spearman),
 (d) end-to-end linear CKA model vs model from a dataloader (extraction included), (e) peak
@@ -189,7 +189,19 @@ def run(args: argparse.Namespace) -> list[tuple]:
             warm=lambda: alignment_matrix(warm_a, warm_b, metric=metric, normalize=False),
         )
 
-    # (a) linear CKA
+    if "a" in args.tasks:  # (a) linear CKA, (b) unbiased CKA, (c) RSA
+        rows += task_linear_cka(peers, ours, la, lb, r)
+    if "b" in args.tasks:
+        rows += task_unbiased_cka(peers, ours, la, lb, r)
+    if "c" in args.tasks:
+        rows += task_rsa(peers, ours, la, lb, r)
+    if "d" in args.tasks:  # (d) end to end, (e) its peak memory
+        rows += end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb)
+    return rows
+
+
+def task_linear_cka(peers, ours, la, lb, r) -> list[tuple]:
+    rows: list[tuple] = []
     t_ours, m_ours = ours("cka")
     rows.append(("(a) linear CKA", "prh-lightning", t_ours, 1.0, 0.0))
     if "ckatorch" in peers:
@@ -203,8 +215,11 @@ def run(args: argparse.Namespace) -> list[tuple]:
         f = lambda mats=mats: rs.cka(mats, "linear", "gretton")[: len(la), len(la):]  # noqa: E731
         t, m = timed(f, r, warm=lambda: rs.cka([m_[:32] for m_ in mats[:3]], "linear", "gretton"))
         rows.append(("(a) linear CKA", "repsim (all M x M)", t, t / t_ours, max_diff(m_ours, m)))
+    return rows
 
-    # (b) unbiased CKA
+
+def task_unbiased_cka(peers, ours, la, lb, r) -> list[tuple]:
+    rows: list[tuple] = []
     t_ours, m_ours = ours("unbiased_cka")
     rows.append(("(b) unbiased CKA", "prh-lightning", t_ours, 1.0, 0.0))
     if "pytorch-cka" in peers:
@@ -222,8 +237,12 @@ def run(args: argparse.Namespace) -> list[tuple]:
         f = lambda mats=mats: rs.cka(mats, "linear", "song")[: len(la), len(la):]  # noqa: E731
         t, m = timed(f, r, warm=lambda: rs.cka([m_[:32] for m_ in mats[:3]], "linear", "song"))
         rows.append(("(b) unbiased CKA", "repsim (song)", t, t / t_ours, max_diff(m_ours, m)))
+    return rows
 
-    # (c) RSA: correlation-distance RDMs compared by Spearman
+
+def task_rsa(peers, ours, la, lb, r) -> list[tuple]:
+    """(c) RSA: correlation-distance RDMs compared by Spearman."""
+    rows: list[tuple] = []
     t_ours, m_ours = ours("rsa")
     rows.append(("(c) RSA", "prh-lightning", t_ours, 1.0, 0.0))
     if "rsatoolbox" in peers:
@@ -245,9 +264,6 @@ def run(args: argparse.Namespace) -> list[tuple]:
 
         t, m = timed(lambda: thingsvision_matrix(la, lb), r, warm=lambda: thingsvision_matrix([v[:32] for v in la[:2]], [v[:32] for v in lb[:2]]))
         rows.append(("(c) RSA", "thingsvision (per pair)", t, t / t_ours, max_diff(m_ours, m)))
-
-    # (d) end to end, (e) its peak memory
-    rows += end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb)
     return rows
 
 
@@ -378,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-e2e", type=int, default=1)
+    parser.add_argument("--tasks", default="abcd", help="which tasks to run: any of a, b, c, d (default: all)")
     parser.add_argument("--peers-dir", default="/tmp/prh-peers")
     parser.add_argument("--profile", action="store_true", help="cProfile our end-to-end run and print the top items")
     parser.add_argument("--torch-cka", action="store_true", help="also time torch-cka end to end (slow: .item() per pair)")
