@@ -110,6 +110,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for name in originals:
             setattr(dist, name, counting(name))
         try:
+            lonely = UnbiasedCKA(sharded=True)  # rank 1 holds nothing: it still takes part
+            if rank == 0:
+                lonely.update(a[:20], b[:20])
+            metrics["lonely"] = lonely
             out = {name: float(metric.compute()) for name, metric in metrics.items()}
             out["matrices"] = {name: matrix.compute() for name, matrix in matrices.items()}
             group = ShardGroup()
@@ -148,6 +152,7 @@ def test_sharded_compute_equals_one_process_on_the_union_without_gathering_featu
     expected["cknna"] = float(F.cknna(ua, ub, k=K))
     expected["biased_cknna"] = float(F.cknna(ua, ub, k=K, unbiased=False))
     expected["svcca"] = float(F.svcca(ua, ub, dim=3))
+    expected["lonely"] = float(F.unbiased_cka(a[:20].double(), b[:20].double()))
     xs, ys = layers(ua, ub)
     expected_matrices = {name: alignment_matrix(xs, ys, metric=name, **options) for name, options in MATRICES.items()}
     # sharded SVCCA and CKA work in float64 (SVCCA from [d, d] statistics); single-process float32 errs by ~2e-6
