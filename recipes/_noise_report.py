@@ -11,27 +11,36 @@ from prh_lightning.analysis.claims import RULE
 from prh_lightning.reporting import Report, markdown_table
 
 
-def curve_figure(sigmas: np.ndarray, res: dict, per_pair: np.ndarray, pair_names: list[str], title: str):
-    """Mean alignment with its bootstrap band, per-pair lines and the chance band vs sigma."""
+def curve_figure(sigmas: np.ndarray, res: dict, per_pair: np.ndarray, pair_names: list[str], title: str,
+                 pair_calibrated: dict[str, dict] | None = None):
+    """Left: mean alignment with its bootstrap band, per-pair lines and the chance band vs sigma.
+    Right: the same curves calibrated (0 = not beyond the null's 95% quantile)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.6, 4.0), dpi=110, layout="constrained")
+    fig = Figure(figsize=(11.0, 4.0), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, cal_ax = fig.subplots(1, 2)
     ax.fill_between(sigmas, res["chance_band_low"], res["chance_band_high"], color="grey", alpha=0.3,
                     label="shuffled-pairing chance (95%)")
     for name, values in zip(pair_names, per_pair):
         ax.plot(sigmas, values, linewidth=0.8, alpha=0.7, label=name)
     ax.fill_between(sigmas, res["ci_low"], res["ci_high"], color="C3", alpha=0.25, label="bootstrap 95% CI")
     ax.plot(sigmas, res["mean_alignment"], color="C3", linewidth=2, label="mean over pairs")
-    if res["first_chance_sigma"] is not None:
-        ax.axvline(res["first_chance_sigma"], color="k", linestyle="--", linewidth=1, label="first level not distinguishable from chance")
-    ax.set_xlabel("noise std sigma (pixels in [0, 1])")
+    for name, values in (pair_calibrated or {}).items():
+        cal_ax.plot(sigmas, values["calibrated"], linewidth=0.8, alpha=0.7, label=name)
+    cal_ax.plot(sigmas, res["calibrated_alignment"], color="C3", linewidth=2, label="mean over pairs")
+    cal_ax.set_ylim(-0.02, 1.02)
+    cal_ax.set_ylabel("calibrated mutual k-NN")
+    cal_ax.set_title("calibrated: clamp((score - tau) / (1 - tau), 0, 1)", fontsize=10)
+    for a in (ax, cal_ax):
+        if res["first_chance_sigma"] is not None:
+            a.axvline(res["first_chance_sigma"], color="k", linestyle="--", linewidth=1, label="first level not distinguishable from chance")
+        a.set_xlabel("noise std sigma (pixels in [0, 1])")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7, loc="upper right")
     ax.set_ylabel("mutual k-NN alignment")
     ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
     return fig
 
 

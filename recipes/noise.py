@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
     res = analyse(feats, pairs, args.k, sigmas, args)
     per_pair = per_pair_curves(feats, pairs, args.k)
     pair_cal = pair_calibration(feats, pairs, names, args.k, draw_permutations(len(images), args.permutations, args.seed + 2))
-    save_figure(curve_figure(sigmas, res, per_pair, pair_names, "Alignment vs Gaussian noise"),
+    save_figure(curve_figure(sigmas, res, per_pair, pair_names, "Alignment vs Gaussian noise", pair_cal),
                 args.out / "figures" / "noise_curve.png")
     seconds = time.time() - start
     summary = {"recipe": "noise", "settings": common.settings_dict(args), "data": data, "models": names,
