@@ -192,14 +192,13 @@ class CentredKernel:
         """Block ``K[s:e, c0:]`` (linear unbiased: already ``U(K)``) written into ``out [e - s, n - c0]``;
         diagonal zeroed when unbiased. Needs ``c0 <= s``."""
         torch.matmul(self.left[s:e], self.right[c0:].T, out=out)
-        rows = torch.arange(e - s, device=out.device)
-        diag = (rows, rows + s - c0)
+        diag = out.diagonal(offset=s - c0)  # entries (i, i): a view, set in place
         if self.kernel == "rbf":  # exp(-(|x_i|^2 + |x_j|^2 - 2 x_i.x_j) / (2 sigma^2))
             out.mul_(-2.0).add_(self.sq[s:e, None]).add_(self.sq[None, c0:]).clamp_min_(0.0)
             out.mul_(-0.5 / float(self.sigma) ** 2).exp_()
-            out[diag] = 1.0
+            diag.fill_(1.0)
         if self.unbiased:
-            out[diag] = 0.0
+            diag.zero_()
         return out
 
     def centred_into(self, s: int, e: int, out: torch.Tensor, c0: int = 0) -> torch.Tensor:
@@ -208,8 +207,7 @@ class CentredKernel:
         n, r = self.n, self.row_sums
         if self.unbiased and self.kernel == "rbf":  # U_ij = K~_ij - (r_i + r_j)/(n-2) + s/((n-1)(n-2))
             out.sub_(r[s:e, None] / (n - 2)).sub_(r[None, c0:] / (n - 2)).add_(self.total / ((n - 1) * (n - 2)))
-            rows = torch.arange(e - s, device=out.device)
-            out[rows, rows + s - c0] = 0.0
+            out.diagonal(offset=s - c0).zero_()
         elif self.kernel == "rbf":  # H K H (linear kernels were centred through their features)
             out.sub_(r[s:e, None] / n).sub_(r[None, c0:] / n).add_(self.total / n**2)
         return out
