@@ -12,11 +12,18 @@ gathering ``compute`` would see them, so the scores are the single-process ones.
   ``functional.knn.exact_neighbours``), re-ranks rows whose top values are within rounding of
   each other in float64 in a second round of panels, and then gathers the ``[n, k]``
   neighbour lists (small) to score them with the metric's plan.
+* CKNNA: the same lists (self kept for the biased estimator) and the kernel values at them,
+  from a second round of panels; both ``[n, k]``, gathered.
 * kernel CKA (``cka`` / ``unbiased_cka``, linear or RBF): blocked HSIC. One round of panels
-  accumulates ``Σ K∘L``, ``Σ K∘K``, ``Σ L∘L`` and the row sums of ``K`` and ``L``; both
+  accumulates ``Σ K_l∘K_m`` over all layer pairs and the row sums of every ``K_l``; both
   estimators follow from those (float64 sums). The RBF median-heuristic bandwidth is the
   exact median of the union's pairwise distances by the blocked selection of
   :mod:`prh_lightning.functional._bandwidth`, its counts summed over ranks.
+* SVCCA: ``[d, d]`` statistics only (column moments, ``Z^T Z`` for the singular directions,
+  ``U_x^T U_y``), summed over ranks.
+
+A sharded compute must run on every rank (it is a sequence of collectives); input errors that
+depend on the union (constant features, all-zero rows, ``k >= n``) are raised on every rank.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ __all__ = ["SHARDED_METRICS", "ShardGroup", "sharded_matrix", "sharded_score", "
 KNN_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn")
 SHARDED_METRICS = KNN_METRICS + ("cknna", "cka", "unbiased_cka", "svcca")
 _BLOCK = 2**24  # entries of one [rows, panel] block (64 MB in float32)
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def shards_across_ranks(process_group: Any = None) -> bool:
@@ -63,7 +71,7 @@ class ShardGroup:
     def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
         """``t`` combined over ranks (``"sum"``, ``"min"`` or ``"max"``); a new tensor."""
         out = t.clone()
-        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op], group=self.group)
+        dist.all_reduce(out, op=_OPS[op], group=self.group)
         return out
 
     def sizes(self, n_local: int, device: torch.device) -> list[int]:
@@ -145,11 +153,13 @@ def condition_rows(
     rank may hold fewer than 2 rows). An all-zero row raises on every rank."""
     x64 = x.detach().to(torch.float64)
     if clip_quantile is not None:
-        if isinstance(clip_quantile, bool) or not isinstance(clip_quantile, (int, float)) or not 0.0 < clip_quantile <= 1.0:
+        number = isinstance(clip_quantile, (int, float)) and not isinstance(clip_quantile, bool)
+        if not number or not 0.0 < clip_quantile <= 1.0:
             raise ValueError(f"clip_quantile must be in (0, 1], got {clip_quantile!r}")
         if clip_quantile < 1.0:
             rows = max(1, 2**23 // max(1, x64.shape[1]))  # torch.quantile refuses inputs above 2**24 elements
-            chunks = [torch.quantile(x64[s : s + rows].abs(), clip_quantile, dim=1) for s in range(0, x64.shape[0], rows)]
+            starts = range(0, x64.shape[0], rows)
+            chunks = [torch.quantile(x64[s : s + rows].abs(), clip_quantile, dim=1) for s in starts]
             per_sample = torch.cat(chunks) if chunks else x64.new_zeros(0)
             total = group.all_reduce(torch.stack([per_sample.sum(), x64.new_tensor(float(x64.shape[0]))]))
             t = total[0] / total[1]
@@ -223,7 +233,9 @@ def _merge(values: Tensor, index: Tensor, new_values: Tensor, new_index: Tensor,
     return torch.gather(v, 1, order), torch.gather(i, 1, order)
 
 
-def _scan(shard: Shard, rows: Tensor, keep: int, panel_input: Tensor, score, exclude_self: bool = True) -> tuple[Tensor, Tensor]:
+def _scan(
+    shard: Shard, rows: Tensor, keep: int, panel_input: Tensor, score, exclude_self: bool = True
+) -> tuple[Tensor, Tensor]:
     """Top-``keep`` (values, global indices) of ``score(s, e, panel) -> [e - s, n_p]`` for local
     ``rows[s:e]`` over every rank's panel of ``panel_input``, self excluded; ties: lower index first."""
     c = rows.numel()
@@ -368,7 +380,10 @@ class _KernelSide:
         self.x, _, scale = shard.centred(exact_mean=True)
         self.sq = (self.x * self.x).sum(dim=1)
         if kernel == "rbf":
-            self.sigma = float(sharded_median_distance(shard, self.x, self.sq)) if sigma is None else float(sigma) * scale
+            if sigma is None:
+                self.sigma = float(sharded_median_distance(shard, self.x, self.sq))
+            else:
+                self.sigma = float(sigma) * scale
             if not self.sigma > 0:
                 raise ValueError(
                     "the median pairwise distance is 0 (more than half the samples are identical), so the "
@@ -480,7 +495,8 @@ def sharded_cknna_layer(shard: Shard, k: int, unbiased: bool):
         val[r, t] = (x64[r] * panel[idx[r, t] - offset]).sum(dim=1)
     idx_all = g.gather_rows(idx, shard.sizes)
     check_copies_sharded(shard, idx_all, exclude_self=unbiased)
-    layer = CknnaLayer(idx_all, g.gather_rows(val, shard.sizes), torch.zeros(idx_all.shape, dtype=torch.float64, device=idx.device))
+    val_all = g.gather_rows(val, shard.sizes)
+    layer = CknnaLayer(idx_all, val_all, torch.zeros_like(val_all))
     layer.back = layer.lookup(idx_all, torch.arange(shard.n, device=idx.device)[:, None])[1]
     layer.self_sim = _masked_hsic_against(layer, [layer], unbiased)[0]
     check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {shard.name}")
@@ -532,7 +548,9 @@ def check_every_rank_has_samples(has: bool, process_group: Any = None) -> None:
     group = ShardGroup(process_group)
     missing = group.world - int(group.all_reduce(torch.tensor(int(has))))
     if missing:
-        raise RuntimeError(f"{missing} of {group.world} ranks hold no samples; every rank must update before a sharded compute()")
+        raise RuntimeError(
+            f"{missing} of {group.world} ranks hold no samples; every rank must update before a sharded compute()"
+        )
 
 
 def sharded_matrix(
