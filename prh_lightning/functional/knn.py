@@ -262,9 +262,10 @@ def _rerank(
     r_need, s_need = needed.nonzero(as_tuple=True)
     if r_need.numel():
         cols_need = cand[r_need, s_need]
-        right = x64.index_select(0, cols_need).mul_(c.scale).sub_(c.mean)
-        left = (x64[rows] * c.scale).sub_(c.mean)
-        exact = right.mul_(left[r_need]).sum(dim=1)
+        right, left = x64.index_select(0, cols_need), x64.index_select(0, rows[r_need])
+        if c.scale != 1.0 or shift is not None:  # centred, rescaled copies (exact operations)
+            right, left = right.mul_(c.scale).sub_(c.mean), left.mul_(c.scale).sub_(c.mean)
+        exact = right.mul_(left).sum(dim=1)
         mixed[r_need, s_need] = exact if shift is None else exact + shift[cols_need]
     return torch.gather(cand, 1, _top_k(mixed, k)[0])
 
@@ -534,10 +535,10 @@ def lcs_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     tensor(2)
     """
     full = (1 << ka) - 1
-    v = torch.full(matches.shape[:-1], full, dtype=torch.long, device=matches.device)
-    for j in range(matches.shape[-1]):
-        m = matches[..., j]
-        v = ((v + (v & m)) | (v & ~m)) & full
+    steps = matches.movedim(-1, 0).contiguous()  # [kb, ...]: one contiguous slice per step
+    v = torch.full(steps.shape[1:], full, dtype=torch.long, device=matches.device)
+    for m in steps:
+        v = (v & m).add_(v).bitwise_or_(v & ~m).bitwise_and_(full)
     return ka - _popcount(v, ka)
 
 
@@ -550,21 +551,22 @@ def edit_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     >>> edit_from_matches(m, 3)
     tensor(2)
     """
-    full, top = (1 << ka) - 1, 1 << (ka - 1)
-    pv = torch.full(matches.shape[:-1], full, dtype=torch.long, device=matches.device)
+    full, last = (1 << ka) - 1, ka - 1
+    steps = matches.movedim(-1, 0).contiguous()  # [kb, ...]
+    pv = torch.full(steps.shape[1:], full, dtype=torch.long, device=matches.device)
     mv = torch.zeros_like(pv)
     score = torch.full_like(pv, ka)
-    for j in range(matches.shape[-1]):
-        eq = matches[..., j]
+    for eq in steps:
         xv = eq | mv
-        xh = ((((eq & pv) + pv) & full) ^ pv) | eq
-        ph = mv | (~(xh | pv) & full)
-        mh = pv & xh
-        score += (ph & top).ne(0).long() - (mh & top).ne(0).long()
-        ph = ((ph << 1) | 1) & full
-        mh = (mh << 1) & full
-        pv = mh | (~(xv | ph) & full)
-        mv = ph & xv
+        xh = (eq & pv).add_(pv).bitwise_and_(full).bitwise_xor_(pv).bitwise_or_(eq)
+        ph = (xh | pv).bitwise_not_().bitwise_and_(full).bitwise_or_(mv)  # horizontal +1
+        mh = xh.bitwise_and_(pv)  # horizontal -1
+        score += ph >> last  # bits above ka - 1 are clear: the top bit's value
+        score -= mh >> last
+        ph = ph.bitwise_left_shift_(1).bitwise_or_(1).bitwise_and_(full)  # row 0 grows by 1 per step
+        mh = mh.bitwise_left_shift_(1).bitwise_and_(full)
+        pv = (xv | ph).bitwise_not_().bitwise_and_(full).bitwise_or_(mh)
+        mv = ph.bitwise_and_(xv)
     return score
 
 
@@ -583,7 +585,7 @@ def _dense_matrix(name: str, idx_x: list[torch.Tensor], idx_y: list[torch.Tensor
     by_row = stacked.permute(1, 0, 2).reshape(n, ly * k)  # row i: the y-lists of sample i
     pos = torch.empty(n, n, dtype=torch.int8, device=stacked.device)
     rows = torch.arange(n, device=stacked.device)
-    out = []
+    out, pending = [], []
     for idx in idx_x:
         _positions(idx, pos)
         if name == "cycle_knn":  # pos[j, i] >= 0: i is in x's list of j, for j in y's list of i
@@ -594,12 +596,22 @@ def _dense_matrix(name: str, idx_x: list[torch.Tensor], idx_y: list[torch.Tensor
         if name == "mutual_knn":
             out.append((place >= 0).sum(dim=(1, 2)).double() / (n * k))
             continue
-        bits = torch.where(place >= 0, torch.ones((), dtype=torch.long, device=place.device) << place.long().clamp_(min=0), 0)
-        if name == "lcs_knn":
-            out.append(lcs_from_matches(bits, k).sum(dim=1).double() / n)
-        else:
-            out.append(1.0 - edit_from_matches(bits, k).sum(dim=1).double() / (n * k))
+        one = torch.ones((), dtype=torch.long, device=place.device)
+        pending.append(torch.where(place >= 0, one << place.long().clamp_(min=0), 0))  # [Ly, n, k] bit masks
+        if len(pending) * ly * n * k >= _BITS_BATCH or len(pending) + len(out) == len(idx_x):
+            out += list(_ordered_scores(name, torch.stack(pending), n, k))  # one programme for many pairs
+            pending = []
     return torch.stack(out)
+
+
+_BITS_BATCH = 2**21  # int64 bit masks per bit-parallel batch (16 MB)
+
+
+def _ordered_scores(name: str, bits: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``[B, Ly]`` LCS or edit-distance scores from bit masks ``[B, Ly, n, k]``."""
+    if name == "lcs_knn":
+        return lcs_from_matches(bits, k).sum(dim=2).double() / n
+    return 1.0 - edit_from_matches(bits, k).sum(dim=2).double() / (n * k)
 
 
 def _knn_pairs(name: str):
