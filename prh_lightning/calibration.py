@@ -126,8 +126,16 @@ def calibrate(
     ctx = LayerContext(dtype, None, n, len(lx) + len(ly), device)
     sx = prepare_layers(plan, lx, names_x, options, normalize, clip_quantile, ctx)
     sy = prepare_layers(plan, ly, names_y, options, normalize, clip_quantile, ctx)
-    observed = plan.pairs(sx, sy, **options).double().cpu()
-    null = permuted_scores(plan, sx, sy, permutations, options).cpu()  # [K, Lx, Ly]
+    if plan.null is not None:
+        # a batched null scores the identity alongside the permutations: that is the observed
+        # matrix (the same formula as alignment_matrix, summed in another order) at the cost of
+        # one more permutation instead of a separate pass over every pair
+        identity = torch.arange(n, device=device)[None]
+        scores = permuted_scores(plan, sx, sy, torch.cat([identity, permutations]), options).cpu()
+        observed, null = scores[0], scores[1:]  # [Lx, Ly], [K, Lx, Ly]
+    else:
+        observed = plan.pairs(sx, sy, **options).double().cpu()
+        null = permuted_scores(plan, sx, sy, permutations, options).cpu()
     high = plan.bounds(**options)[1]
     mean, tau, p, cal, z = _calibrate(observed, null, alpha, high)
     agg = None

@@ -296,8 +296,8 @@ def _cka_null(
     first, second = iu[0].to(key_dtype), iu[1].to(key_dtype)
     batch = max(1, min(_NULL_BATCH, _BUDGET // max(1, m * ly)))
     buffers = torch.empty(3, m * batch, dtype=key_dtype, device=device)
-    moved = torch.empty(m * batch, ly, dtype=dtype, device=device)
-    chunk = -(-m // 8)
+    chunk = min(m, _NULL_CHUNK)
+    moved = torch.empty(chunk * batch, ly, dtype=dtype, device=device)
     out = []
     for s in range(0, perms.shape[0], batch):
         p = perms[s : s + batch].T.contiguous().to(key_dtype)  # [n, B]
@@ -310,11 +310,12 @@ def _cka_null(
         torch.minimum(keys, high, out=low)
         torch.maximum(keys, high, out=high)
         torch.mul(low, n, out=keys).add_(high)
-        torch.index_select(table, 0, keys.view(-1), out=moved[: m * b])
-        block = moved[: m * b].view(m, b * ly)  # C_y[π(i), π(j)] of every y layer, per permutation
         inner = torch.zeros(lx, b * ly, dtype=torch.float64, device=device)
-        for c0 in range(0, m, chunk):
-            inner += (tri_x[:, c0 : c0 + chunk] @ block[c0 : c0 + chunk]).double()
+        for c0 in range(0, m, chunk):  # chunks small enough that the gathered block stays in cache
+            c1 = min(m, c0 + chunk)
+            block = moved[: (c1 - c0) * b]  # C_y[π(i), π(j)] of every y layer, per permutation
+            torch.index_select(table, 0, keys[c0:c1].view(-1), out=block)
+            inner += (tri_x[:, c0:c1] @ block.view(c1 - c0, b * ly)).double()
         diag_y = table.index_select(0, (p.T.long() * (n + 1)).flatten()).view(b, n, ly).double()  # C_y[π(i), π(i)]
         total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag_y)
         out.append(total.permute(1, 0, 2) / denom)
@@ -378,6 +379,7 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
 
 _BUDGET = 2**26
 _NULL_BATCH = 4  # permutations per gather and GEMM in the CKA null
+_NULL_CHUNK = 2**16  # triangle entries per gather and GEMM in the CKA null
 
 
 def _check_kernel_name(kernel: str) -> None:
