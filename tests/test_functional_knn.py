@@ -175,3 +175,100 @@ def test_bad_input_raises_clear_errors(name, pair):
         f(a.long(), b)
     with pytest.raises(ValueError, match="same device"):
         f(a, torch.empty(b.shape, device="meta", dtype=b.dtype))
+
+
+# -- fast paths: bit-parallel programmes, all layer pairs at once, the float32 certificate ------
+
+
+def test_bit_parallel_lcs_and_edit_distance_match_dynamic_programming():
+    from prh_lightning.functional.knn import edit_from_matches, lcs_from_matches
+
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 5, 10, 33, 62):
+        pairs = []
+        for _ in range(40):  # lists of distinct ids drawn from a small pool: many partial overlaps
+            pool = rng.permutation(k + 3)
+            pairs.append((list(pool[:k]), list(rng.permutation(pool[: k + 2])[:k])))
+        matches = torch.tensor(
+            [[sum(1 << p for p, x in enumerate(s) if x == y) for y in t] for s, t in pairs], dtype=torch.long
+        )
+        assert lcs_from_matches(matches, k).tolist() == [lcs_dp(s, t) for s, t in pairs]
+        assert edit_from_matches(matches, k).tolist() == [levenshtein_dp(s, t) for s, t in pairs]
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_layer_matrix_matches_brute_force_on_every_pair(dense, monkeypatch):
+    # every cell against neighbour lists and programmes written here; dense=False takes the
+    # large-n route (sorted lookups and per-pair DP) on the same data
+    from prh_lightning import alignment_matrix
+    from prh_lightning.functional import knn
+
+    if not dense:
+        monkeypatch.setattr(knn, "_DENSE_MAX", 0)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    xs = [base + s * torch.randn(60, 6, generator=g, dtype=torch.float64) for s in (0.2, 0.6, 1.0)]
+    ys = [base @ torch.randn(6, 5, generator=g, dtype=torch.float64) + s * torch.randn(60, 5, generator=g, dtype=torch.float64) for s in (0.3, 2.0)]
+    k = 6
+    nx = [brute_neighbours(x.numpy(), k) for x in xs]
+    ny = [brute_neighbours(y.numpy(), k) for y in ys]
+    formulas = {
+        "mutual_knn": lambda a, b: np.mean([len(set(s) & set(t)) / k for s, t in zip(a, b)]),
+        "cycle_knn": lambda a, b: np.mean([any(i in a[j] for j in b[i]) for i in range(len(a))]),
+        "lcs_knn": lambda a, b: np.mean([lcs_dp(s, t) for s, t in zip(a, b)]),
+        "edit_distance_knn": lambda a, b: 1 - np.mean([levenshtein_dp(s, t) for s, t in zip(a, b)]) / k,
+    }
+    for name, formula in formulas.items():
+        got = alignment_matrix(xs, ys, metric=name, k=k, normalize=False)
+        want = np.array([[formula(a, b) for b in ny] for a in nx])
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-12, err_msg=name)
+
+
+def _float64_lists(x: torch.Tensor, k: int) -> list[list[int]]:
+    """Neighbour lists of the float64 row-normalised features, sorted on (-similarity, index)."""
+    u = x.double().numpy()
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    return brute_neighbours(u, k)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_float32_lists_are_the_float64_ones_under_many_near_ties(offset):
+    # rows = a few centres + tiny noise: cosines crowd within ~1e-6 of each other, far below
+    # float32's resolution of the Gram, so most rows need the certificate's float64 fallback
+    from prh_lightning.functional.knn import exact_neighbours
+    from prh_lightning.functional._numerics import centre, condition
+
+    g = torch.Generator().manual_seed(7)
+    centres = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    x = (centres[torch.arange(200) % 4] + 1e-3 * torch.randn(200, 64, generator=g, dtype=torch.float64) + offset).float()
+    x64 = condition(x, "x")
+    c = centre(x64, float(torch.finfo(torch.float32).eps), torch.float32, "x", exact_mean=False)
+    want = _float64_lists(x, 8)
+    assert exact_neighbours(c, x64, 8, 64, ordered=True).tolist() == want
+    assert exact_neighbours(c, x64, 8, 64, gram=torch.empty(200, 200), ordered=True).tolist() == want
+    sets = exact_neighbours(c, x64, 8, 64, ordered=False).tolist()
+    assert [sorted(s) for s in sets] == [sorted(w) for w in want]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_rounding_bound_covers_the_float32_scores(offset):
+    # the certificate's bound against scores computed in float64 here, on features whose
+    # float32 Gram really does round (d = 512, an offset carried by the shift term)
+    from prh_lightning.functional.knn import _shift, rounding_bound
+    from prh_lightning.functional._numerics import centre, condition
+
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(300, 512, generator=g, dtype=torch.float64) + offset).float()
+    x64 = condition(x, "x", normalize=False)
+    c = centre(x64, float(torch.finfo(torch.float32).eps), torch.float32, "x", exact_mean=False)
+    shift = _shift(c, x64, 300)
+    base, rel = rounding_bound(c.xc, shift)
+    fl = (c.xc @ c.xc.T).double()
+    xc64 = x64.numpy() * c.scale - c.mean.numpy()
+    exact = xc64 @ xc64.T
+    if shift is not None:
+        fl = (c.xc @ c.xc.T + shift.float()[None, :]).double()
+        exact = exact + shift.numpy()[None, :]
+    err = (fl - torch.from_numpy(exact)).abs()
+    assert bool((err <= base[:, None] + rel * fl.abs()).all())
+    assert float(err.max()) > 0  # the float32 scores do differ from the float64 ones
