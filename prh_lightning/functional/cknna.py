@@ -6,8 +6,10 @@ not centred, so its values must not come from a float32 Gram of offset features)
 ``K_ji`` where ``i`` is also a neighbour of ``j``, and the layer's self-similarity. A pair
 is then scored from neighbour lists in ``O(n k log(n k))``: membership of ``(i, j)`` and
 ``K_ij`` are looked up by binary search in the sorted keys ``i n + j`` of each layer's
-neighbour pairs, so no ``[n, n]`` map is ever formed.
-Both the unbiased (default) and the biased HSIC estimator have this batched path.
+neighbour pairs, so no ``[n, n]`` map is ever formed (the layer's self-similarity). All layer
+pairs at once, and permutation nulls: the edges of each ``x`` layer are looked up in the union
+of the ``y`` layers' edges (:func:`_moved_hsic`), ``O(L_x n k)`` lookups for all pairs.
+Both the unbiased (default) and the biased HSIC estimator have these batched paths.
 """
 
 from __future__ import annotations
@@ -126,15 +128,21 @@ def _gathered_products(x64: torch.Tensor, idx: torch.Tensor, rows: int) -> torch
     return torch.cat(out)
 
 
-def _cknna_pairs(xs: list[CknnaLayer], ys: list[CknnaLayer], unbiased: bool = True, eps: float = 0.0, **_):
-    cross = torch.stack([_masked_hsic_against(a, ys, unbiased) for a in xs])
+def _denominators(xs: list[CknnaLayer], ys: list[CknnaLayer], eps: float) -> torch.Tensor:
+    """``[Lx, Ly]``: ``sqrt(sim(K, K) sim(L, L)) + eps``."""
     self_x = torch.stack([a.self_sim for a in xs])
     self_y = torch.stack([b.self_sim for b in ys])
-    return cross / (torch.sqrt(self_x[:, None] * self_y[None, :]) + eps)
+    return torch.sqrt(self_x[:, None] * self_y[None, :]) + eps
 
 
-def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor, unbiased: bool = True, eps: float = 0.0, **_):
-    """``[P, Lx, Ly]`` with every ``y`` layer permuted by each row of ``perms [P, n]``.
+def _cknna_pairs(xs: list[CknnaLayer], ys: list[CknnaLayer], unbiased: bool = True, eps: float = 0.0, **_):
+    """``[Lx, Ly]``: the identity permutation of :func:`_moved_hsic` (every pair at once)."""
+    identity = torch.arange(xs[0].idx.shape[0], device=xs[0].idx.device)[None]
+    return _moved_hsic(xs, ys, identity, unbiased)[0] / _denominators(xs, ys, eps)
+
+
+def _moved_hsic(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """``[P, Lx, Ly]`` masked HSIC with every ``y`` layer permuted by each row of ``perms [P, n]``.
 
     ``y∘π`` has edge ``(i, j)`` with value ``L_{π(i) π(j)}`` iff ``y`` has edge ``(π(i), π(j))``,
     so the edges ``(i, j)`` of each ``x`` layer are moved by ``π`` and looked up once in the union
@@ -145,9 +153,6 @@ def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor,
     """
     n = xs[0].idx.shape[0]
     device = xs[0].idx.device
-    self_x = torch.stack([a.self_sim for a in xs])
-    self_y = torch.stack([b.self_sim for b in ys])
-    denom = torch.sqrt(self_x[:, None] * self_y[None, :]) + eps
     columns = torch.stack([torch.stack([torch.ones_like(b.val), b.val, b.back], dim=-1) for b in ys])
     union = EdgeUnion(torch.stack([b.idx for b in ys]), columns)
     idx_x = torch.stack([a.idx for a in xs])  # [Lx, n, k]
@@ -181,8 +186,14 @@ def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor,
             col_q = torch.zeros(size * n, ly, dtype=torch.float64, device=device).index_add_(0, j, q)
             cross = cross + (row_p * col_q).view(size, n, ly).sum(dim=1)
             hsic = trace - cross / n + sum_p * sum_q / n**2
-        out.append(hsic.view(block.shape[0], lx, ly) / denom)
+        out.append(hsic.view(block.shape[0], lx, ly))
     return torch.cat(out)
+
+
+def _cknna_null(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor, unbiased: bool = True, eps: float = 0.0, **_):
+    """``[P, Lx, Ly]`` CKNNA with every ``y`` layer permuted by each row of ``perms [P, n]``
+    (self-similarities do not change under a permutation)."""
+    return _moved_hsic(xs, ys, perms, unbiased) / _denominators(xs, ys, eps)
 
 
 register_plan(
