@@ -131,6 +131,8 @@ def make_reducer(reduce: ReduceSpec, channels_first: bool, sequence_first: bool 
         if x.ndim >= 3 and channels_first and reduce in ("mean", "max"):
             return spatial_mean(x) if reduce == "mean" else x.flatten(2).amax(-1)
         tokens = _as_tokens(x, channels_first)
+        if reduce == "mean" and x.ndim >= 4 and _mask_for(tokens, mask) is None:
+            return spatial_mean(x)  # a 4-d map after a non-conv module (ReLU, add): same mean, one pass
         if reduce in ("cls", "first"):
             return tokens[:, 0]
         m = _mask_for(tokens, mask)
