@@ -119,13 +119,19 @@ def prepare_cknna(
 
 
 def _gathered_products(x64: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[n, k]`` float64 ``x_i . x_{idx[i, t]}``, with ``rows * k`` gathered rows at a time at most."""
-    out = []
-    step = max(1, rows // max(1, idx.shape[1]))
-    for s in range(0, x64.shape[0], step):
-        e = min(x64.shape[0], s + step)
-        out.append(torch.einsum("id,ikd->ik", x64[s:e], x64[idx[s:e]]))
-    return torch.cat(out)
+    """``[n, k]`` float64 ``x_i . x_{idx[i, t]}``, with ``rows * k`` gathered rows at a time at most.
+
+    Blocks of at most 64 rows (``64 k`` gathered feature rows) reuse one buffer that stays in
+    cache: gathering all ``n k`` rows at once is memory-bound and about 4x slower."""
+    n, k = idx.shape
+    step = max(1, min(64, rows // max(1, k)))
+    out = torch.empty(n, k, dtype=x64.dtype, device=x64.device)
+    gathered = torch.empty(min(n, step) * k, x64.shape[1], dtype=x64.dtype, device=x64.device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        block = torch.index_select(x64, 0, idx[s:e].flatten(), out=gathered[: (e - s) * k])
+        torch.bmm(block.view(e - s, k, -1), x64[s:e, :, None], out=out[s:e, :, None])
+    return out
 
 
 def _denominators(xs: list[CknnaLayer], ys: list[CknnaLayer], eps: float) -> torch.Tensor:
