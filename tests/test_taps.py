@@ -513,3 +513,52 @@ def test_spatial_mean_of_large_maps_matches_float64_mean(dtype, channels_last):
     for name, ref in (("0", out.mean(dim=(2, 3))), ("1", out.clamp_min(0).mean(dim=(2, 3)))):
         assert feats[name].dtype == dtype and feats[name].shape == (4, 5)
         torch.testing.assert_close(feats[name].double(), ref, rtol=tol, atol=tol)
+
+
+class _ConvBn(nn.Module):
+    def __init__(self, bump: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.bump = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True), bump
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.bump:
+            y.add_(1.0)  # in place between the tapped conv and the BN: its recorded mean is stale
+        return self.relu(self.bn(y))
+
+
+@pytest.mark.parametrize("bump", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_batch_norm_mean_matches_float64_mean_of_its_output(monkeypatch, bump, training):
+    # an eval BN fed the conv output just recorded gets its mean from the conv's (affine per
+    # channel); in place edits in between, training mode and an untapped conv read the map
+    torch.manual_seed(2)
+    model = _ConvBn(bump)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-1, 1)
+    model.train(training)
+    img = torch.randn(4, 3, 12, 12)
+    outputs = {}
+    hooks = [getattr(model, k).register_forward_hook(lambda m, a, o, k=k: outputs.__setitem__(k, o.detach().double().clone()))
+             for k in ("conv", "bn")]
+    with torch.no_grad():
+        model(img)
+    for h in hooks:
+        h.remove()
+    import prh_lightning.taps.layer_taps as layer_taps
+
+    shortcuts = []
+    affine = layer_taps._batch_norm_mean
+    monkeypatch.setattr(layer_taps, "_batch_norm_mean", lambda m, mean: (shortcuts.append(1), affine(m, mean))[1])
+    for layers in (["conv", "bn"], ["bn"]):
+        shortcuts.clear()
+        with LayerTaps(model, layers=layers, reduce="mean") as taps, torch.no_grad():
+            model(img)
+        torch.testing.assert_close(taps.features()["bn"].double(), outputs["bn"].mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)
+        assert len(shortcuts) == (not training and not bump and "conv" in layers)
+    with LayerTaps(model, layers=["conv", "bn"], reduce="mean") as taps, torch.inference_mode():
+        model(img)  # inference tensors have no version counter: never remembered, always read
+    torch.testing.assert_close(taps.features()["bn"].double(), outputs["bn"].mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -236,6 +237,7 @@ class LayerTaps:
         self._in_pass = False
         self._pending = {}
         self._channel_outputs = set()
+        self._last_mean = None
 
     def clear(self) -> None:
         """Forget every recorded feature (hooks stay registered)."""
@@ -247,6 +249,9 @@ class LayerTaps:
         self._in_pass = False
         self._auto_mask: torch.Tensor | None = None
         self._channel_outputs: set[tuple] = set()
+        # (weak ref to the last output whose spatial mean was taken, its version, that mean): an
+        # eval BatchNorm fed that very tensor, unchanged, gets its mean from it (affine per channel)
+        self._last_mean: tuple | None = None
         self._passes = 0  # completed root forward passes
         self._layer_passes: dict[str, int] = {}  # root passes in which a stored layer recorded
         self._fired: set[str] = set()  # targets whose hook ran with a usable output
@@ -430,6 +435,7 @@ class LayerTaps:
         self._pending = {}
         self._calls = {}
         self._channel_outputs = set()
+        self._last_mean = None
         mask = _find_mask(args, kwargs, self.mask_keys, self._mask_position, from_mapping=True)
         self._auto_mask = self._as_keep_mask(mask)
 
@@ -487,6 +493,7 @@ class LayerTaps:
     def _output_hook(self, target: TapTarget):
         name, reducers, key = target.name, self._reducers[target.name], self.output
         static_channels = is_channels_first(target.module)
+        affine_mean = self.reduce == "mean" and _is_eval_batch_norm(target.module)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self.enabled:
@@ -506,9 +513,24 @@ class LayerTaps:
                 elif self._channels_input(args, tensor):
                     self._channel_outputs.add(_tensor_key(tensor))
                     reducer = reducers[1]
+            if affine_mean and args and tensor.ndim >= 4:
+                reducer = self._batch_norm_shortcut(module, args[0], tensor) or reducer
             self._record(name, reducer, tensor)
 
         return hook
+
+    def _batch_norm_shortcut(self, module: nn.Module, inp: Any, out: torch.Tensor) -> Reducer | None:
+        """For an eval ``BatchNorm`` whose input is the tensor whose spatial mean was just
+        recorded, unchanged since (same object, same version counter; inference-mode tensors,
+        which have no version counter, are never remembered): the mean of its output from that
+        mean (``BN`` is affine per channel), without reading the output map."""
+        last = self._last_mean
+        if last is None or not isinstance(inp, torch.Tensor) or last[0]() is not inp or inp._version != last[1]:  # noqa: SLF001
+            return None
+        mean = last[2]
+        if mean.dtype != out.dtype or mean.device != out.device or module.running_mean.dtype != mean.dtype:
+            return None
+        return lambda x, mask: _batch_norm_mean(module, mean)
 
     def _input_hook(self, target: TapTarget):
         name, reducer = target.name, self._reducers[target.name][0]
@@ -550,6 +572,8 @@ class LayerTaps:
         try:
             with torch.no_grad():
                 value = reducer(tensor.detach(), mask)
+                if self.reduce == "mean" and tensor.ndim >= 4 and value.shape == tensor.shape[:2] and not tensor.is_inference():
+                    self._last_mean = (weakref.ref(tensor), tensor._version, value)
                 value = value.to(device=self.device, dtype=self.dtype)
                 if value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
                     value = value.clone()  # never share memory with a tensor a later op may change in place
@@ -626,6 +650,26 @@ def _passes_channels(module: nn.Module) -> bool:
     if any(True for _ in module.children()):
         return False
     return is_eval_identity(module) or type(module).__module__ == "torch.nn.modules.activation"
+
+
+def _is_eval_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm that normalises with its running statistics (eval mode, stats tracked)."""
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and not module.training
+        and getattr(module, "running_mean", None) is not None
+        and getattr(module, "running_var", None) is not None
+    )
+
+
+def _batch_norm_mean(module: nn.Module, mean: torch.Tensor) -> torch.Tensor:
+    """Spatial mean ``[n, C]`` of an eval BatchNorm's output from that of its input ``mean [n, C]``:
+    ``(mean - running_mean) / sqrt(running_var + eps) * weight + bias``."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    out = (mean - module.running_mean) * scale
+    return out + module.bias if module.bias is not None else out
 
 
 def _tensor_key(x: torch.Tensor) -> tuple:
