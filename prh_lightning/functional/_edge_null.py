@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["EdgeUnion", "moved_hits", "mutual_knn_null"]
 
-_DENSE_MAP_BYTES = 2**28  # an int32 [n * n] slot map up to n = 8,192; beyond, binary search
+_DENSE_MAP_BYTES = 2**26  # an int32 [n * n] slot map (64 MB) up to n = 4,096; beyond, binary search
 _QUERY_BUDGET = 2**21  # moved edges per batch of permutations
 
 
@@ -29,7 +29,7 @@ class EdgeUnion:
 
     ``table [S + 1, L * c]``: row ``s`` holds, for union edge ``s``, the ``c`` columns of every
     layer that has it (zeros for layers that do not); row ``S`` is all zeros (a miss). Lookups
-    go through a dense ``int32 [n * n]`` slot map for ``n`` up to 8,192, else by binary search in
+    go through a dense ``int32 [n * n]`` slot map for ``n`` up to 4,096, else by binary search in
     the sorted union keys ``u n + v``.
     """
 
