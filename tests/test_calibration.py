@@ -175,6 +175,7 @@ def test_batched_nulls_match_dense_references_permutation_by_permutation(case, s
         kernels = importlib.import_module("prh_lightning.functional.kernels")
         monkeypatch.setattr(edge_null, "_DENSE_MAP_BYTES", 0)
         monkeypatch.setattr(edge_null, "_QUERY_BUDGET", 1)
+        monkeypatch.setattr(edge_null, "_TABLE_BYTES", 1)  # one y layer per union table
         monkeypatch.setattr(kernels, "_NULL_CHUNK", 97)
         monkeypatch.setattr(kernels, "_NULL_BATCH", 3)
     g = torch.Generator().manual_seed(11)

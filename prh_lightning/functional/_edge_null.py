@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EdgeUnion", "moved_hits", "mutual_knn_null"]
+__all__ = ["EdgeUnion", "layer_groups", "moved_hits", "mutual_knn_null"]
 
 _DENSE_MAP_BYTES = 2**26  # an int32 [n * n] slot map (64 MB) up to n = 4,096; beyond, binary search
 _QUERY_BUDGET = 2**21  # moved edges per batch of permutations
+_TABLE_BYTES = 2**28  # union tables of at most 256 MB: y layers in groups beyond
 
 
 class EdgeUnion:
@@ -60,6 +61,13 @@ class EdgeUnion:
         return torch.where(self.union[pos] == keys, pos, self.size)
 
 
+def layer_groups(count: int, edges: int, width: int) -> list[slice]:
+    """Groups of ``count`` y layers with ``edges`` edges each whose union table (at most
+    ``g^2 edges width`` float64 entries for ``g`` layers) stays within ``_TABLE_BYTES``."""
+    g = max(1, int((_TABLE_BYTES / (8 * width * max(1, edges))) ** 0.5))
+    return [slice(s, s + g) for s in range(0, count, g)]
+
+
 def batches(perms: torch.Tensor, edges: int):
     """Blocks of rows of ``perms [P, n]`` with about ``_QUERY_BUDGET`` moved edges each."""
     step = max(1, _QUERY_BUDGET // max(1, edges))
@@ -91,8 +99,12 @@ def mutual_knn_null(xs: list, ys: list, perms: torch.Tensor, k: int = 10, **_) -
     """``[P, Lx, Ly]`` float64 mutual k-NN with every ``y`` layer permuted by each row of
     ``perms [P, n]``: the shared-neighbour count of ``(x, y∘π)`` is the number of edges of ``x``
     that ``π`` moves onto edges of ``y``. States carry ``idx [n, k]``."""
+    n, kk = xs[0].idx.shape
+    groups = layer_groups(len(ys), n * kk, 1)
+    if len(groups) > 1:
+        return torch.cat([mutual_knn_null(xs, ys[g], perms) for g in groups], dim=-1)
     idx_x = torch.stack([s.idx for s in xs])
-    lx, n, kk = idx_x.shape
+    lx = idx_x.shape[0]
     union = EdgeUnion(torch.stack([s.idx for s in ys]))
     out = []
     for block in batches(perms, lx * n * kk):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._edge_null import EdgeUnion, batches, moved_hits
+from ._edge_null import EdgeUnion, batches, layer_groups, moved_hits
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
 from ._ties import check_copies_at_boundary
@@ -157,7 +157,10 @@ def _moved_hsic(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor,
     contributes to the terms of :func:`_masked_hsic_against`: ``P'_ij = K_ij``, ``Q'_ij =
     L_{π(i)π(j)}`` and, for ``tr(P'Q')``, ``K_ij [i in N_x(j)]`` times the back link.
     """
-    n = xs[0].idx.shape[0]
+    n, k = xs[0].idx.shape
+    groups = layer_groups(len(ys), n * k, 3)
+    if len(groups) > 1:  # large n: bounded union tables
+        return torch.cat([_moved_hsic(xs, ys[g], perms, unbiased) for g in groups], dim=-1)
     device = xs[0].idx.device
     columns = torch.stack([torch.stack([torch.ones_like(b.val), b.val, b.back], dim=-1) for b in ys])
     union = EdgeUnion(torch.stack([b.idx for b in ys]), columns)
