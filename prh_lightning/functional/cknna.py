@@ -106,7 +106,8 @@ def prepare_cknna(
         check_min_samples(n, 4, "unbiased CKNNA")
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
     rows = ctx.block(n, _BLOCK_BYTES)
-    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups)
+    # the masks need the neighbour sets only: certify the k-th / (k+1)-th boundary, not the order
+    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups, ordered=False)
     del c
     if groups is None:
         check_copies_at_boundary(x64, idx, ctx.name, exclude_self=unbiased)
