@@ -70,3 +70,29 @@ def test_a_tensor_changed_in_place_is_prepared_again():
     x.mul_(torch.linspace(0.1, 3.0, 6))  # in place: a different layer, same tensor object
     after = float(plan.pairs([cache.state(plan, options, x, "x", prep, torch.float32)], [sy], **options)[0, 0])
     assert abs(after - ref_linear_cka(x, y)) < 1e-6 and abs(after - before) > 1e-3
+
+
+def test_large_probe_linear_cka_states_do_not_pile_up_over_checks():
+    # at n >= 4,096 linear CKA is scored from feature-space statistics through a plan object
+    # built per call; its states must still be found again (not added anew at every check)
+    g = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    probe = torch.randn(4096, 6, generator=g)
+    tracker = AlignmentTracker(
+        probe=probe, metrics=("cka",), calibration=0, max_probe_samples=4096, batch_size=4096, within_model=False
+    )
+    recorded = []
+    for step in range(4):
+        recorded.append(_features(model, probe))
+        tracker.check(model, step, log=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        assert len(tracker._prepared) <= 2 * 3  # initial + previous, 3 layers
+
+    def feature_space_cka(a, b):  # ||A^T B||_F^2 / (||A^T A||_F ||B^T B||_F), columns centred (float64)
+        a, b = a - a.mean(0), b - b.mean(0)
+        return float((a.T @ b).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm()))
+
+    expected = _ref_matrix(recorded[-1], recorded[0], feature_space_cka)
+    assert torch.allclose(tracker.last_matrices["cka/self_initial"].double(), expected, atol=1e-5)

@@ -96,7 +96,10 @@ class PreparedStates:
         :func:`split_options` (missing ones take their defaults); ``layers``: how many layers share
         the working-memory budget (block sizes only)."""
         prep = {**split_options({})[0], **prep}
-        key = (id(x), plan.name, id(plan), _freeze(options), _freeze(prep), dtype)
+        # the kind of state: the plan's name and its prepare function's qualified name (not the
+        # plan object: the large-n linear CKA plan is built per call, with a different state type)
+        kind = (plan.name, getattr(plan.prepare, "__module__", ""), getattr(plan.prepare, "__qualname__", ""))
+        key = (id(x), kind, _freeze(options), _freeze(prep), dtype)
         hit = self._states.get(key)
         if hit is not None and hit[0] is x and hit[1] == _version(x):
             return hit[2]
