@@ -10,7 +10,20 @@ from scipy.spatial.distance import pdist
 
 from prh_lightning.functional import cka
 from prh_lightning.functional._bandwidth import median_bandwidth, select_ranks, triangle_blocks
-from prh_lightning.functional.kernels import median_distance
+from prh_lightning.functional.kernels import median_distance, rbf_kernel
+
+
+def dense_median(x: torch.Tensor) -> torch.Tensor:
+    """Brute force in x's dtype: the whole [n, n] squared-distance matrix (the library's formula,
+    entries below its rounding error zeroed), every i < j entry, kthvalue of the two middle ranks."""
+    sq = (x * x).sum(dim=1)
+    total = sq[:, None] + sq[None, :]
+    d2 = total - 2.0 * (x @ x.T)
+    d2 = d2.masked_fill(d2 <= 16 * torch.finfo(x.dtype).eps * total, 0.0)
+    iu = torch.triu_indices(len(x), len(x), offset=1)
+    dist = d2[iu[0], iu[1]].sqrt()
+    m = dist.numel()
+    return (torch.kthvalue(dist, (m + 1) // 2).values + torch.kthvalue(dist, m // 2 + 1).values) / 2
 
 # small blocks, buckets and cap: several counting passes before the exact selection
 FORCED = {"rows": 23, "bins": 8, "cap": 50}
@@ -20,9 +33,10 @@ FORCED = {"rows": 23, "bins": 8, "cap": 50}
 @pytest.mark.parametrize("n", [300, 301])  # an even and an odd number of pairs
 def test_blocked_median_equals_the_median_of_the_full_matrix(n, dtype):
     x = torch.randn(n, 6, generator=torch.Generator().manual_seed(n), dtype=dtype)
-    dense = median_distance(x)  # kthvalue over all n (n - 1) / 2 distances of the [n, n] matrix
+    dense = dense_median(x)  # kthvalue over all n (n - 1) / 2 distances of the [n, n] matrix
     assert median_bandwidth(x, **FORCED) == dense
     assert median_bandwidth(x) == dense
+    assert median_distance(x) == dense
     rtol = 1e-12 if dtype == torch.float64 else 1e-6
     assert float(median_bandwidth(x, **FORCED)) == pytest.approx(np.median(pdist(x.double().numpy())), rel=rtol)
 
@@ -35,13 +49,36 @@ def test_blocked_median_equals_the_median_of_the_full_matrix(n, dtype):
     ],
 )
 def test_ties_and_repeated_values_are_selected_exactly(x):
-    assert median_bandwidth(x, **FORCED) == median_distance(x)
-    assert median_bandwidth(x, rows=1, bins=2, cap=1) == median_distance(x)
+    assert median_bandwidth(x, **FORCED) == dense_median(x)
+    assert median_bandwidth(x, rows=1, bins=2, cap=1) == dense_median(x)
+    assert median_distance(x) == dense_median(x)
 
 
 def test_beyond_the_dense_size_matches_scipy():
     x = torch.randn(4500, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     assert float(median_bandwidth(x, rows=512)) == pytest.approx(np.median(pdist(x.numpy())), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_median_distance_and_rbf_kernel_bandwidth_stream_beyond_the_dense_size(dtype):
+    # n = 5,000 > 4,096: several row blocks and counting passes, no [n, n] matrix for the median
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(5000, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)).to(dtype)
+    expected = np.median(pdist(x.double().numpy()))  # float64, scipy
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert float(median_distance(x)) == pytest.approx(expected, rel=rtol)
+    small = x[:300]
+    d2 = pdist(small.double().numpy(), "sqeuclidean")
+    k = rbf_kernel(small)
+    iu = np.triu_indices(300, 1)
+    np.testing.assert_allclose(k.double().numpy()[iu], np.exp(-d2 / (2 * np.median(np.sqrt(d2)) ** 2)), rtol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+def test_median_distance_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"\[n, d\] tensor"):
+        median_distance(torch.ones(5))
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        median_distance(torch.ones(1, 3))
 
 
 def test_no_block_holds_more_than_its_rows():

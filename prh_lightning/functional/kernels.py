@@ -49,24 +49,27 @@ def _squared_distances(x: torch.Tensor) -> torch.Tensor:
 
 
 def median_distance(x: torch.Tensor) -> torch.Tensor:
-    """Median of the ``n (n - 1) / 2`` pairwise Euclidean distances ``||x_i - x_j||`` (i < j).
+    """Median of the ``n (n - 1) / 2`` pairwise Euclidean distances ``||x_i - x_j||`` (i < j) of
+    ``x [n, d]``; 0-dim in ``x.dtype``.
 
-    Averages the two middle values for an even count (as ``numpy.median``).
+    Averages the two middle values for an even count (as ``numpy.median``). Exact, and never
+    forms an ``[n, n]`` matrix: the distances are streamed in row blocks and the two middle
+    ranks selected (:func:`prh_lightning.functional._bandwidth.median_bandwidth`).
+
+    >>> median_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]))  # distances 5, 5, 10
+    tensor(5.)
     """
-    n = x.shape[0]
-    iu = torch.triu_indices(n, n, offset=1, device=x.device)
-    dist = _squared_distances(x)[iu[0], iu[1]].sqrt()
-    m = dist.numel()
-    low = torch.kthvalue(dist, (m + 1) // 2).values
-    high = torch.kthvalue(dist, m // 2 + 1).values
-    return (low + high) / 2
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        raise ValueError(f"x must be a [n, d] tensor, got {getattr(x, 'shape', type(x))}")
+    return median_bandwidth(x)
 
 
 def rbf_kernel(x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
     """``K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2))`` for ``x [n, d]``; returns ``[n, n]``.
 
     ``sigma=None`` uses the median heuristic ``sigma = median_{i<j} ||x_i - x_j||`` of ``x``
-    itself (so each input of a pair gets its own bandwidth).
+    itself (so each input of a pair gets its own bandwidth), selected without a second
+    ``[n, n]`` matrix (:func:`median_distance`); the kernel itself is the only ``[n, n]`` one.
     """
     if sigma is None:
         sigma = median_distance(x)
