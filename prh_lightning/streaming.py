@@ -18,13 +18,17 @@ matrix product per batch.
 Memory: ``8 * (D_a * D_b + sum_i d_i^2 + sum_j d_j^2)`` bytes, independent of ``n``. For the
 blocks of EfficientNet-Lite0 against Lite1 (``D_a = 3,088``, ``D_b = 3,600``) that is about
 125 MB. The float32 features of ``n`` samples cost ``4 n (D_a + D_b)`` bytes (14 MB for
-``n = 512``). ``store="auto"`` (default) therefore keeps the batches as features while they
-are smaller than the moments and folds them into the moments (in order: the same numbers)
-once they are not, or after the last batch, so memory while the models run is the smaller of
-the two; if the moments would need more than ``max_bytes`` (default 1 GiB) it keeps the
-features and scores them with ``alignment_matrix(metric="cka")`` (same value).
+``n = 512``), and scoring them from exactly centred float64 copies twice that.
+``store="auto"`` (default) therefore keeps the batches as features while twice their size is
+below the moments' and folds them into the moments (in order: the same numbers) once it is
+not; if the data end first, the features are scored directly (:func:`_features_cka`) and the
+moments are never allocated. So memory while the models run, and while scoring, is about the
+smaller of the two. If the moments would need more than ``max_bytes`` (default 1 GiB) it keeps
+the features and scores them with ``alignment_matrix(metric="cka")`` (same value).
 ``store="moments"`` folds every batch at once (and raises above ``max_bytes``);
-``store="features"`` always stores and scores with ``alignment_matrix``.
+``store="features"`` always stores and scores with ``alignment_matrix``. Scoring squares the
+centred cross blocks :data:`CHUNK_BYTES` of rows at a time, so no second ``[D_a, D_b]`` matrix
+is formed.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from prh_lightning.taps.layer_taps import call_model
 __all__ = ["StreamingLinearCKA", "MomentBudgetExceeded", "model_cka", "moment_bytes", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_BYTES = 2**30
+CHUNK_BYTES = 2**23  # rows of the centred cross moments squared at a time in compute() (8 MiB)
 STORES = ("auto", "moments", "features")
 # Centring leaves float64 rounding error of about eps64 * ||raw moment||; a centred moment within
 # a few hundred of those units of zero is a constant layer (as in prh_lightning.metrics.CKA).
@@ -179,17 +184,20 @@ class StreamingLinearCKA:
             raise RuntimeError(f"streaming CKA needs at least 2 samples, got {self.n}; call update() first")
         n = float(self.n)
         mu_a = self._sum_a / n
-        # one [D_a, D_b] temporary (addr, then squared in place): the moments can be ~100 MB
+        mu_b = mu_a if self.self_comparison else self._sum_b / n
+        # centred cross blocks, CHUNK_BYTES of rows at a time: no second [D_a, D_b] matrix (~100 MB)
+        squares = _block_square_sums(
+            lambda s, e: torch.addr(self._ab[s:e], mu_a[s:e], mu_b, alpha=-n),
+            self._dims_a,
+            self._dims_a if self.self_comparison else self._dims_b,
+        )
         if self.self_comparison:
-            squares = _block_sums(torch.addr(self._ab, mu_a, mu_a, alpha=-n).square_(), self._dims_a, self._dims_a)
             starts = [sum(self._dims_a[:i]) for i in range(len(self._dims_a))]
             raw = torch.stack(
                 [torch.linalg.matrix_norm(self._ab[s : s + d, s : s + d]) for s, d in zip(starts, self._dims_a)]
             )
             norm_a = norm_b = self._checked_norms(squares.diagonal().sqrt(), raw, self.names_a, "a")
         else:
-            mu_b = self._sum_b / n
-            squares = _block_sums(torch.addr(self._ab, mu_a, mu_b, alpha=-n).square_(), self._dims_a, self._dims_b)
             norm_a = self._own_norms(self._aa, mu_a, self._dims_a, self.names_a, "a")
             norm_b = self._own_norms(self._bb, mu_b, self._dims_b, self.names_b, "b")
         return squares / (norm_a[:, None] * norm_b[None, :])
@@ -198,17 +206,14 @@ class StreamingLinearCKA:
         n = float(self.n)
         centred, raw = [], []
         for moment, m in zip(moments, mu.split(dims)):
-            centred.append(torch.linalg.matrix_norm(moment - n * torch.outer(m, m)))
+            centred.append(torch.linalg.matrix_norm(torch.addr(moment, m, m, alpha=-n)))  # one [d, d] temporary
             raw.append(torch.linalg.matrix_norm(moment))
         return self._checked_norms(torch.stack(centred), torch.stack(raw), names, side)
 
     def _checked_norms(self, centred: torch.Tensor, raw: torch.Tensor, names: list[str], side: str) -> torch.Tensor:
         constant = (centred <= _CONSTANT_TOL * raw).nonzero().flatten().tolist()
         if constant:
-            raise ValueError(
-                f"{side}[{names[constant[0]]!r}] is constant across the {self.n} samples (zero variance after "
-                "centring), so CKA is undefined (0/0); check for collapsed or all-equal representations"
-            )
+            raise _constant_layer(side, names[constant[0]], self.n)
         return centred
 
 
@@ -218,6 +223,61 @@ def _moment_bytes_of(feats: list[dict[str, torch.Tensor]], same: bool) -> int:
     if not all(dims):
         raise ValueError("update() needs at least one layer on each side")
     return moment_bytes(dims[0], None if same else dims[1])
+
+
+def _constant_layer(side: str, name: str, n: int) -> ValueError:
+    return ValueError(
+        f"{side}[{name!r}] is constant across the {n} samples (zero variance after "
+        "centring), so CKA is undefined (0/0); check for collapsed or all-equal representations"
+    )
+
+
+def _centred_side(batches: list[dict[str, torch.Tensor]], side: str, normalize: bool) -> tuple[torch.Tensor, list[str], list[int]]:
+    """The layers of ``batches`` (mappings name -> ``[batch, d]``) as one exactly centred
+    float64 ``[n, D]`` matrix, its layer names and widths. Each layer's float32 batches are
+    released (popped) once copied, so the two copies never coexist in full."""
+    names = list(batches[0])
+    dims = [_width(batches[0][name], name) for name in names]
+    for feats in batches:
+        if list(feats) != names:
+            raise ValueError(f"layers of {side} changed between updates: first {names}, now {list(feats)}")
+        for name, d in zip(names, dims):
+            if _width(feats[name], name) != d:
+                raise ValueError(f"{side}[{name!r}] must be [batch, {d}] as in the first update, got {tuple(feats[name].shape)}")
+    n = sum(feats[names[0]].shape[0] for feats in batches)
+    if n < 2:
+        raise RuntimeError(f"streaming CKA needs at least 2 samples, got {n}")
+    out = torch.empty(n, sum(dims), dtype=torch.float64, device=batches[0][names[0]].device)
+    start = 0
+    for name, d in zip(names, dims):
+        x = condition(torch.cat([feats.pop(name) for feats in batches]), f"{side}[{name!r}]", normalize)
+        block = out[:, start : start + d]
+        torch.sub(x, x.mean(dim=0), out=block)
+        if bool(torch.linalg.vector_norm(block) <= _CONSTANT_TOL * torch.linalg.vector_norm(x)):
+            raise _constant_layer(side, name, n)  # what is left is the mean's rounding error
+        start += d
+    return out, names, dims
+
+
+def _features_cka(pending: list[list[dict[str, torch.Tensor]]], same: bool, normalize: bool) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Linear CKA ``[La, Lb]`` (float64) of the waiting batches' features, without moments:
+    exactly centred float64 features ``A [n, D_a]``, ``B [n, D_b]``, cross blocks ``A^T B``
+    squared :data:`CHUNK_BYTES` of rows at a time, and each layer's norm ``||A_i^T A_i||_F``
+    from the smaller of ``A_i^T A_i`` and ``A_i A_i^T``. Consumes ``pending``."""
+    a, names_a, dims_a = _centred_side([feats[0] for feats in pending], "a", normalize)
+    b, names_b, dims_b = (a, names_a, dims_a) if same else _centred_side([feats[1] for feats in pending], "b", normalize)
+    pending.clear()
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must hold the same samples, got {a.shape[0]} and {b.shape[0]} rows")
+
+    def norms(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+        blocks = x.split(dims, dim=1)
+        return torch.stack([torch.linalg.matrix_norm(v.T @ v if v.shape[1] <= v.shape[0] else v @ v.T) for v in blocks])
+
+    squares = _block_square_sums(lambda s, e: a[:, s:e].T @ b, dims_a, dims_b)
+    norm_a = norms(a, dims_a)
+    norm_b = norm_a if same else norms(b, dims_b)
+    return squares / (norm_a[:, None] * norm_b[None, :]), names_a, names_b
 
 
 def _fold(acc: StreamingLinearCKA, pending: list[list[dict[str, torch.Tensor]]], same: bool) -> None:
@@ -234,12 +294,31 @@ def _width(x: torch.Tensor, name: str) -> int:
     return int(x.shape[1])
 
 
-def _block_sums(values: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-    """``[len(rows), len(cols)]`` sums of the blocks of ``values [sum(rows), sum(cols)]``."""
+def _block_square_sums(
+    rows_of: Callable[[int, int], torch.Tensor], rows: list[int], cols: list[int], chunk_bytes: int | None = None
+) -> torch.Tensor:
+    """``[len(rows), len(cols)]`` sums of squares over the blocks of a float64 matrix
+    ``C [sum(rows), sum(cols)]`` given by ``rows_of(start, stop) -> C[start:stop]`` (a fresh
+    tensor, squared in place), asked for about ``chunk_bytes`` (default :data:`CHUNK_BYTES`) at a time.
+
+    >>> c = torch.arange(12.0, dtype=torch.float64).reshape(3, 4)
+    >>> _block_square_sums(lambda s, e: c[s:e].clone(), [1, 2], [3, 1], chunk_bytes=8)
+    tensor([[  5.,   9.],
+            [322., 170.]], dtype=torch.float64)
+    """
+    width = sum(cols)
+    step = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (8 * width))
     row_ids = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
     col_ids = torch.repeat_interleave(torch.arange(len(cols)), torch.tensor(cols))
-    by_row = torch.zeros(len(rows), values.shape[1], dtype=values.dtype).index_add_(0, row_ids, values)
-    return torch.zeros(len(rows), len(cols), dtype=values.dtype).index_add_(1, col_ids, by_row)
+    out = None
+    for start in range(0, sum(rows), step):
+        block = rows_of(start, min(start + step, sum(rows))).square_()
+        if out is None:
+            out = torch.zeros(len(rows), len(cols), dtype=block.dtype, device=block.device)
+            row_ids, col_ids = row_ids.to(block.device), col_ids.to(block.device)
+        by_col = torch.zeros(block.shape[0], len(cols), dtype=block.dtype, device=block.device).index_add_(1, col_ids, block)
+        out.index_add_(0, row_ids[start : start + step], by_col)
+    return out
 
 
 def model_cka(
@@ -275,8 +354,9 @@ def model_cka(
         normalize: L2-normalise each row first.
         store: ``"moments"`` (stream; raises when the moments need more than ``max_bytes``),
             ``"features"`` (keep the features and use ``alignment_matrix``), or ``"auto"``
-            (moments, with batches kept as features until they outgrow the moments; features
-            scored by ``alignment_matrix`` when the moments need more than ``max_bytes``).
+            (batches kept as features until scoring them would take more memory than the
+            moments, then moments; features scored directly if the data end first, and by
+            ``alignment_matrix`` when the moments need more than ``max_bytes``).
         device: move batches (and models) here; ``None`` leaves them where they are.
         forward_fn: ``forward_fn(model, batch)`` for other batch types.
         return_names: also return the layer names ``(scores, names_a, names_b)``.
@@ -306,6 +386,7 @@ def model_cka(
     # numbers as folding each at once); so memory during the forward passes is the smaller of the two.
     pending: list[list[dict[str, torch.Tensor]]] = []
     pending_bytes, moment_budget = 0, None
+    scored = None  # (scores, names_a, names_b) when the waiting features are scored directly
     taps = [LayerTaps(model, layers=spec, reduce=reduce) for model, spec in zip(models, layer_specs)]
     try:
         for model in models:
@@ -330,7 +411,7 @@ def model_cka(
                     if streaming:
                         pending.append(feats)
                         pending_bytes += sum(v.numel() * v.element_size() for side in feats for v in side.values())
-                        if pending_bytes > moment_budget:
+                        if 2 * pending_bytes > moment_budget:  # scoring them would take twice that (float64)
                             _fold(acc, pending, same)
                             pending_bytes = 0
                         continue
@@ -339,14 +420,18 @@ def model_cka(
                     continue
                 for kept_side, side_feats in zip(kept, feats):
                     kept_side.append(side_feats)
-            if streaming:
+            if streaming and acc.n == 0 and pending:  # every batch still waiting: score the features
+                scored = _features_cka(pending, same, normalize)
+            elif streaming:
                 _fold(acc, pending, same)
     finally:
         for tap in taps:
             tap.remove()
         for module, mode in modes.items():
             module.training = mode
-    if streaming:
+    if scored is not None:
+        scores, names_a, names_b = scored
+    elif streaming:
         scores, names_a = acc.compute(), acc.names_a
         names_b = names_a if same else acc.names_b
     else:

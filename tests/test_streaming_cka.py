@@ -28,7 +28,8 @@ def reference_matrix(xs: dict, ys: dict, normalize: bool) -> np.ndarray:
 
 def plain_features(model: nn.Module, names: list[str], data: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
     """Outputs of the named modules (spatial mean for conv maps), with bare forward hooks, over
-    the same batches the library sees (float32 results depend on the batch size)."""
+    the same batches the library sees (float32 results depend on the batch size, and on the
+    memory alignment of the batch: each is copied, as a DataLoader's collation does)."""
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     modules = dict(model.named_modules())
     hooks = [
@@ -39,7 +40,7 @@ def plain_features(model: nn.Module, names: list[str], data: torch.Tensor, batch
     ]
     with torch.no_grad():
         for batch in data.split(batch_size):
-            model.eval()(batch)
+            model.eval()(batch.clone())
     for hook in hooks:
         hook.remove()
     return {name: np.concatenate(parts) for name, parts in out.items()}
@@ -150,30 +151,99 @@ def test_bad_input_is_refused():
 
 @pytest.mark.parametrize("width", [2, 40])
 def test_auto_keeps_the_smaller_of_features_and_moments(monkeypatch, width):
-    # store="auto" keeps batches as features while they take less memory than the moments, then
-    # folds them in order: the same numbers as folding each batch at once (store="moments").
+    # store="auto" keeps batches as features while scoring them (float64, twice their float32 size)
+    # takes less memory than the moments; past that it folds them into the moments in order; if
+    # the data end first, it scores the features directly and never allocates the moments
     import prh_lightning.streaming as streaming
 
     folds: list[int] = []
     fold = streaming._fold
     monkeypatch.setattr(streaming, "_fold", lambda acc, pending, same: (folds.append(len(pending)), fold(acc, pending, same)))
+    direct: list[int] = []
+    features_cka = streaming._features_cka
+    monkeypatch.setattr(streaming, "_features_cka", lambda pending, *a: (direct.append(len(pending)), features_cka(pending, *a))[1])
     torch.manual_seed(3)
     data = torch.randn(120, 6)
     model_a, model_b = small_mlp(0, width), small_mlp(1, width)
     names_a, names_b = ["0", "2"], ["2", "4"]
     auto = model_cka(model_a, model_b, data.split(10), layers_a=names_a, layers_b=names_b, reduce="mean", store="auto")
     moments = model_cka(model_a, model_b, data.split(10), layers_a=names_a, layers_b=names_b, reduce="mean", store="moments")
-    assert torch.equal(auto, moments)
+    np.testing.assert_allclose(auto.numpy(), moments.numpy(), atol=1e-12, rtol=0)
     ref = reference_matrix(
         plain_features(model_a, names_a, data, 10), plain_features(model_b, names_b, data, 10), normalize=True
     )
-    np.testing.assert_allclose(auto.numpy(), ref, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(auto.numpy(), ref, atol=1e-12, rtol=0)
     # one batch of features: 10 rows x (2 w + 2 w or 3) floats; moments: 8 (D_a D_b + squares)
     widths_a, widths_b = [width, width], [width, 3]
     moment = 8 * (sum(widths_a) * sum(widths_b) + sum(d * d for d in widths_a + widths_b) + sum(widths_a + widths_b))
     per_batch = 4 * 10 * sum(widths_a + widths_b)
-    assert max(folds) <= moment // per_batch + 1  # never more features waiting than the moments' size
-    if per_batch * 12 <= moment:  # wide layers: all 12 batches fit beside the moments, folded at the end
-        assert folds[0] == 12
-    else:
-        assert len(folds) > 2
+    if 2 * per_batch * 12 <= moment:  # wide layers: all 12 batches scored as features, no moments
+        assert (folds, direct) == ([], [12])
+    else:  # narrow: folded as soon as twice the waiting features outgrow the moments
+        assert direct == [] and len(folds) > 2
+        assert max(folds) <= moment // (2 * per_batch) + 1
+
+
+def test_auto_scores_features_like_the_moments_on_hard_inputs():
+    # the direct feature path (store="auto", small n) against the float64 reference: large offsets,
+    # self-comparison, and a constant layer refused as by the moments
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(70, 5, generator=g, dtype=torch.float64)
+
+    class Offsets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.near, self.far = nn.Linear(5, 40, dtype=torch.float64), nn.Linear(5, 30, dtype=torch.float64)
+
+        def forward(self, v):
+            return torch.cat([self.near(v).tanh(), self.far(v)], dim=1)
+
+    torch.manual_seed(0)
+    net = Offsets()
+    with torch.no_grad():
+        net.near.bias += -3e3  # offsets that a one-pass sum of squares would lose 8 digits to
+        net.far.bias += 1e4
+    names = ["near", "far"]
+    for other, layers_b in ((None, names), (net, ["far"])):
+        scores = model_cka(net, other, x.split(16), layers_a=names, layers_b=layers_b, reduce=None, normalize=False)
+        with torch.no_grad():
+            feats = {"near": net.near(x).float().numpy(), "far": net.far(x).float().numpy()}  # taps give float32
+        expected = reference_matrix(feats, {k: feats[k] for k in layers_b}, normalize=False)
+        np.testing.assert_allclose(scores.numpy(), expected, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        net.far.weight.zero_()
+    with pytest.raises(ValueError, match=r"a\['far'\] is constant"):
+        model_cka(net, None, x.split(16), layers_a=names, reduce=None, normalize=False)
+
+
+def test_compute_scores_in_row_chunks_without_a_second_cross_matrix(monkeypatch):
+    # compute() squares the centred cross moments CHUNK_BYTES of rows at a time: chunks that cut
+    # through layers give the float64 reference, and no op output is as large as [D_a, D_b]
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import prh_lightning.streaming as streaming
+
+    class LargestOutput(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    g = torch.Generator().manual_seed(5)
+    widths_a, widths_b = [30, 50, 20, 60], [40, 70, 50]
+    x = torch.randn(90, 16, generator=g)
+    xs = {f"a{i}": torch.tanh(x @ torch.randn(16, d, generator=g)) + 3.0 for i, d in enumerate(widths_a)}
+    ys = {f"b{j}": torch.relu(x @ torch.randn(16, d, generator=g)) for j, d in enumerate(widths_b)}
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 8 * 160 * 13)  # 13 rows of [., D_b = 160] per chunk
+    acc = StreamingLinearCKA(normalize=False)
+    for rows in range(0, 90, 25):
+        acc.update({k: v[rows : rows + 25] for k, v in xs.items()}, {k: v[rows : rows + 25] for k, v in ys.items()})
+    with LargestOutput() as largest:
+        scores = acc.compute()
+    expected = reference_matrix({k: v.numpy() for k, v in xs.items()}, {k: v.numpy() for k, v in ys.items()}, False)
+    np.testing.assert_allclose(scores.numpy(), expected, atol=1e-12, rtol=0)
+    assert largest.numel <= max(d * d for d in widths_a + widths_b)  # one layer's own moment, < 160 x 160
