@@ -1,16 +1,32 @@
 """Side by side with the libraries users would pick instead, on the same real features:
 EfficientNet-Lite0 vs Lite1 (ImageNet weights, blocks and pooled head, spatial mean) on
-Flickr images, in one process.
+Flickr images.
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py [--n 512] [--repeats 3] [--tasks abcd] [--profile]
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py [--n 512] [--repeats 3] [--tasks abcde] [--profile]
 
 Tasks: (a) linear CKA layer x layer, (b) unbiased CKA, (c) RSA (correlation RDM, Spearman),
 (d) end-to-end linear CKA model vs model from a dataloader (extraction included), (e) peak
-memory of (d). Every method is warmed once on a small slice, then timed ``--repeats`` times
-(median reported; (d) runs ``--repeats-e2e`` times, default 1). ``max |diff|`` compares each
-peer's matrix with ours for the same definition (``normalize=False``: raw features, as the peers
-use); where a peer computes another estimator (the minibatch CKA of Nguyen et al. on flattened
-maps), its diff is shown but is not an error.
+memory of (d). (a)-(d) run in one process: every method is warmed once on a small slice, then
+timed ``--repeats`` times (median reported; (d) runs ``--repeats-e2e`` times, default 1).
+``max |diff|`` compares each peer's matrix with ours for the same definition
+(``normalize=False``: raw features, as the peers use); where a peer computes another estimator
+(the minibatch CKA of Nguyen et al. on flattened maps), its diff is shown but is not an error.
+
+(e) measures memory where nothing else can move it: each run of each side (``--memory-sides``,
+default ours and pytorch-cka) is a fresh Python process that loads the same images and models,
+warms up (both models' forward passes and the method on 16 images), then
+
+1. returns freed heap to the OS (``malloc_trim``), resets the kernel's peak-RSS counter
+   (``VmHWM``, via ``/proc/self/clear_refs``) and runs the bare forward passes of both models
+   over the (d) dataloader: their peak is the baseline;
+2. trims and resets again and runs the method over the same dataloader and models.
+
+Reported: the method's peak minus the bare forward passes' peak ("beyond the forward passes'
+peak"): what the method holds on top of running the two models, such as stored features,
+moments, activations kept alive by hooks, scoring temporaries. ``VmHWM`` is the exact resident
+peak kept by the kernel, so no short spike is missed by sampling; it counts every allocator
+(torch, numpy, Python). ``--repeats-memory`` rounds (default 3, order reversed every other
+round) give a median and the min .. max spread per side.
 
 The peers are installed ``--no-deps`` next to the project's torch into ``--peers-dir``
 (default ``/tmp/prh-peers``; a marker makes reruns skip pip), and put on ``sys.path``. Those
@@ -30,7 +46,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,10 +82,13 @@ def install_peers(target: Path) -> None:
     marker.write_text("done\n")
 
 
-def import_peers(target: Path) -> dict[str, object]:
+def import_peers(target: Path, only: list[str] | None = None) -> dict[str, object]:
+    """Import the installed peers (``only``: just these pip names); those that fail are skipped."""
     sys.path.insert(0, str(target))
     found = {}
     for pip_name, module in PEERS.items():
+        if only is not None and pip_name not in only:
+            continue
         try:
             found[pip_name] = importlib.import_module(module if pip_name != "thingsvision" else "thingsvision.core.rsa.helpers")
         except Exception as err:  # noqa: BLE001 - any import failure means "skip this peer"
@@ -111,34 +129,29 @@ def timed(fn: Callable[[], object], repeats: int, warm: Callable[[], object] | N
 
 
 def _rss() -> int:
+    """Resident bytes of this process now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@contextlib.contextmanager
-def peak_rss(out: dict):
-    """Peak resident memory above the starting level while the block runs (sampled every 2 ms;
-    freed heap is returned to the OS first with ``malloc_trim`` so earlier runs do not hide it)."""
+def _hwm() -> int:
+    """Peak resident bytes since start or the last :func:`_reset_hwm` (the kernel's ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> int:
+    """Return freed heap to the OS (``malloc_trim``), reset ``VmHWM`` to the current RSS
+    (``/proc/self/clear_refs``, Linux >= 4.0) and return that RSS."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        out["peak_mb"] = (max(peak[0], _rss()) - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss()
 
 
 def max_diff(ours: torch.Tensor, theirs) -> float:
@@ -267,15 +280,9 @@ def task_rsa(peers, ours, la, lb, r) -> list[tuple]:
     return rows
 
 
-def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tuple]:
-    from prh_lightning import alignment_matrix
-
-    names_a, names_b = list(fa), list(fb)
-    dataset = torch.utils.data.TensorDataset(x0, torch.zeros(len(x0), dtype=torch.long))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch)
-    warm_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(2 * 8)), batch_size=8)
-    expected = alignment_matrix(fa, fb, metric="cka", normalize=False)  # Lite1 on its own 240 px: see note
-    rows = []
+def e2e_methods(args, peers, names_a: list[str], names_b: list[str]) -> dict[str, Callable]:
+    """The end-to-end methods of (d) and (e): ``name -> fn(dataloader, model_a, model_b)``."""
+    from prh_lightning.streaming import model_cka
 
     def bare(data, m1, m2):
         with torch.no_grad():
@@ -319,23 +326,37 @@ def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tup
                 return c.hsic_matrix
 
         methods["torch-cka compare"] = torch_cka
+    return methods
 
+
+def e2e_loaders(args, x0: torch.Tensor) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The (d) / (e) dataloader over the 224 px batch (fed to both models) and a 16-image warm-up one."""
+    dataset = torch.utils.data.TensorDataset(x0, torch.zeros(len(x0), dtype=torch.long))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch)
+    warm_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(2 * 8)), batch_size=8)
+    return loader, warm_loader
+
+
+def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tuple]:
+    from prh_lightning import alignment_matrix
+
+    names_a, names_b = list(fa), list(fb)
+    loader, warm_loader = e2e_loaders(args, x0)
+    expected = alignment_matrix(fa, fb, metric="cka", normalize=False)  # Lite1 on its own 240 px: see note
+    rows = []
+    methods = e2e_methods(args, peers, names_a, names_b)
     for name in methods:
         methods[name](warm_loader, copy.deepcopy(lite0), copy.deepcopy(lite1))  # warm-up: allocator, kernels, imports
     times: dict[str, list[float]] = {name: [] for name in methods}
-    memory: dict[str, float] = {}
     results: dict[str, object] = {}
     for repeat in range(args.repeats_e2e):
         order = list(methods) if repeat % 2 == 0 else list(methods)[::-1]  # drift hits all alike
         for name in order:
-            mem: dict = {}
             # peers leave hooks on the models (torch-cka never removes them): each run gets fresh copies
             m1, m2 = copy.deepcopy(lite0), copy.deepcopy(lite1)
-            with peak_rss(mem):
-                start = time.perf_counter()
-                results[name] = methods[name](loader, m1, m2)
-                times[name].append(time.perf_counter() - start)
-            memory[name] = max(memory.get(name, 0.0), mem["peak_mb"])
+            start = time.perf_counter()
+            results[name] = methods[name](loader, m1, m2)
+            times[name].append(time.perf_counter() - start)
     bare_t = statistics.median(times["forward passes only"])
     ours_t = statistics.median(times["prh-lightning model_cka"])
     ours_extra = ours_t - bare_t
@@ -343,13 +364,98 @@ def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tup
         t = statistics.median(times[name])
         extra = t - bare_t
         diff = "" if name == "forward passes only" else max_diff(results["prh-lightning model_cka"], results[name])
-        rows.append(("(d) end to end", name, t, t / ours_t, diff, extra, memory[name]))
+        rows.append(("(d) end to end", name, t, t / ours_t, diff, extra))
     if args.profile:
         m1, m2 = copy.deepcopy(lite0), copy.deepcopy(lite1)
-        profile(lambda: ours("auto")(loader, m1, m2))
+        profile(lambda: model_cka(m1, m2, loader, layers_a=names_a, layers_b=names_b, reduce="mean", normalize=False))
     print(f"[peers] (d) ours beyond the forward passes: {ours_extra:.2f} s; max |ours(224 px for both) - stored(Lite1 at 240 px)| "
           f"= {max_diff(results['prh-lightning model_cka'], expected):.3g} (different inputs, informational)", file=sys.stderr)
     return rows
+
+
+# -- (e) peak memory, one fresh process per run -------------------------------------------------
+# --memory-sides key -> (method name in e2e_methods, peer it needs)
+MEMORY_SIDES = {
+    "ours": ("prh-lightning model_cka", None),
+    "ours-features": ("prh-lightning (store=features)", None),
+    "pytorch-cka": ("pytorch-cka compute_cka", "pytorch-cka"),
+    "cka-pytorch": ("cka-pytorch CKACalculator", "cka-pytorch"),
+}
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """One (e) run in this fresh process: warm up, then the bare forward passes over the (d)
+    dataloader, then the method over the same dataloader and models; prints one ``MEMORY {json}``
+    line with the resident-memory peaks (bytes)."""
+    import json
+
+    from prh_lightning import record_representations
+
+    side = args.memory_worker
+    method_name, peer = MEMORY_SIDES[side]
+    peers = import_peers(Path(args.peers_dir), only=[peer]) if peer else {}
+    if peer and peer not in peers:
+        raise SystemExit(f"{peer} is not usable here")
+    torch.manual_seed(0)
+    lite0, lite1, x0, _ = load_images(args.n, args.data)
+    loader, warm_loader = e2e_loaders(args, x0)
+    names = [list(dict(record_representations(m, [x0[:8]], layers="auto", reduce="auto", progress=False))) for m in (lite0, lite1)]
+    methods = e2e_methods(args, peers, *names)
+    bare, method = methods["forward passes only"], methods[method_name]
+    bare(warm_loader, lite0, lite1)  # warm-up: imports, kernels, allocator
+    method(warm_loader, copy.deepcopy(lite0), copy.deepcopy(lite1))  # copies: a peer may leave hooks
+    start_bare = _reset_hwm()
+    bare(loader, lite0, lite1)
+    peak_bare = _hwm()
+    start_method = _reset_hwm()
+    method(loader, lite0, lite1)
+    peak_method = _hwm()
+    record = {"side": side, "start_bare": start_bare, "peak_bare": peak_bare, "start_method": start_method, "peak_method": peak_method}
+    print("MEMORY " + json.dumps(record), flush=True)
+
+
+def memory_task(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """(e): ``--repeats-memory`` rounds, each running every side of ``--memory-sides`` in its own
+    fresh process (order reversed every other round); ``side -> list of MEMORY records``."""
+    import json
+
+    install_peers(Path(args.peers_dir))
+    sides = [s.strip() for s in args.memory_sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in MEMORY_SIDES]
+    if unknown:
+        raise SystemExit(f"--memory-sides: unknown {unknown}; choose from {list(MEMORY_SIDES)}")
+    records: dict[str, list[dict]] = {side: [] for side in sides}
+    worker = [sys.executable, str(Path(__file__).resolve()), "--n", str(args.n), "--batch", str(args.batch),
+              "--data", args.data, "--peers-dir", args.peers_dir, "--memory-worker"]
+    for repeat in range(args.repeats_memory):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            done = subprocess.run([*worker, side], capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("MEMORY ")]
+            if done.returncode or not lines:
+                print(f"[peers] (e) {side} run {repeat + 1} failed: {done.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
+                continue
+            record = json.loads(lines[-1][len("MEMORY "):])
+            records[side].append(record)
+            print(f"[peers] (e) {side} run {repeat + 1}: {(record['peak_method'] - record['peak_bare']) / 2**20:.0f} MB beyond the "
+                  f"forward passes' peak", file=sys.stderr)
+    return records
+
+
+def print_memory(records: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    mb = 2**20
+    print(f"\n## (e) Peak resident memory of (d), n = {args.n}, batch {args.batch}: each run a fresh process "
+          f"({args.repeats_memory} runs per side)\n")
+    print("| side | beyond the forward passes' peak (MB), median | min .. max | runs (MB) | forward passes' own rise (MB), median |")
+    print("|---|---:|---:|---|---:|")
+    for side, runs in records.items():
+        if not runs:
+            print(f"| {MEMORY_SIDES[side][0]} | failed | | | |")
+            continue
+        beyond = [(r["peak_method"] - r["peak_bare"]) / mb for r in runs]
+        bare = [(r["peak_bare"] - r["start_bare"]) / mb for r in runs]
+        listed = " / ".join(f"{v:.0f}" for v in beyond)
+        print(f"| {MEMORY_SIDES[side][0]} | {statistics.median(beyond):.0f} | {min(beyond):.0f} .. {max(beyond):.0f} | {listed} | "
+              f"{statistics.median(bare):.0f} |")
 
 
 def profile(fn: Callable[[], object]) -> None:
@@ -368,14 +474,13 @@ def profile(fn: Callable[[], object]) -> None:
 def print_table(rows: list[tuple], args: argparse.Namespace) -> None:
     print(f"\n## Peers on EfficientNet-Lite0 x Lite1 features, n = {args.n}, CPU, {torch.get_num_threads()} threads")
     print(f"median of {args.repeats} repeats after a warm-up ((d): {args.repeats_e2e}); ratio = time / ours (>1: ours faster)\n")
-    print("| task | library | time (s) | ratio | max abs diff vs ours | beyond forward (s) | peak RSS (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| task | library | time (s) | ratio | max abs diff vs ours | beyond forward (s) |")
+    print("|---|---|---:|---:|---:|---:|")
     for row in rows:
         task, lib, t, ratio, diff = row[:5]
         extra = f"{row[5]:.2f}" if len(row) > 5 else ""
-        mem = f"{row[6]:.0f}" if len(row) > 6 else ""
         diff_s = f"{diff:.2g}" if isinstance(diff, float) else diff
-        print(f"| {task} | {lib} | {t:.3f} | {ratio:.2f} | {diff_s} | {extra} | {mem} |")
+        print(f"| {task} | {lib} | {t:.3f} | {ratio:.2f} | {diff_s} | {extra} |")
     print(
         "\n(d): pytorch-cka, cka-pytorch and torch-cka compute the minibatch unbiased CKA of Nguyen et al. on "
         "flattened maps, ours the exact full-sample linear CKA of spatial means; their diffs are a different "
@@ -394,12 +499,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-e2e", type=int, default=1)
-    parser.add_argument("--tasks", default="abcd", help="which tasks to run: any of a, b, c, d (default: all)")
+    parser.add_argument("--tasks", default="abcde", help="which tasks to run: any of a, b, c, d, e (default: all)")
+    parser.add_argument("--repeats-memory", type=int, default=3, help="(e): fresh-process runs per side")
+    parser.add_argument("--memory-sides", default="ours,pytorch-cka", help=f"(e): comma-separated, from {', '.join(MEMORY_SIDES)}")
+    parser.add_argument("--memory-worker", choices=list(MEMORY_SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--peers-dir", default="/tmp/prh-peers")
     parser.add_argument("--profile", action="store_true", help="cProfile our end-to-end run and print the top items")
     parser.add_argument("--torch-cka", action="store_true", help="also time torch-cka end to end (slow: .item() per pair)")
     args = parser.parse_args(argv)
-    print_table(run(args), args)
+    if args.memory_worker:
+        memory_worker(args)
+        return
+    if set(args.tasks) & set("abcd"):
+        print_table(run(args), args)
+    if "e" in args.tasks:
+        print_memory(memory_task(args), args)
 
 
 if __name__ == "__main__":
