@@ -102,6 +102,12 @@ def timed_callback_class():
         def on_save(self, *args, **kwargs):
             return self._timed("on_save", *args, **kwargs)
 
+        def on_evaluate(self, *args, **kwargs):
+            return self._timed("on_evaluate", *args, **kwargs)
+
+        def on_train_end(self, *args, **kwargs):  # the figures (heatmaps, curves) at the end of training
+            return self._timed("on_train_end", *args, **kwargs)
+
     _TIMED.append(TimedCallback)
     return TimedCallback
 
