@@ -8,7 +8,9 @@ A reference spec is one of:
 - a registered model name (``"minilm"``, ``"all-MiniLM-L6-v2"``, ``"efficientnet-lite0"``, any
   name of :data:`prh_lightning.models.zoo.REGISTRY`) or a ``{"class_path": ..., "init_args":
   {...}}`` mapping, so that a YAML file can name it; a mapping with a ``model`` key holds the
-  other :class:`Reference` fields (``{"model": "minilm", "class_names": [...]}``);
+  other :class:`Reference` fields (``{"model": "minilm", "class_names": [...]}``). The name is
+  checked at once, but the weights are loaded at the first check that needs them: under DDP
+  only rank 0 scores, so the other ranks never hold them;
 - a callable ``f(x) -> Tensor[n, d] | {layer: Tensor[n, d]}`` of the probe inputs;
 - precomputed features: a ``Representations``, a mapping ``{layer: Tensor[n, d]}`` or one ``[n, d]`` tensor.
 """
@@ -48,6 +50,9 @@ class Reference:
     Args:
         model: an ``nn.Module`` (a sentence-transformer works out of the box through
             ``encode``), a registered model name or a ``class_path`` mapping (see module doc).
+            A name or mapping is checked now and loaded on first use (:attr:`module`): until
+            then :attr:`loaded` is False and ``model`` holds the name; :attr:`loads` counts
+            the loads (at most one).
         inputs: what the model reads for the ``n`` probe samples: ``None`` (the probe inputs
             themselves), a sequence of ``n`` items (strings, a tensor ``[n, ...]``), or a function
             ``inputs(x, y) -> such a sequence`` of the probe inputs and labels, e.g.
@@ -77,6 +82,11 @@ class Reference:
     {'output': (5, 2)}
     >>> {k: tuple(v.shape) for k, v in Reference(net, layers="*").features(probe).items()}
     {'0': (5, 3), '1': (5, 3), '2': (5, 2)}
+    >>> lazy = Reference({"class_path": "torch.nn.Linear", "init_args": {"in_features": 4, "out_features": 2}})
+    >>> lazy.loaded, lazy.loads
+    (False, 0)
+    >>> tuple(lazy.features(probe)["output"].shape), lazy.loaded, lazy.loads
+    ((5, 2), True, 1)
     """
 
     model: Any
@@ -88,11 +98,14 @@ class Reference:
     frozen: bool = True
     class_names: Sequence[str] | None = field(default=None)
     metrics: Sequence[str] | None = None
+    loads: int = field(default=0, init=False, compare=False)
+    # layers chosen from the loaded model: its output when it has encode(), else every leaf
+    _layers_from_model: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, (str, Mapping)):
-            self.model = load_reference_model(self.model)
-        if not isinstance(self.model, nn.Module):
+            check_reference_name(self.model)  # a clear error now; the weights come at first use
+        elif not isinstance(self.model, nn.Module):
             raise TypeError(
                 f"Reference.model must be an nn.Module, a registered model name or a class_path mapping, got "
                 f"{type(self.model).__name__}; pass a plain callable or precomputed Representations directly in "
@@ -113,20 +126,39 @@ class Reference:
             self.layers = OUTPUT
 
     @property
+    def loaded(self) -> bool:
+        """Whether the model's weights are in memory (a name or mapping is loaded on first use)."""
+        return isinstance(self.model, nn.Module)
+
+    @property
+    def module(self) -> nn.Module:
+        """The ``nn.Module``, loading a named or ``class_path`` model the first time."""
+        if not isinstance(self.model, nn.Module):
+            model = load_reference_model(self.model)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"reference {self.model!r} built a {type(model).__name__}, not an nn.Module")
+            self.model = model
+            self.loads += 1
+            if self._layers_from_model:
+                self.layers = OUTPUT if hasattr(model, "encode") else "*"
+        return self.model
+
+    @property
     def output_only(self) -> bool:
         """True when the reference gives its model's output (``layers="output"``), not tapped layers."""
         return isinstance(self.layers, str) and self.layers == OUTPUT
 
     def features(self, probe: Probe) -> Features:
         """Ordered ``{layer: Tensor[n, d]}`` of the reference on the probe."""
+        model = self.module
         inputs = self._inputs(probe)
         size = num_rows(inputs) if _is_text(inputs) and self.output_only else self.batch_size  # encode batches
         chunks = [slice_inputs(inputs, i, i + size) for i in range(0, num_rows(inputs), size)]
         if not self.output_only:
             forward = self.forward_fn or _call_reference
-            return probe_features(self.model, chunks, layers=self.layers, reduce=self.reduce, forward_fn=forward)
-        with side_effect_free(self.model):
-            device = module_device(self.model)
+            return probe_features(model, chunks, layers=self.layers, reduce=self.reduce, forward_fn=forward)
+        with side_effect_free(model):
+            device = module_device(model)
             outputs = [_as_features(self._output(move_inputs(c, device))) for c in chunks]
         return {OUTPUT: torch.cat(outputs)}
 
@@ -149,18 +181,35 @@ class Reference:
         return _call_reference(self.model, chunk)
 
 
-def load_reference_model(spec: str | Mapping[str, Any]) -> nn.Module:
-    """An ``nn.Module`` from a registered name (``"minilm"``, ``"efficientnet-lite0"``, ...) or a
-    ``{"class_path": "pkg.module.Class", "init_args": {...}}`` mapping."""
+def check_reference_name(spec: str | Mapping[str, Any]) -> None:
+    """Raise a clear error now for an unknown registered name or a ``class_path`` that does not
+    import, without loading any weights."""
     if isinstance(spec, Mapping):
         if "class_path" not in spec:
             raise ValueError(f"a reference given as a mapping needs a 'class_path' key, got keys {sorted(spec)}")
-        module_name, _, attr = str(spec["class_path"]).rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"cannot import reference class_path {spec['class_path']!r}: {err}") from err
-        return cls(**dict(spec.get("init_args") or {}))
+        _import_class(str(spec["class_path"]))
+        return
+    name = _ALIASES.get(spec, spec)
+    if name != "all-MiniLM-L6-v2":
+        from prh_lightning.models.zoo import modality_of
+
+        modality_of(name)  # ValueError naming the registered names
+
+
+def _import_class(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import reference class_path {path!r}: {err}") from err
+
+
+def load_reference_model(spec: str | Mapping[str, Any]) -> nn.Module:
+    """An ``nn.Module`` from a registered name (``"minilm"``, ``"efficientnet-lite0"``, ...) or a
+    ``{"class_path": "pkg.module.Class", "init_args": {...}}`` mapping."""
+    check_reference_name(spec)
+    if isinstance(spec, Mapping):
+        return _import_class(str(spec["class_path"]))(**dict(spec.get("init_args") or {}))
     name = _ALIASES.get(spec, spec)
     if name == "all-MiniLM-L6-v2":
         from prh_lightning.models.pretrained import load_minilm
@@ -218,7 +267,8 @@ def check_references(references: Mapping[str, Any]) -> dict[str, Any]:
                 f"reference name {name!r} is not allowed: use a non-empty string without '/', other than {list(RESERVED)}"
             )
         if isinstance(spec, str) or (isinstance(spec, Mapping) and "class_path" in spec):
-            spec = load_reference_model(spec)
+            spec = Reference(spec)  # loaded at first use, with the layers a bare module gets (below)
+            spec._layers_from_model = True
         elif isinstance(spec, Mapping) and "model" in spec:
             spec = Reference(**spec)
         if isinstance(spec, nn.Module):  # every leaf layer; a sentence-transformer's embedding
