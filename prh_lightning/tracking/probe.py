@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 from prh_lightning.taps import LayerTaps
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+TOKEN_POOLING = ("mean", "max", "cls", "first", "last")  # reductions that ignore padding (see taps.reduction)
 _LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 _PAD_VALUES = {"labels": -100}  # Hugging Face's ignore index; every other key pads with 0
 
@@ -54,6 +55,7 @@ class Probe:
 
     batch: Any
     labels: torch.Tensor | None = None
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -72,6 +74,72 @@ class Probe:
         """The whole batch in consecutive slices of ``batch_size`` rows."""
         for start in range(0, self.n, batch_size):
             yield slice_inputs(self.batch, start, start + batch_size)
+
+    def length_sorted_chunks(self, batch_size: int) -> tuple[list[Any], torch.Tensor] | None:
+        """Token batches by length: ``(chunks, order)``, where the rows ``order`` (``[n]``,
+        shortest first) are cut into chunks of ``batch_size`` rows, each trimmed to its own
+        longest row (the last non-zero ``attention_mask`` position), so short texts are not run
+        at the probe's longest length. ``None`` when the batch is not a mapping with a ``[n, T]``
+        ``attention_mask``. Built once per ``batch_size`` and kept (the probe is fixed)."""
+        if batch_size not in self._plans:
+            self._plans[batch_size] = _length_plan(self.batch, batch_size)
+        return self._plans[batch_size]
+
+
+def _length_plan(batch: Any, batch_size: int) -> tuple[list[Any], torch.Tensor] | None:
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        return None
+    n, width = mask.shape
+    real = mask != 0
+    # the position after the last real token: trimming there keeps every real token, whatever the padding side
+    ends = torch.where(real.any(1), width - real.flip(1).int().argmax(1), torch.ones(n, dtype=torch.long))
+    order = torch.argsort(ends, stable=True)
+    chunks = []
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        keep = int(ends[rows].max())
+        chunk = {}
+        for key, value in batch.items():
+            if _has_rows(value):
+                value = value[rows]
+                if value.ndim == 2 and value.shape[1] == width:  # token-level: input_ids, masks, token labels
+                    value = value[:, :keep]
+            chunk[key] = value
+        chunks.append(chunk)
+    return chunks, order
+
+
+def probe_pass(
+    model: nn.Module,
+    probe: Probe,
+    batch_size: int,
+    layers: Any = "*",
+    reduce: Any = "mean",
+    forward_fn: ForwardFn | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`probe_features` of ``model`` on the whole ``probe``, rows in probe order. A token
+    probe (a mapping with an ``attention_mask``) pooled by a padding-aware ``reduce`` (one of
+    :data:`TOKEN_POOLING`) runs in length-sorted batches trimmed to each batch's longest row
+    (:meth:`Probe.length_sorted_chunks`); its rows are put back in probe order. The attention
+    mask keeps padding out of every real token's value, so only float rounding differs from one
+    pass at the probe's full length.
+
+    >>> net = torch.nn.EmbeddingBag(10, 3, mode="sum")
+    >>> ids = torch.tensor([[1, 2, 0, 0], [3, 4, 5, 6], [7, 0, 0, 0]])
+    >>> probe = Probe({"input": ids, "attention_mask": (ids > 0).long()})
+    >>> probe.length_sorted_chunks(2)[1].tolist()  # shortest rows first
+    [2, 0, 1]
+    """
+    plan = probe.length_sorted_chunks(batch_size) if isinstance(reduce, str) and reduce in TOKEN_POOLING else None
+    if plan is None:
+        return probe_features(model, probe.chunks(batch_size), layers, reduce, forward_fn, context=context)
+    chunks, order = plan
+    features = probe_features(model, chunks, layers, reduce, forward_fn, context=context)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return {name: value[inverse.to(value.device)] for name, value in features.items()}
 
 
 def slice_inputs(x: Any, start: int, stop: int) -> Any:

@@ -39,7 +39,7 @@ from prh_lightning.tracking.probe import (
     check_layer_selection,
     make_probe,
     module_device,
-    probe_features,
+    probe_pass,
     slice_inputs,
 )
 from prh_lightning.tracking.references import check_references, is_frozen, reference_features, reference_metrics
@@ -404,9 +404,7 @@ class AlignmentTracker:
         """Ordered ``{layer: Tensor[n, d]}`` (float32, on the model's device) of ``model`` on the
         probe (``rows=(start, stop)``: on those probe rows only)."""
         probe = self.probe if rows is None else Probe(slice_inputs(self.probe.batch, *rows))
-        return probe_features(
-            model, probe.chunks(self.batch_size), self.layers, self.reduce, self.forward_fn, context=context
-        )
+        return probe_pass(model, probe, self.batch_size, self.layers, self.reduce, self.forward_fn, context=context)
 
     def _safe_reference_features(self, device: torch.device) -> tuple[dict[str, Features], list[str]]:
         out, failed = {}, []
