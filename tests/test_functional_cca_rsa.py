@@ -105,6 +105,26 @@ def test_rsa_spearman_with_ties_matches_scipy():
     assert float(rsa(a, b, "euclidean", "kendall")) == pytest.approx(kendalltau(u, v).statistic, rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distance", ["euclidean", "correlation"])
+def test_rsa_with_duplicate_rows_matches_scipy_in_any_row_order(dtype, distance):
+    # Identical rows must give exactly tied dissimilarities wherever they sit; a Gram-based RDM can
+    # round the same row differently at different offsets (seen on an AVX-512 machine: Spearman
+    # 0.018 instead of 0.324 at n = 5). scipy's pdist works on the rows directly.
+    g = torch.Generator().manual_seed(2)
+    for n, d in [(5, 4), (40, 33), (300, 768)]:
+        a = torch.randn(n, d, generator=g, dtype=dtype)
+        b = a + torch.randn(n, d, generator=g, dtype=dtype)
+        b[n - 1] = b[n - 2]
+        b[1] = b[n - 2]
+        for perm in (torch.arange(n), torch.randperm(n, generator=g)):
+            bp = b[perm]
+            ref = spearmanr(pdist(a.double().numpy(), distance), pdist(bp.double().numpy(), distance)).statistic
+            # float32: distinct distances closer than float32 rounding may swap ranks (n = 300: 1.5e-5)
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            assert float(rsa(a, bp, distance, "spearman", normalize=False)) == pytest.approx(ref, rel=tol, abs=tol)
+
+
 def test_rsa_symmetric_and_one_for_identical(pair):
     a, b = pair
     assert float(rsa(a, b)) == pytest.approx(float(rsa(b, a)), rel=1e-12)

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-__all__ = ["AmbiguousNeighbours", "check_copies_at_boundary", "MAX_AFFECTED"]
+__all__ = ["AmbiguousNeighbours", "check_copies_at_boundary", "row_copies", "MAX_AFFECTED"]
 
 MAX_AFFECTED = 0.005  # fraction of samples whose neighbour set may depend on row order
 
@@ -26,12 +26,48 @@ class AmbiguousNeighbours(ValueError):
     """Neighbour lists that would depend on the order of the samples (many identical rows)."""
 
 
+def row_copies(x: torch.Tensor) -> torch.Tensor | None:
+    """``[n]`` index of the first row exactly equal to each row of ``x [n, d]`` (itself when it has no
+    earlier copy), or ``None`` when all rows differ.
+
+    Screen: a float64 random projection of every row (one matrix-vector product). A BLAS kernel
+    may round the same row differently at different offsets, so rows whose projections lie
+    within the proven rounding bound of each other (``gamma_d max|x| ||w||_1``, twice) are
+    candidates, and only candidates are compared exactly.
+
+    >>> row_copies(torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]]))
+    tensor([0, 1, 0])
+    >>> row_copies(torch.eye(3)) is None
+    True
+    """
+    n, d = x.shape
+    x64 = x if x.dtype == torch.float64 else x.double()
+    w = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.device)
+    h, order = torch.sort(x64 @ w)
+    unit = float(torch.finfo(torch.float64).eps) / 2
+    gamma = (d + 2) * unit / (1 - (d + 2) * unit)
+    low, high = torch.aminmax(x64)
+    tol = 2 * gamma * max(-float(low), float(high)) * float(w.abs().sum()) + 4 * unit * float(h.abs().max())
+    close = (h[1:] - h[:-1]) <= tol
+    if not bool(close.any()):
+        return None
+    candidate = torch.zeros(n, dtype=torch.bool, device=x.device)
+    candidate[order[1:][close]] = True
+    candidate[order[:-1][close]] = True
+    rows = candidate.nonzero().flatten()  # ascending
+    _, group = torch.unique(x64[rows], dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), n, dtype=torch.long, device=x.device).scatter_reduce_(
+        0, group, rows, reduce="amin"
+    )
+    rep = torch.arange(n, device=x.device)
+    rep[rows] = first[group]
+    return None if bool((rep[rows] == rows).all()) else rep
+
+
 def check_copies_at_boundary(x64: torch.Tensor, idx: torch.Tensor, name: str, exclude_self: bool = True) -> None:
     """Raise if any sample's neighbour list ``idx [n, k]`` cuts through a group of identical rows of
     ``x64 [n, d]``: some copies of its k-th neighbour are in the list and others are not."""
-    # cheap screen first: identical rows have identical random projections
-    probe = torch.randn(x64.shape[1], generator=torch.Generator().manual_seed(0), dtype=x64.dtype).to(x64.device)
-    if torch.unique(x64 @ probe).numel() == x64.shape[0]:
+    if row_copies(x64) is None:  # cheap screen first: exact row hashes
         return
     _, group, counts = torch.unique(x64, dim=0, return_inverse=True, return_counts=True)
     if int(counts.max()) < 2:

@@ -16,6 +16,7 @@ import torch
 
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
+from ._ties import row_copies
 from ._validation import check_choice, check_features, check_min_samples, check_pair, check_positive
 
 __all__ = ["rsa"]
@@ -145,10 +146,21 @@ def _condensed_distances(x64: torch.Tensor, distance: str, ctx) -> torch.Tensor:
     u = _row_transform(x64, distance, ctx.name)
     c = centre(u, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
     sq = (c.xc.double() ** 2).sum(dim=1)
-    flat = _upper_flat(sq.shape[0], sq.device)
-    gram = (c.xc @ c.xc.T).view(-1).index_select(0, flat).double()  # only the m = n (n - 1) / 2 pairs i < j
+    n = sq.shape[0]
+    flat = _upper_flat(n, sq.device)
+    gram = c.xc @ c.xc.T
+    copies = row_copies(u)
+    if copies is not None:
+        # identical rows must give exactly equal dissimilarities (Spearman ties), but a GEMM may round
+        # the same row differently at different offsets: read every pair from its representatives'
+        # entry of the upper triangle, and copies of one row are at distance 0
+        gram = torch.triu(gram) + torch.triu(gram, 1).T
+        gram, sq = gram[copies][:, copies], sq[copies]
+    gram = gram.view(-1).index_select(0, flat).double()  # only the m = n (n - 1) / 2 pairs i < j
     v = (sq[:, None] + sq[None, :]).view(-1).index_select(0, flat).sub_(gram, alpha=2.0)
     v = v.clamp_min_(0.0).div_(c.scale**2)
+    if copies is not None:
+        v[copies[flat // n] == copies[flat % n]] = 0.0
     if distance == "euclidean":
         return v.sqrt_()
     return v.div_(2.0)  # 1 - cos(u_i, u_j) = ||u_i - u_j||^2 / 2 for unit rows
