@@ -18,14 +18,23 @@ Gram: 10 x 400 MB at n = 10k, 10 x 3.6 GB at n = 30k, so by default it runs at n
     python benchmarks/scale.py --sizes 2000 --baseline-max-n 2000 --layers 2   # a quick look
     python benchmarks/scale.py --sizes 100000 --metrics mutual_knn --impls faiss --layers 1   # approximate
 
-``--impls faiss``: mutual k-NN from FAISS HNSW lists (`approximate_alignment_matrix`), with the
-recall of the lists against exact search on 1,000 rows (needs faiss-cpu).
+``--impls lists`` (with mutual_knn in ``--metrics``): exact neighbour lists once, then the pair
+scoring of each k-NN metric (mutual, cycle, LCS, edit) timed alone on them: what each metric adds.
+
+``--impls faiss``: a k-NN metric from FAISS lists (`approximate_alignment_matrix`; HNSW, or
+with ``--faiss-index ivf`` IVF-Flat with nlist = 4 sqrt(n) and nprobe tuned to a sample recall of
+0.95, printed), with the recall of the lists against exact float64 search on
+1,000 rows (needs faiss-cpu). ``--dtype bfloat16`` halves the input features' memory at n = 1M.
+
+The k-NN metrics (mutual, cycle, LCS, edit) and CKNNA have a straightforward baseline only for
+mutual k-NN and CKNNA (cycle, LCS and edit distance run ours only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import resource
 import subprocess
@@ -35,10 +44,16 @@ import time
 import torch
 
 
-def features(n: int, d: int, layers: int, seed: int) -> list[torch.Tensor]:
+def features(n: int, d: int, layers: int, seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     signal = torch.randn(n, 32, generator=torch.Generator().manual_seed(1234))  # shared by both models
     g = torch.Generator().manual_seed(seed)
-    return [signal @ torch.randn(32, d, generator=g) + 2.0 * torch.randn(n, d, generator=g) for _ in range(layers)]
+    out = []
+    for _ in range(layers):
+        x = signal @ torch.randn(32, d, generator=g)
+        for s in range(0, n, 65_536):  # noise added in place, block by block (no second [n, d] copy)
+            x[s : s + 65_536] += 2.0 * torch.randn(min(n, s + 65_536) - s, d, generator=g)
+        out.append(x.to(dtype))
+    return out
 
 
 # -- the straightforward computation ---------------------------------------------------------
@@ -100,6 +115,10 @@ def baseline_cknna(xs, ys, k):
     return out
 
 
+BASELINES = {"mutual_knn": baseline_mutual_knn, "cknna": baseline_cknna, "cka": baseline_cka}
+KNN_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna")
+
+
 # -- one cell, in a child process ---------------------------------------------------------------
 
 
@@ -108,13 +127,36 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _lists_once(xs, ys, args):
+    """Exact ordered neighbour lists of every layer once (as LCS / edit distance need; the sets
+    mutual and cycle k-NN read are the same), then each k-NN metric's pair scoring timed alone:
+    the cost a metric adds once the lists exist. Returns the four score matrices and the times."""
+    from prh_lightning.functional._plan import LayerContext, get_plan, prepare_layers
+
+    ctx = LayerContext(torch.float32, None, args.n, len(xs) + len(ys), torch.device("cpu"), args.max_memory)
+    plan = get_plan("lcs_knn")
+    options = plan.bind({"k": args.k})
+    t0 = time.perf_counter()
+    sx = prepare_layers(plan, xs, [f"x{i}" for i in range(len(xs))], options, True, None, ctx)
+    sy = prepare_layers(plan, ys, [f"y{i}" for i in range(len(ys))], options, True, None, ctx)
+    times = {"lists": time.perf_counter() - t0}
+    scores = []
+    for name in KNN_METRICS[:4]:
+        metric = get_plan(name)
+        t0 = time.perf_counter()
+        scores.append(metric.pairs(sx, sy, **metric.bind({"k": args.k})).double())
+        times[name] = time.perf_counter() - t0
+    return torch.stack(scores), times
+
+
 def child(args) -> None:
     from prh_lightning import alignment_matrix
 
     torch.set_num_threads(args.threads)
-    xs = features(args.n, args.d, args.layers, 0)
-    ys = features(args.n, args.d, args.layers, 1)
-    options = {"k": args.k} if args.metric in ("mutual_knn", "cknna") else {}
+    dtype = getattr(torch, args.dtype)
+    xs = features(args.n, args.d, args.layers, 0, dtype)
+    ys = features(args.n, args.d, args.layers, 1, dtype)
+    options = {"k": args.k} if args.metric in KNN_METRICS else {}
     alignment_matrix([x[:64] for x in xs[:1]], [y[:64] for y in ys[:1]], metric=args.metric, **options)  # warm up
     start_rss = _rss()
     t0 = time.perf_counter()
@@ -122,16 +164,17 @@ def child(args) -> None:
     if args.impl == "ours":
         scores = alignment_matrix(xs, ys, metric=args.metric, max_memory=args.max_memory, **options).double()
     elif args.impl == "faiss":
+        import prh_lightning.functional._faiss as approximate
         from prh_lightning.alignment import approximate_alignment_matrix
 
+        approximate.INDEX = args.faiss_index
+        logging.basicConfig(level=logging.INFO, format="  %(message)s")  # the tuned nprobe, on stderr
         out = approximate_alignment_matrix(xs, ys, metric=args.metric, **options)
         scores, recall = out.scores, float(torch.cat([out.recall_x, out.recall_y]).min())
-    elif args.metric == "mutual_knn":
-        scores = baseline_mutual_knn(xs, ys, args.k)
-    elif args.metric == "cknna":
-        scores = baseline_cknna(xs, ys, args.k)
+    elif args.impl == "lists":
+        scores, recall = _lists_once(xs, ys, args)
     else:
-        scores = baseline_cka(xs, ys)
+        scores = BASELINES[args.metric](xs, ys, **options)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak": peak, "extra": peak - start_rss, "scores": scores.flatten().tolist(), "recall": recall}))
@@ -140,11 +183,14 @@ def child(args) -> None:
 def run_cell(args, metric: str, n: int, impl: str) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--metric", metric, "--n", str(n), "--impl", impl]
     cmd += ["--d", str(args.d), "--layers", str(args.layers), "--k", str(args.k), "--threads", str(args.threads)]
-    cmd += ["--max-memory", args.max_memory]
+    cmd += ["--max-memory", args.max_memory, "--dtype", args.dtype, "--faiss-index", args.faiss_index]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if out.returncode != 0:
         print(f"  {metric} n={n} {impl}: failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
+    for line in out.stderr.splitlines():
+        if "IVF-Flat" in line:
+            print(line, flush=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,8 +202,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=5, help="layers per model (layers x layers pairs)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--max-memory", default="4GB")
-    parser.add_argument("--impls", nargs="+", default=["ours"], choices=["ours", "faiss"], help="our columns: exact and/or FAISS")
+    parser.add_argument("--impls", nargs="+", default=["ours"], choices=["ours", "faiss", "lists"],
+                        help="our columns: exact and/or FAISS; lists: exact k-NN lists once, then each k-NN metric's pairs")
     parser.add_argument("--baseline-max-n", type=int, default=10_000, help="largest n for the n x n baseline")
+    parser.add_argument("--lists-max-n", type=int, default=30_000, help="largest n for --impls lists")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="input features")
+    parser.add_argument("--faiss-index", default="hnsw", choices=["hnsw", "ivf"], help="the FAISS index of --impls faiss")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -168,7 +218,8 @@ def main() -> None:
     if args.child:
         return child(args)
     gib = 2**30
-    print(f"d={args.d}, {args.layers} x {args.layers} layers, k={args.k}, max_memory={args.max_memory}, threads={args.threads}")
+    print(f"d={args.d}, {args.layers} x {args.layers} layers, k={args.k}, max_memory={args.max_memory}, threads={args.threads}, "
+          f"inputs {args.dtype} (random features with planted structure)")
     print(f"{'metric':<11} {'n':>7} | {'ours s':>8} {'peak GiB':>8} {'extra GiB':>9} | {'n x n s':>8} {'peak GiB':>8} {'extra GiB':>9} | {'max |diff|':>10}")
     for metric in args.metrics:
         times = []
@@ -176,13 +227,20 @@ def main() -> None:
             if "faiss" in args.impls:
                 approx = run_cell(args, metric, n, "faiss")
                 if approx is not None:
-                    print(f"{metric:<11} {n:>7} | faiss {approx['seconds']:.1f} s, peak {approx['peak'] / gib:.2f} GiB, "
+                    print(f"{metric:<11} {n:>7} | faiss {args.faiss_index} {approx['seconds']:.1f} s, peak {approx['peak'] / gib:.2f} GiB, "
                           f"extra {approx['extra'] / gib:.2f} GiB, min recall {approx['recall']:.3f}, "
                           f"scores[:3] {[round(v, 4) for v in approx['scores'][:3]]}", flush=True)
+            if "lists" in args.impls and metric == "mutual_knn" and n <= args.lists_max_n:
+                once = run_cell(args, metric, n, "lists")
+                if once is not None:
+                    t = once["recall"]
+                    print(f"{'k-NN lists':<11} {n:>7} | once {t['lists']:.1f} s (peak {once['peak'] / gib:.2f} GiB, extra "
+                          f"{once['extra'] / gib:.2f} GiB); then pairs: " + ", ".join(f"{m} {t[m]:.2f} s" for m in KNN_METRICS[:4]),
+                          flush=True)
             if "ours" not in args.impls:
                 continue
             ours = run_cell(args, metric, n, "ours")
-            base = run_cell(args, metric, n, "baseline") if n <= args.baseline_max_n else None
+            base = run_cell(args, metric, n, "baseline") if n <= args.baseline_max_n and metric in BASELINES else None
             if ours is None:
                 continue
             times.append((n, ours["seconds"]))

@@ -63,3 +63,66 @@ def test_alignment_matrix_with_the_faiss_backend_gives_the_approximate_scores(me
     same = alignment_matrix([a, b], [b], metric=metric, k=5, knn_backend="faiss").double()
     assert torch.allclose(same, approx.scores, atol=1e-6)
     assert approx.recall_x.shape == (2,) and float(approx.recall_x.min()) > 0.9
+
+
+def test_recall_over_column_panels_equals_the_one_panel_value(monkeypatch):
+    import prh_lightning.functional._faiss as F
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(700, 6, generator=g, dtype=torch.float64)
+    exact = _brute_lists(x, 7)
+    noisy = exact.clone()
+    sims = x @ x.T
+    sims.fill_diagonal_(float("inf"))
+    noisy[::3, 2] = sims.argmin(dim=1)[::3]  # a third of the rows: one neighbour replaced by the least similar sample
+    whole = neighbour_recall(x, noisy, sample=700)
+    assert whole == pytest.approx(1 - 234 / (700 * 7))  # rows 0, 3, ..., 699 lost one of 7
+    monkeypatch.setattr(F, "_PANEL", 20 * 700)  # 700 sampled rows: panels of 20 columns
+    assert neighbour_recall(x, noisy, sample=700) == pytest.approx(whole)
+    assert neighbour_recall(x, exact, sample=700) == 1.0
+
+
+def test_ivf_scanning_every_cell_finds_the_brute_force_lists():
+    import faiss  # noqa: F401  (the [faiss] extra, installed by make test)
+    from prh_lightning.functional._faiss import faiss_neighbours
+    from prh_lightning.functional._numerics import centre
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.normalize(torch.randn(3000, 12, generator=g, dtype=torch.float64) + 3.0, dim=1)  # a common offset
+    c = centre(x, torch.finfo(torch.float32).eps, torch.float32, "x", exact_mean=False)
+    got = faiss_neighbours(c, 6, index="ivf", nlist=40, nprobe=40)
+    exact = _brute_lists(x, 6)
+    # equal as sets (float32 search vs float64 brute force: a near-tie may swap the 6th neighbour)
+    same = (got.sort(dim=1).values == exact.sort(dim=1).values).all(dim=1)
+    assert float(same.double().mean()) >= 0.99
+    assert float(neighbour_recall(x, got, sample=3000)) >= 0.998
+
+
+def test_bad_index_name_is_refused():
+    from prh_lightning.functional._faiss import faiss_neighbours
+    from prh_lightning.functional._numerics import centre
+
+    x = torch.randn(50, 4, dtype=torch.float64)
+    c = centre(x, 1e-7, torch.float32, "x", exact_mean=False)
+    with pytest.raises(ValueError, match="index must be one of"):
+        faiss_neighbours(c, 3, index="lsh")
+
+
+def test_ivf_mutual_knn_is_within_0_01_of_exact_at_n_20000_with_recall_at_least_0_95(monkeypatch):
+    import faiss  # noqa: F401  (the [faiss] extra, installed by make test)
+    import prh_lightning.functional._faiss as F
+
+    built = []
+    ivf = F._ivf
+    monkeypatch.setattr(F, "_ivf", lambda *a, **kw: built.append(1) or ivf(*a, **kw))
+    monkeypatch.setattr(F, "INDEX", "ivf")  # what knn_backend="faiss" builds
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    z = torch.randn(n, 8, generator=g)
+    a = z @ torch.randn(8, 24, generator=g) + 0.7 * torch.randn(n, 24, generator=g)
+    b = z @ torch.randn(8, 16, generator=g) + 0.7 * torch.randn(n, 16, generator=g)
+    approx = approximate_alignment_matrix([a], [b], metric="mutual_knn", k=10)
+    exact = alignment_matrix([a], [b], metric="mutual_knn", k=10).double()
+    assert len(built) == 2  # one IVF index per layer
+    assert float(approx.recall_x.min()) >= 0.95 and float(approx.recall_y.min()) >= 0.95, approx
+    assert abs(float(approx.scores[0, 0] - exact[0, 0])) <= 0.01
