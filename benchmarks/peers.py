@@ -2,7 +2,8 @@
 EfficientNet-Lite0 vs Lite1 (ImageNet weights, blocks and pooled head, spatial mean) on
 Flickr images.
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py [--n 512] [--repeats 3] [--tasks abcde] [--profile]
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py [--n 512] [--repeats 3] [--tasks abcd] [--profile]
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/peers.py --tasks e   # (e) alone, ~20 min
 
 Tasks: (a) linear CKA layer x layer, (b) unbiased CKA, (c) RSA (correlation RDM, Spearman),
 (d) end-to-end linear CKA model vs model from a dataloader (extraction included), (e) peak
@@ -13,7 +14,10 @@ timed ``--repeats`` times (median reported; (d) runs ``--repeats-e2e`` times, de
 (the minibatch CKA of Nguyen et al. on flattened maps), its diff is shown but is not an error.
 
 (e) measures memory where nothing else can move it: each run of each side (``--memory-sides``,
-default ours and pytorch-cka) is a fresh Python process that loads the same images and models,
+default the control, ours and pytorch-cka) is a fresh Python process that loads the same images
+and models, sets glibc's mmap and trim thresholds to 128 KiB (``mallopt``; so a freed block of
+that size goes back to the OS at once and the resident size follows live memory instead of
+what the allocator happens to cache; ``--glibc-default`` keeps glibc's dynamic thresholds),
 warms up (both models' forward passes and the method on 16 images), then
 
 1. returns freed heap to the OS (``malloc_trim``), resets the kernel's peak-RSS counter
@@ -26,7 +30,9 @@ peak"): what the method holds on top of running the two models, such as stored f
 moments, activations kept alive by hooks, scoring temporaries. ``VmHWM`` is the exact resident
 peak kept by the kernel, so no short spike is missed by sampling; it counts every allocator
 (torch, numpy, Python). ``--repeats-memory`` rounds (default 3, order reversed every other
-round) give a median and the min .. max spread per side.
+round) give a median and the min .. max spread per side. The control side ("forward-again")
+runs the bare forward passes a second time as its method: its value is the measurement's own
+noise, against which the others are read.
 
 The peers are installed ``--no-deps`` next to the project's torch into ``--peers-dir``
 (default ``/tmp/prh-peers``; a marker makes reruns skip pip), and put on ``sys.path``. Those
@@ -376,6 +382,7 @@ def end_to_end(args, peers, lite0, lite1, x0, x1, model_cka, fa, fb) -> list[tup
 # -- (e) peak memory, one fresh process per run -------------------------------------------------
 # --memory-sides key -> (method name in e2e_methods, peer it needs)
 MEMORY_SIDES = {
+    "forward-again": ("forward passes only", None),  # control: the bare passes once more (noise floor)
     "ours": ("prh-lightning model_cka", None),
     "ours-features": ("prh-lightning (store=features)", None),
     "pytorch-cka": ("pytorch-cka compute_cka", "pytorch-cka"),
@@ -393,6 +400,11 @@ def memory_worker(args: argparse.Namespace) -> None:
 
     side = args.memory_worker
     method_name, peer = MEMORY_SIDES[side]
+    if not args.glibc_default:  # freed blocks of >= 128 KiB go back to the OS at once: RSS follows live memory
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
+        if not (libc.mallopt(m_mmap_threshold, 2**17) and libc.mallopt(m_trim_threshold, 2**17)):
+            raise SystemExit("mallopt failed; rerun with --glibc-default")
     peers = import_peers(Path(args.peers_dir), only=[peer]) if peer else {}
     if peer and peer not in peers:
         raise SystemExit(f"{peer} is not usable here")
@@ -426,7 +438,8 @@ def memory_task(args: argparse.Namespace) -> dict[str, list[dict]]:
         raise SystemExit(f"--memory-sides: unknown {unknown}; choose from {list(MEMORY_SIDES)}")
     records: dict[str, list[dict]] = {side: [] for side in sides}
     worker = [sys.executable, str(Path(__file__).resolve()), "--n", str(args.n), "--batch", str(args.batch),
-              "--data", args.data, "--peers-dir", args.peers_dir, "--memory-worker"]
+              "--data", args.data, "--peers-dir", args.peers_dir, *(["--glibc-default"] if args.glibc_default else []),
+              "--memory-worker"]
     for repeat in range(args.repeats_memory):
         for side in sides if repeat % 2 == 0 else sides[::-1]:
             done = subprocess.run([*worker, side], capture_output=True, text=True)
@@ -443,18 +456,20 @@ def memory_task(args: argparse.Namespace) -> dict[str, list[dict]]:
 
 def print_memory(records: dict[str, list[dict]], args: argparse.Namespace) -> None:
     mb = 2**20
+    allocator = "glibc defaults" if args.glibc_default else "glibc mmap/trim thresholds 128 KiB"
     print(f"\n## (e) Peak resident memory of (d), n = {args.n}, batch {args.batch}: each run a fresh process "
-          f"({args.repeats_memory} runs per side)\n")
+          f"({args.repeats_memory} runs per side, {allocator})\n")
     print("| side | beyond the forward passes' peak (MB), median | min .. max | runs (MB) | forward passes' own rise (MB), median |")
     print("|---|---:|---:|---|---:|")
     for side, runs in records.items():
+        label = "forward passes again (control)" if side == "forward-again" else MEMORY_SIDES[side][0]
         if not runs:
-            print(f"| {MEMORY_SIDES[side][0]} | failed | | | |")
+            print(f"| {label} | failed | | | |")
             continue
         beyond = [(r["peak_method"] - r["peak_bare"]) / mb for r in runs]
         bare = [(r["peak_bare"] - r["start_bare"]) / mb for r in runs]
         listed = " / ".join(f"{v:.0f}" for v in beyond)
-        print(f"| {MEMORY_SIDES[side][0]} | {statistics.median(beyond):.0f} | {min(beyond):.0f} .. {max(beyond):.0f} | {listed} | "
+        print(f"| {label} | {statistics.median(beyond):.0f} | {min(beyond):.0f} .. {max(beyond):.0f} | {listed} | "
               f"{statistics.median(bare):.0f} |")
 
 
@@ -499,9 +514,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-e2e", type=int, default=1)
-    parser.add_argument("--tasks", default="abcde", help="which tasks to run: any of a, b, c, d, e (default: all)")
+    parser.add_argument("--tasks", default="abcd", help="which tasks to run: any of a, b, c, d, e (default abcd; e takes ~20 min)")
     parser.add_argument("--repeats-memory", type=int, default=3, help="(e): fresh-process runs per side")
-    parser.add_argument("--memory-sides", default="ours,pytorch-cka", help=f"(e): comma-separated, from {', '.join(MEMORY_SIDES)}")
+    parser.add_argument("--glibc-default", action="store_true", help="(e): keep glibc's dynamic mmap/trim thresholds")
+    parser.add_argument("--memory-sides", default="forward-again,ours,pytorch-cka", help=f"(e): comma-separated, from {', '.join(MEMORY_SIDES)}")
     parser.add_argument("--memory-worker", choices=list(MEMORY_SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--peers-dir", default="/tmp/prh-peers")
     parser.add_argument("--profile", action="store_true", help="cProfile our end-to-end run and print the top items")
