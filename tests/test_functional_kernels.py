@@ -142,6 +142,32 @@ def test_rbf_cka_of_float32_features_gives_the_float64_answer_when_distances_con
     assert float(cka(a, b, kernel="rbf")) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 0.4, 3.0, 3.8, 4.2, 6.0])
+def test_linear_cka_of_normalised_float32_rows_gives_the_float64_answer(unbiased, offset):
+    # Normalised, well-spread float32 rows are centred in float32 (mean squared norm of the centred
+    # rows >= 1/16); rows dominated by a common direction go the float64 route. The offsets
+    # straddle that switch (||mean||^2 about 0.01, 0.3, 0.7, 0.87 and 0.99 of the row length).
+    g = torch.Generator().manual_seed(3)
+    n, d = 400, 64
+    a = torch.randn(n, d, generator=g) + offset
+    b = torch.tanh(a @ torch.randn(d, d, generator=g) / 8) + 0.5 * torch.randn(n, d, generator=g) + offset
+    x, y = (v.double().numpy() for v in (a, b))  # the float32 values, exactly, in float64
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (x, y))
+    K, L = x @ x.T, y @ y.T
+    est = np_hsic_unbiased if unbiased else (lambda P, Q: np_hsic_biased(P, Q))
+    expected = est(K, L) / np.sqrt(est(K, K) * est(L, L))
+    got = cka_normalised(a, b, unbiased=unbiased)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(expected, rel=2e-6)
+
+
+def cka_normalised(a, b, unbiased):
+    from prh_lightning.functional import cka as plain_cka
+
+    return plain_cka(a, b, unbiased=unbiased)  # normalize=True: the PRH protocol
+
+
 @pytest.mark.parametrize("kw", [{}, {"unbiased": True}, {"kernel": "rbf"}])
 def test_cka_properties(pair, kw):
     a, b = pair

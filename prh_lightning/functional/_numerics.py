@@ -22,7 +22,7 @@ import torch
 
 from ._validation import check_features
 
-__all__ = ["compute_dtype", "condition", "Centred", "centre", "power_of_two_scale", "CONSTANT_RTOL"]
+__all__ = ["compute_dtype", "condition", "Centred", "centre", "centre_normalised_float32", "power_of_two_scale", "CONSTANT_RTOL"]
 
 CONSTANT_RTOL = 16.0
 # largest |x| for which centring without a pivot keeps the data unscaled: products of two entries
@@ -168,3 +168,43 @@ def centre(
         xc = torch.sub(x64, mean).mul_(scale)
     mean = mean * scale
     return Centred(xc=xc.to(dtype), mean=mean, scale=scale, xc64=xc if keep64 else None)
+
+
+# Fast route: the centred, normalised rows' mean squared norm rho^2 = 1 - ||mean||^2 at least this
+# (a quarter of the rows' length is spread, not common offset).
+WELL_SPREAD = 1.0 / 16
+# row norms inside which float32 squares and sums neither overflow nor lose bits to underflow
+_FAST_NORMS = (2.0**-50, 2.0**50)
+
+
+def centre_normalised_float32(x: torch.Tensor) -> Centred | None:
+    """L2-normalise and centre the rows of ``x [n, d]`` (float32, fp16 or bf16) in float32 when
+    that is as good as the float64 route; ``None`` otherwise (the caller takes :func:`condition`
+    + :func:`centre`, which also decide and word every refusal).
+
+    Why float32 suffices there: a normalised entry ``u_ij`` is rounded by at most ``eps |u_ij|``
+    and rows have norm 1, so relative to the centred rows (root mean square norm ``rho``) the
+    rounding is ``eps / rho``. With ``rho^2 = 1 - ||mean||^2 >= WELL_SPREAD`` that is at most
+    ``4 eps`` (the float64 route's own float32 copy rounds by ``eps / 2``). Large common offsets
+    (``rho`` small), non-finite values, zero rows and extreme magnitudes go the float64 route.
+    Column means are summed in float32 (pairwise: error about ``eps log2 n``) and kept in
+    float64; ``scale`` is 1 (centred normalised entries are at most 2 in size).
+
+    >>> c = centre_normalised_float32(torch.tensor([[3.0, 4.0], [4.0, -3.0], [-3.0, -4.0]]))
+    >>> c.xc.sum(dim=0).abs().max() < 1e-6, c.scale
+    (tensor(True), 1.0)
+    >>> centre_normalised_float32(torch.tensor([[1000.0, 1.0], [1000.0, -1.0]])) is None  # offset
+    True
+    """
+    if x.dtype == torch.float64 or not x.is_floating_point():
+        return None
+    x = x.detach().to(torch.float32)
+    norms = torch.linalg.vector_norm(x, dim=1)
+    low, high = torch.aminmax(norms)
+    if not (_FAST_NORMS[0] <= float(low) and float(high) <= _FAST_NORMS[1]):  # also False for NaN / Inf
+        return None
+    u = x / norms[:, None]
+    mean = u.sum(dim=0).double() / x.shape[0]
+    if 1.0 - float(mean @ mean) < WELL_SPREAD:
+        return None
+    return Centred(xc=u.sub_(mean.to(torch.float32)), mean=mean, scale=1.0)

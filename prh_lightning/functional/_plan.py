@@ -43,6 +43,10 @@ class MetricPlan:
             neighbour lists: pass ``groups=`` to prepare), ``"jackknife"`` (no honest bootstrap:
             kernel entries of copies inflate the score; ``bootstrap_ci`` refuses) or ``"plain"``.
         scale_invariant: the score does not change when a layer is multiplied by a constant.
+        prepare_fast: optional ``prepare_fast(x [n, d], ctx, **options) -> state | None``: the same
+            state as ``prepare`` straight from L2-normalised float32 input (called only when the
+            compute dtype is float32, ``normalize=True`` and nothing is clipped), or ``None`` to
+            take the float64 route (e.g. :func:`._numerics.centre_normalised_float32` declined).
         null: optional fast path ``null(states_x, states_y, perms [P, n], **options) -> [P, Lx, Ly]``
             (float64): every layer pair with all layers of ``y`` permuted by each row of ``perms``.
             Default: :func:`permuted_scores` (``permute`` then ``pairs``, per permutation).
@@ -58,6 +62,7 @@ class MetricPlan:
     scale_invariant: bool = True
     option_checks: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     null: Callable[..., torch.Tensor] | None = None
+    prepare_fast: Callable[..., Any] | None = None
 
     def bind(self, metric_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Options with defaults filled in; a clear ``TypeError`` for an unknown option."""
@@ -221,13 +226,17 @@ def prepare_layers(
     ctx: LayerContext,
     groups: torch.Tensor | None = None,
 ) -> list[Any]:
-    """Condition each layer (float64 normalise / clip) and run the plan's per-layer work."""
+    """Condition each layer (float64 normalise / clip) and run the plan's per-layer work; the
+    plan's float32 ``prepare_fast`` first where it applies."""
     extra = {"groups": groups} if groups is not None else {}
+    fast = plan.prepare_fast is not None and normalize and clip_quantile is None and ctx.dtype == torch.float32
     states = []
     for name, x in zip(names, layers):
-        x64 = condition(x, name, normalize, clip_quantile)
         ctx.name, ctx.input_eps = name, input_eps(x)
-        states.append(plan.prepare(x64, ctx, **options, **extra))
+        state = plan.prepare_fast(x, ctx, **options, **extra) if fast else None
+        if state is None:
+            state = plan.prepare(condition(x, name, normalize, clip_quantile), ctx, **options, **extra)
+        states.append(state)
     return states
 
 

@@ -1,8 +1,9 @@
 """CKNNA (Huh et al. 2024): CKA restricted to pairs that are neighbours in both spaces, and its plan.
 
 Per layer: exact neighbour lists (as the k-NN metrics), the kernel values ``K_ij = x_i . x_j``
-at those neighbours computed in float64 from the conditioned features (the masked kernel is
-not centred, so its values must not come from a float32 Gram of offset features), back links
+at those neighbours (the masked kernel is not centred, so they must not come from a float32
+Gram of offset features: they are the float32 scores of the centred features, within a
+certified rounding bound, plus the offset's terms in float64), back links
 ``K_ji`` where ``i`` is also a neighbour of ``j``, and the layer's self-similarity. A pair
 is then scored from neighbour lists in ``O(n k log(n k))``: membership of ``(i, j)`` and
 ``K_ij`` are looked up by binary search in the sorted keys ``i n + j`` of each layer's
@@ -106,12 +107,16 @@ def prepare_cknna(
         check_min_samples(n, 4, "unbiased CKNNA")
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
     rows = ctx.block(n, _BLOCK_BYTES)
-    # the masks need the neighbour sets only: certify the k-th / (k+1)-th boundary, not the order
-    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups, ordered=False)
+    # the masks need the neighbour sets only: certify the k-th / (k+1)-th boundary, not the order;
+    # the kernel values come with the scores (offset carried in float64, see exact_neighbours)
+    idx, val = exact_neighbours(
+        c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups, ordered=False, kernel_values=True
+    )
     del c
     if groups is None:
         check_copies_at_boundary(x64, idx, ctx.name, exclude_self=unbiased)
-    val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
+    if not bool(torch.isfinite(val).all()):  # excluded entries (groups) listed as neighbours: exact products
+        val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
     layer = CknnaLayer(idx, val, torch.zeros_like(val))
     layer.back = layer.lookup(idx, torch.arange(n, device=idx.device)[:, None])[1]
     layer.self_sim = _masked_hsic_against(layer, [layer], unbiased)[0]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._bandwidth import median_bandwidth
-from ._numerics import centre
+from ._numerics import centre, centre_normalised_float32
 from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_choice, check_min_samples, check_positive
 
@@ -169,19 +169,11 @@ class CentredKernel:
                     "median-heuristic RBF bandwidth is undefined; pass sigma= explicitly"
                 )
             self.sq = sq
-        self.left = self.right = x
         if kernel == "linear":
-            # x is centred, so x x^T = H K H already; the unbiased centring needs its row sums.
+            # x is centred, so x x^T = H K H already; the unbiased estimator needs the row sums of
+            # K~ (K with a zero diagonal). U(K) itself is never formed for scoring: <U_x, U_y> follows
+            # from <K~_x, K~_y>, the row sums and totals (see _cka_pairs).
             self.row_sums = x @ x.sum(dim=0) - (sq if unbiased else 0.0)
-            if unbiased:
-                # U_ij = x_i.x_j - (r_i + r_j)/(n-2) + s/((n-1)(n-2)) (i != j) as ONE matmul of augmented
-                # features [x_i, -r_i/(n-2), 1] . [x_j, 1, -r_j/(n-2) + s/((n-1)(n-2))]: no extra passes
-                # over the n x n block, which are memory-bound and cost as much as the matmul itself.
-                n, shift = self.n, -self.row_sums / (self.n - 2)
-                const = self.row_sums.sum() / ((n - 1) * (n - 2))
-                ones = torch.ones_like(shift)
-                self.left = torch.cat([x, shift[:, None], ones[:, None]], dim=1)
-                self.right = torch.cat([x, ones[:, None], (shift + const)[:, None]], dim=1)
         else:
             buf = torch.empty(min(rows, self.n), self.n, dtype=x.dtype, device=x.device)
             sums = []
@@ -192,9 +184,9 @@ class CentredKernel:
         self.total = self.row_sums.sum()
 
     def _raw_into(self, s: int, e: int, out: torch.Tensor, c0: int = 0) -> torch.Tensor:
-        """Block ``K[s:e, c0:]`` (linear unbiased: already ``U(K)``) written into ``out [e - s, n - c0]``;
-        diagonal zeroed when unbiased. Needs ``c0 <= s``."""
-        torch.matmul(self.left[s:e], self.right[c0:].T, out=out)
+        """Block ``K[s:e, c0:]`` written into ``out [e - s, n - c0]``; diagonal zeroed when unbiased
+        (``K~``). Needs ``c0 <= s``."""
+        torch.matmul(self.x[s:e], self.x[c0:].T, out=out)
         diag = out.diagonal(offset=s - c0)  # entries (i, i): a view, set in place
         if self.kernel == "rbf":  # exp(-(|x_i|^2 + |x_j|^2 - 2 x_i.x_j) / (2 sigma^2))
             out.mul_(-2.0).add_(self.sq[s:e, None]).add_(self.sq[None, c0:]).clamp_min_(0.0)
@@ -208,7 +200,7 @@ class CentredKernel:
         """Block ``C[s:e, c0:]`` of the centred kernel written into ``out [e - s, n - c0]``."""
         self._raw_into(s, e, out, c0)
         n, r = self.n, self.row_sums
-        if self.unbiased and self.kernel == "rbf":  # U_ij = K~_ij - (r_i + r_j)/(n-2) + s/((n-1)(n-2))
+        if self.unbiased:  # U_ij = K~_ij - (r_i + r_j)/(n-2) + s/((n-1)(n-2))
             out.sub_(r[s:e, None] / (n - 2)).sub_(r[None, c0:] / (n - 2)).add_(self.total / ((n - 1) * (n - 2)))
             out.diagonal(offset=s - c0).zero_()
         elif self.kernel == "rbf":  # H K H (linear kernels were centred through their features)
@@ -220,7 +212,6 @@ class CentredKernel:
         other = object.__new__(CentredKernel)
         other.__dict__.update(self.__dict__)
         other.x = self.x[perm]
-        other.left, other.right = self.left[perm], self.right[perm]
         other.row_sums = self.row_sums[perm]
         if self.kernel == "rbf":
             other.sq = self.sq[perm]
@@ -341,6 +332,15 @@ def prepare_kernel(
     return CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2)
 
 
+def prepare_kernel_fast(x: torch.Tensor, ctx, kernel: str = "linear", unbiased: bool = False, **_) -> CentredKernel | None:
+    """:func:`prepare_kernel` for linear kernels of well-spread float32 rows, normalised and centred
+    in float32 (:func:`._numerics.centre_normalised_float32`); ``None``: take the float64 route."""
+    if kernel != "linear" or unbiased and x.shape[0] < 4:
+        return None
+    c = centre_normalised_float32(x)
+    return None if c is None else CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2)
+
+
 def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.0, unbiased: bool = False, **_):
     """``[Lx, Ly]`` CKA from the centred kernels: ``<C_x, C_y> / (||C_x|| ||C_y|| + eps')``."""
     same = ys is xs
@@ -352,11 +352,16 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
     rows = max(1, min(n, _BUDGET // max(1, len(kernels) * n), -(-n // 4)))
     buffer = torch.empty(len(kernels) * rows * n, dtype=dtype, device=device)
     inner = torch.zeros(len(kernels), len(kernels), dtype=torch.float64, device=device)
+    # Unbiased linear kernels are scored from K~ (zero diagonal) and corrected afterwards: U(K) has
+    # zero row sums, so <U_x, U_y> = <K~_x, K~_y> - 2 r_x . r_y / (n-2) + s_x s_y / ((n-1)(n-2))
+    # (r: row sums of K~, s their total); no pass over the [n, n] blocks beyond the Gram itself.
+    # For centred features r is about -diag(K), so these terms are small: nothing cancels.
+    raw = unbiased and all(k.kernel == "linear" for k in kernels)
     for s in range(0, n, rows):
         e = min(n, s + rows)
         block = buffer[: len(kernels) * (e - s) * (n - s)].view(len(kernels), e - s, n - s)
         for out, k in zip(block, kernels):
-            k.centred_into(s, e, out, c0=s)
+            k._raw_into(s, e, out, c0=s) if raw else k.centred_into(s, e, out, c0=s)
         # <C_l, C_m> = 2 sum_{i<j} C_l C_m + sum_i diag products. Zeroing the strict lower triangle
         # of the square part C[s:e, s:e] leaves each i < j once in the block: one GEMM for all
         # layers of both models per block. (Unbiased kernels have a zero diagonal.)
@@ -366,7 +371,16 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
             inner -= (diag @ diag.T).double()
         square.triu_()
         whole = block.view(len(kernels), -1)
-        inner += 2.0 * (whole @ whole.T).double()
+        # float32 GEMMs summed in float64 over column chunks: one GEMM over ~2.6e5 columns left CKA
+        # 1.2e-6 off the float64 value for two layers (its accumulation error grows with length)
+        step = whole.shape[1] if whole.dtype == torch.float64 else _PAIR_CHUNK
+        for c in range(0, whole.shape[1], step):
+            part = whole[:, c : c + step]
+            inner += 2.0 * (part @ part.T).double()
+    if raw:
+        sums = torch.stack([k.row_sums for k in kernels]).double()  # [L, n]
+        totals = sums.sum(dim=1)
+        inner += totals[:, None] * totals[None, :] / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (sums @ sums.T)
     self_sims = inner.diagonal()
     for value, k in zip(self_sims, kernels):
         check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
@@ -384,6 +398,7 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
 
 
 _BUDGET = 2**26
+_PAIR_CHUNK = 2**14  # columns per float32 GEMM in the CKA pair sums (then summed in float64)
 _NULL_BATCH = 4  # permutations per gather and GEMM in the CKA null
 _NULL_CHUNK = 2**16  # triangle entries per gather and GEMM in the CKA null
 
@@ -410,6 +425,9 @@ for _name, _unbiased in (("cka", False), ("unbiased_cka", True)):
     def _prepare(x64, ctx, _fixed=_unbiased, unbiased=None, **options):
         return prepare_kernel(x64, ctx, unbiased=_fixed if unbiased is None else unbiased, **options)
 
+    def _prepare_fast(x, ctx, _fixed=_unbiased, unbiased=None, **options):
+        return prepare_kernel_fast(x, ctx, unbiased=_fixed if unbiased is None else unbiased, **options)
+
     def _pairs(xs, ys, _fixed=_unbiased, unbiased=None, **options):
         return _cka_pairs(xs, ys, unbiased=_fixed if unbiased is None else unbiased, **options)
 
@@ -424,6 +442,7 @@ for _name, _unbiased in (("cka", False), ("unbiased_cka", True)):
             null=(lambda xs, ys, perms, _fixed=_unbiased, unbiased=None, **o: _cka_null(xs, ys, perms, unbiased=_fixed if unbiased is None else unbiased, **o)),
             resampling="jackknife",
             option_checks={"kernel": _check_kernel_name, "sigma": _check_sigma},
+            prepare_fast=_prepare_fast,
         )
     )
 

@@ -234,7 +234,8 @@ def _rerank(
     k: int,
 ) -> torch.Tensor:
     """``[R, k]`` exact neighbours of ``rows [R]`` from their float32 scores ``scores [R, n]``
-    (excluded entries ``-inf``), whose rounding error is at most ``tol [R]``.
+    (excluded entries ``-inf``), whose rounding error is at most ``tol [R]``, and ``[R, k]``
+    float64 their scores (exact where they were recomputed, else the float32 ones).
 
     Candidates are the columns scoring at least ``floor [R]`` (a superset of the exact top ``k``).
     A candidate whose float32 score is more than ``2 tol`` from every other candidate's keeps
@@ -267,7 +268,8 @@ def _rerank(
             right, left = right.mul_(c.scale).sub_(c.mean), left.mul_(c.scale).sub_(c.mean)
         exact = right.mul_(left).sum(dim=1)
         mixed[r_need, s_need] = exact if shift is None else exact + shift[cols_need]
-    return torch.gather(cand, 1, _top_k(mixed, k)[0])
+    top = _top_k(mixed, k)[0]
+    return torch.gather(cand, 1, top), torch.gather(mixed, 1, top)
 
 
 def exact_neighbours(
@@ -279,7 +281,8 @@ def exact_neighbours(
     exclude_self: bool = True,
     groups: torch.Tensor | None = None,
     ordered: bool = True,
-) -> torch.Tensor:
+    kernel_values: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``[n, k]`` neighbours of ``x64`` by inner product, from its centred copy ``c``.
 
     Scores are ``r_ij = (xc_i . xc_j) + (m . xc_j)`` in the compute dtype (same ranking per row
@@ -295,6 +298,11 @@ def exact_neighbours(
     masks), so only the gap between the ``k``-th and ``k + 1``-th scores is certified; the order
     inside a list is then the float32 one.
 
+    ``kernel_values=True``: also return ``[n, k]`` float64 ``x64_i . x64_{idx[i, t]}`` from the
+    same scores, ``(r_ij + m . xc_i + m . m) / scale^2``, at no extra pass: each is within the
+    certified rounding bound of its score (``tol_i / scale^2``) of the exact value, so a large
+    common offset costs no precision (it sits in the float64 terms).
+
     Memory: the whole ``[n, n]`` ``gram`` buffer when given, else ``[rows, n]`` blocks; float64
     work only on the rows re-ranked and their candidates.
     """
@@ -305,7 +313,7 @@ def exact_neighbours(
     shift_c = None if shift is None else shift.to(xc.dtype)
     if not exact:
         base, rel = rounding_bound(xc, shift)
-    idx_blocks = []
+    idx_blocks, value_blocks = [], []
     for s in range(0, n, n if gram is not None else rows):
         e = n if gram is not None else min(n, s + rows)
         if gram is not None:
@@ -330,10 +338,19 @@ def exact_neighbours(
                 floor = values[redo, k - 1] - 3 * tol[redo]
                 floor_c = floor.to(block.dtype)
                 floor_c = torch.where(floor_c.double() > floor, torch.nextafter(floor_c, floor_c.new_tensor(-torch.inf)), floor_c)
-                idx[redo] = _rerank(c, x64, shift, redo + s, block[redo], floor_c, tol[redo], k)
+                idx[redo], redone = _rerank(c, x64, shift, redo + s, block[redo], floor_c, tol[redo], k)
+                values[redo, :k] = redone
         del block
         idx_blocks.append(idx)
-    return torch.cat(idx_blocks)
+        if kernel_values:
+            value_blocks.append(values[:, :k].double())
+    idx = torch.cat(idx_blocks)
+    if not kernel_values:
+        return idx
+    scores = torch.cat(value_blocks)
+    if shift is not None:  # r_ij + m . xc_i + m . m: x_i . x_j of the rescaled features
+        scores = scores + shift[:, None] + c.mean @ c.mean
+    return idx, scores / c.scale**2
 
 
 # -- scorers on neighbour lists (broadcast over leading dims) ------------------------------
