@@ -213,10 +213,9 @@ def test_trainer_sends_figures_to_wandb_offline(tmp_path, monkeypatch):
                                  ("alignment_heatmap/cka/self", 4)]
     wandb_images = {}
     for row in rows:
-        for key, value in row.items():
-            if key.endswith("/filenames"):
-                (name,) = value
-                wandb_images[(key[: -len("/filenames")], row["train/global_step"])] = os.path.join(run_dir, "files", name)
+        for key, value in row.items():  # one wandb.Image per key: "<tag>/_type", "<tag>/path", ...
+            if key.endswith("/path") and row.get(key[: -len("/path")] + "/_type") == "image-file":
+                wandb_images[(key[: -len("/path")], row["train/global_step"])] = os.path.join(run_dir, "files", value)
     assert set(wandb_images) == set(tb_images)
     for key, path in wandb_images.items():
         with open(path, "rb") as f:
