@@ -8,8 +8,8 @@ CKNNA). The functional metrics run through exactly the same code, so a cell of t
 equals the functional score of that pair. Only torch ops are used: everything runs where the
 inputs live (CPU or GPU).
 
-Memory: no metric but RBF CKA (median bandwidth), RSA and SVCCA forms an ``[n, n]`` matrix
-beyond what the budget allows. Kernels and Grams are streamed in row blocks (by default
+Memory: no metric but RSA and SVCCA forms an ``[n, n]`` matrix beyond what the budget allows
+(the RBF median bandwidth is selected from streamed distance blocks). Kernels and Grams are streamed in row blocks (by default
 about 256 MB; neighbour search keeps one reusable ``[n, n]`` Gram buffer up to 512 MB, i.e.
 ``n <= 11,585``); ``max_memory="4GB"`` sizes every block from a budget instead. Linear CKA at
 large ``n`` is scored from ``d x d`` cross-covariances (the same value; memory: the ``(Σd)^2``
@@ -102,8 +102,8 @@ def alignment_matrix(
             memory that grows faster than ``n * d``: it sets the streamed block sizes and
             whether a whole ``[n, n]`` Gram may be kept, so the k-NN metrics, CKNNA and linear
             CKA run at ``n = 100,000`` and beyond without an ``n x n`` matrix. Per-layer
-            ``[n, d]`` copies (float64 while a layer is prepared) come on top; RBF CKA with the
-            median bandwidth, RSA and SVCCA still need ``[n, n]`` memory.
+            ``[n, d]`` copies (float64 while a layer is prepared) come on top; RSA and SVCCA still
+            need ``[n, n]`` memory.
         **metric_kwargs: options of the metric (``k=10``, ``kernel="rbf"``, ...; for the k-NN
             metrics ``knn_backend="faiss"`` uses approximate neighbour lists: see
             :func:`approximate_alignment_matrix` for their recall).
