@@ -182,9 +182,10 @@ def centre_normalised_float32(x: torch.Tensor) -> Centred | None:
     that is as good as the float64 route; ``None`` otherwise (the caller takes :func:`condition`
     + :func:`centre`, which also decide and word every refusal).
 
-    Why float32 suffices there: a normalised entry ``u_ij`` is rounded by at most ``eps |u_ij|``
-    and rows have norm 1, so relative to the centred rows (root mean square norm ``rho``) the
-    rounding is ``eps / rho``. With ``rho^2 = 1 - ||mean||^2 >= WELL_SPREAD`` that is at most
+    Why float32 suffices there: the row norms are taken in float64 (a float32 norm errs by up
+    to ~6 eps here, a per-row scale error) and rounded once, and the division rounds once, so
+    a normalised entry ``u_ij`` is off by at most ``eps |u_ij|``; rows have norm 1, so relative
+    to the centred rows (root mean square norm ``rho``) that is ``eps / rho``. With ``rho^2 = 1 - ||mean||^2 >= WELL_SPREAD`` that is at most
     ``4 eps`` (the float64 route's own float32 copy rounds by ``eps / 2``). Large common offsets
     (``rho`` small), non-finite values, zero rows and extreme magnitudes go the float64 route.
     Column means are summed in float32 (pairwise: error about ``eps log2 n``) and kept in
@@ -199,7 +200,7 @@ def centre_normalised_float32(x: torch.Tensor) -> Centred | None:
     if x.dtype == torch.float64 or not x.is_floating_point():
         return None
     x = x.detach().to(torch.float32)
-    norms = torch.linalg.vector_norm(x, dim=1)
+    norms = torch.linalg.vector_norm(x.double(), dim=1).to(torch.float32)
     low, high = torch.aminmax(norms)
     if not (_FAST_NORMS[0] <= float(low) and float(high) <= _FAST_NORMS[1]):  # also False for NaN / Inf
         return None
