@@ -67,7 +67,7 @@ def row_copies(x: torch.Tensor) -> torch.Tensor | None:
 def check_copies_at_boundary(x64: torch.Tensor, idx: torch.Tensor, name: str, exclude_self: bool = True) -> None:
     """Raise if any sample's neighbour list ``idx [n, k]`` cuts through a group of identical rows of
     ``x64 [n, d]``: some copies of its k-th neighbour are in the list and others are not."""
-    if row_copies(x64) is None:  # cheap screen first: exact row hashes
+    if row_copies(x64) is None:  # cheap screen first (one projection, rounding-safe)
         return
     _, group, counts = torch.unique(x64, dim=0, return_inverse=True, return_counts=True)
     if int(counts.max()) < 2:
