@@ -180,7 +180,8 @@ def approximate_alignment_matrix(
 ) -> ApproximateAlignment:
     """A k-NN metric (``mutual_knn``, ``cycle_knn``, ``lcs_knn``, ``edit_distance_knn``) for every
     layer pair from approximate neighbour lists (``knn_backend="faiss"``: HNSW graph search, for
-    ``n`` of 100k and more; ``pip install faiss-cpu``), with each layer's recall against exact
+    ``n`` of 100k and more; ``"faiss_ivf"``: IVF-Flat cells, for clustered features;
+    ``pip install faiss-cpu``), with each layer's recall against exact
     search on a subsample reported beside the scores. ``alignment_matrix(..., knn_backend="faiss")``
     gives the same scores without the recall.
     """

@@ -47,7 +47,7 @@ def test_approximate_mutual_knn_is_within_0_01_of_exact_at_n_20000_when_recall_i
     z = torch.randn(n, 8, generator=g)
     a = z @ torch.randn(8, 24, generator=g) + 0.7 * torch.randn(n, 24, generator=g)
     b = z @ torch.randn(8, 16, generator=g) + 0.7 * torch.randn(n, 16, generator=g)
-    approx = approximate_alignment_matrix([a], [b], metric="mutual_knn", k=10)
+    approx = approximate_alignment_matrix([a], [b], metric="mutual_knn", k=10, knn_backend="faiss_ivf")
     exact = alignment_matrix([a], [b], metric="mutual_knn", k=10).double()
     assert float(approx.recall_x.min()) >= 0.95 and float(approx.recall_y.min()) >= 0.95, approx
     assert abs(float(approx.scores[0, 0] - exact[0, 0])) <= 0.01
@@ -115,13 +115,12 @@ def test_ivf_mutual_knn_is_within_0_01_of_exact_at_n_20000_with_recall_at_least_
     built = []
     ivf = F._ivf
     monkeypatch.setattr(F, "_ivf", lambda *a, **kw: built.append(1) or ivf(*a, **kw))
-    monkeypatch.setattr(F, "INDEX", "ivf")  # what knn_backend="faiss" builds
     g = torch.Generator().manual_seed(0)
     n = 20_000
     z = torch.randn(n, 8, generator=g)
     a = z @ torch.randn(8, 24, generator=g) + 0.7 * torch.randn(n, 24, generator=g)
     b = z @ torch.randn(8, 16, generator=g) + 0.7 * torch.randn(n, 16, generator=g)
-    approx = approximate_alignment_matrix([a], [b], metric="mutual_knn", k=10)
+    approx = approximate_alignment_matrix([a], [b], metric="mutual_knn", k=10, knn_backend="faiss_ivf")
     exact = alignment_matrix([a], [b], metric="mutual_knn", k=10).double()
     assert len(built) == 2  # one IVF index per layer
     assert float(approx.recall_x.min()) >= 0.95 and float(approx.recall_y.min()) >= 0.95, approx

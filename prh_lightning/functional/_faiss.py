@@ -6,7 +6,8 @@ for centred features ``xc`` and mean ``m`` the score ``x_i . x_j`` ranks row ``i
 ``[xc_j, m . xc_j]``, so a large common offset costs no precision. These vectors are formed
 ``_CHUNK`` rows at a time (never a second ``[n, d]`` copy beside the index).
 
-Two indexes (``INDEX`` sets the one ``knn_backend="faiss"`` uses; ``index=`` per call):
+Two indexes (``knn_backend="faiss"`` builds ``INDEX``, HNSW; ``knn_backend="faiss_ivf"`` IVF-Flat;
+``index=`` per call here):
 
 * ``"hnsw"`` (the default): HNSW graph search, inner-product metric (``m`` links per node,
   search breadth ``ef_search``);

@@ -456,7 +456,7 @@ _SCORERS = {
 # -- the plan: neighbour lists once per layer, pairs scored in batches ----------------------
 
 
-KNN_BACKENDS = ("exact", "faiss")
+KNN_BACKENDS = ("exact", "faiss", "faiss_ivf")  # faiss: HNSW graph; faiss_ivf: IVF-Flat cells
 RECALL_SAMPLE = 1000  # rows checked against exact search when neighbour lists are approximate
 
 
@@ -469,17 +469,18 @@ def prepare_neighbours(
     ordered: bool = True,
 ) -> Neighbours:
     """Per-layer work of the k-NN metrics: ``[n, k]`` neighbour lists of ``x64 [n, d]``, exact, or
-    approximate with ``knn_backend="faiss"`` (then with their recall on a subsample of rows).
+    approximate with ``knn_backend="faiss"`` (HNSW) or ``"faiss_ivf"`` (IVF-Flat, for clustered
+    features; see :mod:`._faiss`), then with their recall on a subsample of rows.
     ``ordered=False``: exact neighbour sets, listed in float32 order (see :func:`exact_neighbours`)."""
     n = x64.shape[0]
     check_k(k, n)
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
-    if knn_backend == "faiss":
+    if knn_backend != "exact":
         if groups is not None:
-            raise ValueError('knn_backend="faiss" cannot keep groups apart (bootstrap); use knn_backend="exact"')
+            raise ValueError(f'knn_backend="{knn_backend}" cannot keep groups apart (bootstrap); use knn_backend="exact"')
         from ._faiss import faiss_neighbours, neighbour_recall
 
-        idx = faiss_neighbours(c, k)
+        idx = faiss_neighbours(c, k, index="ivf" if knn_backend == "faiss_ivf" else None)
         generator = torch.Generator().manual_seed(0)
         return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator))
     rows = ctx.block(n, _BLOCK_BYTES)
