@@ -204,6 +204,7 @@ def test_trainer_sends_figures_to_wandb_offline(tmp_path, monkeypatch):
     AlignmentTrainerCallback.attach(trainer, tracker)
     trainer.train()
     wandb.finish()
+    wandb.teardown()  # stop the W&B service: its offline run file is complete only then
 
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
     rows = wandb_history(run_dir)
