@@ -130,3 +130,26 @@ def read_scalars(logdir: str, prefix: str = "alignment/") -> dict[str, list[tupl
     return {
         tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith(prefix)
     }
+
+
+class HFTiny(nn.Module):
+    """TinyNet behind a Hugging Face style forward: keyword inputs in, {"loss", "logits"} out."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": int(self.y[i])}

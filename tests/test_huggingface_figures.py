@@ -13,9 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from callback_helpers import TinyNet, brute_cka, event_accumulator, synthetic_data, tiny_features
-from torch import nn
+from callback_helpers import HFTiny, Rows, TinyNet, brute_cka, event_accumulator, synthetic_data, tiny_features
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tensorboard")
@@ -25,29 +23,6 @@ from prh_lightning.integrations.huggingface import AlignmentTrainerCallback  # n
 from prh_lightning.tracking import AlignmentTracker, Reference  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "fc"]
-
-
-class HFTiny(nn.Module):
-    """TinyNet behind a Hugging Face style forward: keyword inputs in, {"loss", "logits"} out."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = TinyNet()
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": int(self.y[i])}
 
 
 @pytest.fixture(autouse=True)

@@ -9,38 +9,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from callback_helpers import TinyNet, brute_cka, read_scalars, synthetic_data, tiny_features
-from torch import nn
+from callback_helpers import HFTiny, Rows, brute_cka, read_scalars, synthetic_data, tiny_features
 
 import transformers
 from prh_lightning.integrations.huggingface import SNAPSHOT_FILE, STATE_KEY, AlignmentTrainerCallback
 from prh_lightning.tracking import AlignmentTracker
 
 LAYERS = ["conv1", "conv2", "fc"]
-
-
-class HFTiny(nn.Module):
-    """TinyNet behind a Hugging Face style forward: keyword inputs in, {"loss", "logits"} out."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = TinyNet()
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": int(self.y[i])}
 
 
 def make_trainer(tmp_path, model, max_steps):
