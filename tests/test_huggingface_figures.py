@@ -155,8 +155,7 @@ def test_log_images_must_be_a_bool_or_a_positive_int():
 def test_trainer_sends_figures_to_wandb_offline(tmp_path, monkeypatch):
     """``report_to=["wandb"]``: the same images as TensorBoard's, at the same Trainer steps."""
     pytest.importorskip("wandb", reason="wandb is in the dev extra (pip install -e '.[dev]')")
-    import wandb
-    from test_monitor_loggers import wandb_history
+    from test_monitor_loggers import finish_offline_wandb, wandb_history
 
     for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb",
                        "WANDB_CONFIG_DIR": tmp_path / "wandb-config", "WANDB_CACHE_DIR": tmp_path / "wandb-cache",
@@ -178,8 +177,7 @@ def test_trainer_sends_figures_to_wandb_offline(tmp_path, monkeypatch):
                                    eval_dataset=Rows(*synthetic_data(16, seed=7)))
     AlignmentTrainerCallback.attach(trainer, tracker)
     trainer.train()
-    wandb.finish()
-    wandb.teardown()  # stop the W&B service: its offline run file is complete only then
+    finish_offline_wandb()
 
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
     rows = wandb_history(run_dir)

@@ -224,6 +224,18 @@ def wandb_records(path: str) -> list[bytes]:
     return out
 
 
+def finish_offline_wandb() -> None:
+    """End the W&B run and stop the W&B service: only then is the offline run file complete.
+
+    ``wandb.finish()`` alone returned before the last history rows reached the file (one CI run in
+    several lost the last figures of a run).
+    """
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
 def wandb_history(run_dir: str) -> list[dict]:
     """Every history row (``wandb.log`` call) of an offline run, values decoded from JSON."""
     import json
@@ -260,7 +272,7 @@ def test_wandb_offline_gets_scalars_and_figures(tmp_path, monkeypatch):
     x, y = synthetic_data(64)
     trainer = L.Trainer(max_epochs=2, callbacks=[mon], logger=[wandb_logger, tb_logger], **TRAINER_KW)
     trainer.fit(model, loader(x, y), loader(*synthetic_data(32, seed=1)))
-    wandb_logger.experiment.finish()
+    finish_offline_wandb()
 
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
     rows = wandb_history(run_dir)
