@@ -12,6 +12,7 @@ import torch
 from scipy.spatial.distance import pdist, squareform
 
 from prh_lightning.functional import center_gram, cka, cknna, hsic, median_distance, rbf_kernel, u_center, unbiased_cka
+from prh_lightning import alignment_matrix
 
 
 # These tests check each formula on the features as given; the default row normalisation
@@ -160,6 +161,31 @@ def test_linear_cka_of_normalised_float32_rows_gives_the_float64_answer(unbiased
     got = cka_normalised(a, b, unbiased=unbiased)
     assert got.dtype == torch.float32
     assert float(got) == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (3.0, 1.0), (3.8, 1.0), (4.2, 1.0), (6.0, 1.0),
+                                          (0.5, 2.0**35), (0.5, 1e-9), (0.5, 1e20), (0.5, 1e-20)])
+def test_linear_cka_of_raw_float32_rows_gives_the_float64_answer(unbiased, offset, scale):
+    # normalize=False: well-spread float32 rows of moderate magnitude are centred in float32
+    # (centred mean square >= 1/16 of the raw one: offsets up to about 3.87 std here); large
+    # offsets and magnitudes outside 2^-40 .. 2^40 go the float64 route.
+    from prh_lightning.functional import cka as plain_cka
+
+    g = torch.Generator().manual_seed(4)
+    n, d = 400, 64
+    a = (torch.randn(n, d, generator=g) + offset) * scale
+    b = (torch.tanh(a / scale @ torch.randn(d, d, generator=g) / 8) + 0.5 * torch.randn(n, d, generator=g) + offset) * scale
+    x, y = (v.double().numpy() / scale for v in (a, b))  # the float32 values in float64 (rescaled: 1e20^2 ...)
+    x, y = (v - v.mean(axis=0) for v in (x, y))
+    K, L = x @ x.T, y @ y.T
+    est = np_hsic_unbiased if unbiased else (lambda P, Q: np_hsic_biased(P, Q))
+    expected = est(K, L) / np.sqrt(est(K, K) * est(L, L))
+    got = plain_cka(a, b, unbiased=unbiased, normalize=False)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(expected, rel=2e-6)
+    # and the layer x layer entry point gives the same number
+    assert float(alignment_matrix({"a": a}, {"b": b}, metric="unbiased_cka" if unbiased else "cka", normalize=False)) == pytest.approx(expected, rel=2e-6)
 
 
 def cka_normalised(a, b, unbiased):

@@ -22,7 +22,7 @@ import torch
 
 from ._validation import check_features
 
-__all__ = ["compute_dtype", "condition", "Centred", "centre", "centre_normalised_float32", "power_of_two_scale", "CONSTANT_RTOL"]
+__all__ = ["compute_dtype", "condition", "Centred", "centre", "centre_float32", "power_of_two_scale", "CONSTANT_RTOL"]
 
 CONSTANT_RTOL = 16.0
 # largest |x| for which centring without a pivot keeps the data unscaled: products of two entries
@@ -177,35 +177,61 @@ WELL_SPREAD = 1.0 / 16
 _FAST_NORMS = (2.0**-50, 2.0**50)
 
 
-def centre_normalised_float32(x: torch.Tensor) -> Centred | None:
-    """L2-normalise and centre the rows of ``x [n, d]`` (float32, fp16 or bf16) in float32 when
-    that is as good as the float64 route; ``None`` otherwise (the caller takes :func:`condition`
-    + :func:`centre`, which also decide and word every refusal).
+def centre_float32(x: torch.Tensor, normalize: bool = True) -> Centred | None:
+    """Centre the rows of ``x [n, d]`` (float32, fp16 or bf16), L2-normalised first when
+    ``normalize``, in float32 when that is as good as the float64 route; ``None`` otherwise
+    (the caller takes :func:`condition` + :func:`centre`, which also decide and word every
+    refusal).
 
-    Why float32 suffices there: the row norms are taken in float64 (a float32 norm errs by up
-    to ~6 eps here, a per-row scale error) and rounded once, and the division rounds once, so
-    a normalised entry ``u_ij`` is off by at most ``eps |u_ij|``; rows have norm 1, so relative
-    to the centred rows (root mean square norm ``rho``) that is ``eps / rho``. With ``rho^2 = 1 - ||mean||^2 >= WELL_SPREAD`` that is at most
-    ``4 eps`` (the float64 route's own float32 copy rounds by ``eps / 2``). Large common offsets
-    (``rho`` small), non-finite values, zero rows and extreme magnitudes go the float64 route.
-    Column means are summed in float32 (pairwise: error about ``eps log2 n``) and kept in
-    float64; ``scale`` is 1 (centred normalised entries are at most 2 in size).
+    Why float32 suffices there. Normalised rows: the row norms are taken in float64 (a float32
+    norm errs by up to ~6 eps here, a per-row scale error) and rounded once, and the division
+    rounds once, so a normalised entry ``u_ij`` is off by at most ``eps |u_ij|``; rows have
+    norm 1, so relative to the centred rows (root mean square norm ``rho``) that is ``eps / rho``.
+    With ``rho^2 = 1 - ||mean||^2 >= WELL_SPREAD`` that is at most ``4 eps`` (the float64
+    route's own float32 copy rounds by ``eps / 2``). Rows as given (``normalize=False``): the
+    entries are exact, the subtraction rounds once (``eps / 2`` of the centred entry), and the
+    rows must be as well spread (``rho^2 >= WELL_SPREAD`` times their mean square norm) and of
+    a magnitude (largest ``|x|`` in ``SAFE_RANGE``) whose float32 squares and sums stay normal.
+    Either way the rounded column mean (summed in float32, pairwise: error about
+    ``eps log2 n``, kept in float64) leaves a residual common offset that Gram-based scores
+    see only to second order. Large common offsets (``rho`` small), non-finite values, zero
+    rows and extreme magnitudes go the float64 route. ``scale``: 1 for normalised rows, else the
+    power of two (exact) that brings the largest entry to about 1, as the float64 route does.
 
-    >>> c = centre_normalised_float32(torch.tensor([[3.0, 4.0], [4.0, -3.0], [-3.0, -4.0]]))
+    >>> c = centre_float32(torch.tensor([[3.0, 4.0], [4.0, -3.0], [-3.0, -4.0]]))
     >>> c.xc.sum(dim=0).abs().max() < 1e-6, c.scale
     (tensor(True), 1.0)
-    >>> centre_normalised_float32(torch.tensor([[1000.0, 1.0], [1000.0, -1.0]])) is None  # offset
+    >>> centre_float32(torch.tensor([[1000.0, 1.0], [1000.0, -1.0]])) is None  # offset
     True
+    >>> centre_float32(torch.tensor([[1000.0, 1.0], [1000.0, -1.0]]), normalize=False) is None
+    True
+    >>> c = centre_float32(torch.tensor([[3.0, 4.0], [1.0, -4.0]]), normalize=False)
+    >>> c.xc, c.scale
+    (tensor([[ 0.1250,  0.5000],
+            [-0.1250, -0.5000]]), 0.125)
     """
     if x.dtype == torch.float64 or not x.is_floating_point():
         return None
     x = x.detach().to(torch.float32)
-    norms = torch.linalg.vector_norm(x.double(), dim=1).to(torch.float32)
-    low, high = torch.aminmax(norms)
-    if not (_FAST_NORMS[0] <= float(low) and float(high) <= _FAST_NORMS[1]):  # also False for NaN / Inf
+    if normalize:
+        norms = torch.linalg.vector_norm(x.double(), dim=1).to(torch.float32)
+        low, high = torch.aminmax(norms)
+        if not (_FAST_NORMS[0] <= float(low) and float(high) <= _FAST_NORMS[1]):  # also False for NaN / Inf
+            return None
+        x = x / norms[:, None]  # a new tensor: centred in place below
+        mean_square = 1.0
+    else:
+        low, high = torch.aminmax(x)
+        largest = max(-float(low), float(high))
+        if not (SAFE_RANGE[0] <= largest <= SAFE_RANGE[1]):  # also False for NaN / Inf
+            return None
+        mean_square = float(torch.linalg.vector_norm(x)) ** 2 / x.shape[0]
+    mean = x.sum(dim=0).double() / x.shape[0]
+    if mean_square - float(mean @ mean) < WELL_SPREAD * mean_square:
         return None
-    u = x / norms[:, None]
-    mean = u.sum(dim=0).double() / x.shape[0]
-    if 1.0 - float(mean @ mean) < WELL_SPREAD:
-        return None
-    return Centred(xc=u.sub_(mean.to(torch.float32)), mean=mean, scale=1.0)
+    if normalize:
+        return Centred(xc=x.sub_(mean.to(torch.float32)), mean=mean, scale=1.0)
+    # a power of two (exact) that brings the entries to about 1: kernels multiply four of them
+    scale = power_of_two_scale(largest)
+    xc = torch.sub(x, mean.to(torch.float32))  # never the caller's tensor in place
+    return Centred(xc=xc.mul_(scale) if scale != 1.0 else xc, mean=mean * scale, scale=scale)

@@ -44,9 +44,10 @@ class MetricPlan:
             kernel entries of copies inflate the score; ``bootstrap_ci`` refuses) or ``"plain"``.
         scale_invariant: the score does not change when a layer is multiplied by a constant.
         prepare_fast: optional ``prepare_fast(x [n, d], ctx, **options) -> state | None``: the same
-            state as ``prepare`` straight from L2-normalised float32 input (called only when the
-            compute dtype is float32, ``normalize=True`` and nothing is clipped), or ``None`` to
-            take the float64 route (e.g. :func:`._numerics.centre_normalised_float32` declined).
+            state as ``prepare`` straight from the input as given (called only when the compute
+            dtype is float32 and nothing is clipped; ``ctx.normalize`` says whether rows are to be
+            L2-normalised), or ``None`` to take the float64 route (e.g.
+            :func:`._numerics.centre_float32` declined).
         null: optional fast path ``null(states_x, states_y, perms [P, n], **options) -> [P, Lx, Ly]``
             (float64): every layer pair with all layers of ``y`` permuted by each row of ``perms``.
             Default: :func:`permuted_scores` (``permute`` then ``pairs``, per permutation).
@@ -125,6 +126,7 @@ class LayerContext:
         self.n_layers = layers
         self.input_eps = float(torch.finfo(dtype).eps)
         self.name = "x"
+        self.normalize = True  # whether rows are L2-normalised before the plan sees them (set per call)
         self._gram: torch.Tensor | None = None
 
     @property
@@ -229,8 +231,9 @@ def prepare_layers(
     """Condition each layer (float64 normalise / clip) and run the plan's per-layer work; the
     plan's float32 ``prepare_fast`` first where it applies."""
     extra = {"groups": groups} if groups is not None else {}
-    fast = plan.prepare_fast is not None and normalize and clip_quantile is None and ctx.dtype == torch.float32
+    fast = plan.prepare_fast is not None and clip_quantile is None and ctx.dtype == torch.float32
     states = []
+    ctx.normalize = normalize
     for name, x in zip(names, layers):
         ctx.name, ctx.input_eps = name, input_eps(x)
         state = plan.prepare_fast(x, ctx, **options, **extra) if fast else None

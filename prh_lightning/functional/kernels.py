@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._bandwidth import median_bandwidth
-from ._numerics import centre, centre_normalised_float32
+from ._numerics import centre, centre_float32
 from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_choice, check_min_samples, check_positive
 
@@ -333,11 +333,12 @@ def prepare_kernel(
 
 
 def prepare_kernel_fast(x: torch.Tensor, ctx, kernel: str = "linear", unbiased: bool = False, **_) -> CentredKernel | None:
-    """:func:`prepare_kernel` for linear kernels of well-spread float32 rows, normalised and centred
-    in float32 (:func:`._numerics.centre_normalised_float32`); ``None``: take the float64 route."""
+    """:func:`prepare_kernel` for linear kernels of well-spread float32 rows, centred (and
+    normalised when ``ctx.normalize``) in float32 (:func:`._numerics.centre_float32`); ``None``:
+    take the float64 route."""
     if kernel != "linear" or unbiased and x.shape[0] < 4:
         return None
-    c = centre_normalised_float32(x)
+    c = centre_float32(x, ctx.normalize)
     return None if c is None else CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2)
 
 
@@ -357,6 +358,7 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
     # (r: row sums of K~, s their total); no pass over the [n, n] blocks beyond the Gram itself.
     # For centred features r is about -diag(K), so these terms are small: nothing cancels.
     raw = unbiased and all(k.kernel == "linear" for k in kernels)
+    upper = torch.ones(rows, rows, dtype=dtype, device=device).triu_()  # (a broadcast multiply: 2x triu_'s speed)
     for s in range(0, n, rows):
         e = min(n, s + rows)
         block = buffer[: len(kernels) * (e - s) * (n - s)].view(len(kernels), e - s, n - s)
@@ -369,7 +371,7 @@ def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.
         if not unbiased:
             diag = square.diagonal(dim1=1, dim2=2).clone()  # [L, e - s]
             inner -= (diag @ diag.T).double()
-        square.triu_()
+        square.mul_(upper[: e - s, : e - s])
         whole = block.view(len(kernels), -1)
         # float32 GEMMs summed in float64 over column chunks: one GEMM over ~2.6e5 columns left CKA
         # 1.2e-6 off the float64 value for two layers (its accumulation error grows with length)
