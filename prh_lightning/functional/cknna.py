@@ -32,7 +32,8 @@ __all__ = ["cknna"]
 @dataclass
 class CknnaLayer:
     """``idx [n, k]`` neighbours, ``val [n, k]`` = ``K[i, idx[i, t]]`` (float64), ``back [n, k]`` =
-    ``K[j, i]`` if ``i`` is a neighbour of ``j = idx[i, t]`` else 0, and ``self_sim`` = sim(K, K).
+    ``K[j, i]`` if ``i`` is a neighbour of ``j = idx[i, t]`` else 0, ``mutual [n, k]`` (bool) whether
+    it is, and ``self_sim`` = sim(K, K). :meth:`from_lists` fills the last three.
 
     ``keys [n k]``: the sorted ``i n + j`` of every neighbour pair, with ``sorted_val`` the
     kernel values in that order (built on first use): membership and kernel lookups by binary
@@ -43,13 +44,26 @@ class CknnaLayer:
     val: torch.Tensor
     back: torch.Tensor
     self_sim: torch.Tensor | None = None
+    mutual: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     sorted_val: torch.Tensor | None = None
+
+    @classmethod
+    def from_lists(cls, idx: torch.Tensor, val: torch.Tensor, unbiased: bool, name: str) -> "CknnaLayer":
+        """The layer of neighbour lists ``idx [n, k]`` and kernel values ``val [n, k]`` at them:
+        back links and self-similarity added; raises if that self-similarity is not positive."""
+        layer = cls(idx, val, torch.zeros_like(val))
+        layer.mutual, layer.back = layer.lookup(idx, torch.arange(idx.shape[0], device=idx.device)[:, None])
+        # against itself every listed edge is in the mask, and Q'_ji is the back link: no lookups
+        layer.self_sim = _hsic_of_masked(val[None], val[None], layer.back[None], idx[None], unbiased)[0]
+        check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {name}")
+        return layer
 
     def permuted(self, perm: torch.Tensor) -> "CknnaLayer":
         """Samples reordered (row ``i`` <- sample ``perm[i]``); self-similarity unchanged."""
         inverse = torch.argsort(perm)
-        return CknnaLayer(inverse[self.idx[perm]], self.val[perm], self.back[perm], self.self_sim)
+        mutual = None if self.mutual is None else self.mutual[perm]
+        return CknnaLayer(inverse[self.idx[perm]], self.val[perm], self.back[perm], self.self_sim, mutual)
 
     def lookup(self, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For index tensors ``i``, ``j`` (broadcast): ``(found, value)``, ``found = j in N(i)``,
@@ -71,11 +85,8 @@ def _masked_hsic_against(a: CknnaLayer, bs: list[CknnaLayer], unbiased: bool) ->
     """``HSIC(M∘K_a, M∘L_b)`` for layer ``a`` against every ``b``: ``[Lb]``.
 
     The entries of ``M`` are enumerated through ``b``'s lists (``j = idx_b[i, t]``) and looked up
-    in ``a``'s sorted keys: ``P'_ij = K_ij``, ``Q'_ij = L_ij`` on ``M``. With row / column sums of
-    ``P'``, ``Q'`` and ``tr(P'Q') = Σ P'_ij Q'_ji``:
-    biased ``tr(P'Q') - (colsum P' . rowsum Q' + rowsum P' . colsum Q') / n + ΣP' ΣQ' / n^2``;
-    unbiased (zero diagonals) ``[tr(P'Q') + ΣP' ΣQ' / ((n-1)(n-2)) - 2 colsum P' . rowsum Q' / (n-2)] / (n(n-3))``.
-    Memory ``O(L_b n k)``.
+    in ``a``'s sorted keys: ``P'_ij = K_ij``, ``Q'_ij = L_ij`` on ``M``, scored by
+    :func:`_hsic_of_masked`. Memory ``O(L_b n k)``.
     """
     n = a.idx.shape[0]
     i = torch.arange(n, device=a.idx.device)[None, :, None]
@@ -83,15 +94,28 @@ def _masked_hsic_against(a: CknnaLayer, bs: list[CknnaLayer], unbiased: bool) ->
     found, p = a.lookup(i, idx_b)  # P'_ij: zero unless j in N_a(i) (j in N_b(i) by construction)
     q = torch.stack([b.val for b in bs]) * found  # Q'_ij
     q_back = torch.stack([b.back for b in bs]) * a.lookup(idx_b, i)[0]  # Q'_ji: i in N_b(j) and in N_a(j)
+    return _hsic_of_masked(p, q, q_back, idx_b, unbiased)
+
+
+def _hsic_of_masked(p: torch.Tensor, q: torch.Tensor, q_back: torch.Tensor, idx: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """``[L]`` HSIC of masked kernels from their entries along neighbour lists ``idx [L, n, k]``:
+    ``p = P'_ij``, ``q = Q'_ij`` and ``q_back = Q'_ji`` at ``j = idx[l, i, t]`` (all ``[L, n, k]``;
+    every nonzero entry of ``P'`` and ``Q'`` lies on a listed edge).
+
+    With row / column sums of ``P'``, ``Q'`` and ``tr(P'Q') = Σ P'_ij Q'_ji``:
+    biased ``tr(P'Q') - (colsum P' . rowsum Q' + rowsum P' . colsum Q') / n + ΣP' ΣQ' / n^2``;
+    unbiased (zero diagonals) ``[tr(P'Q') + ΣP' ΣQ' / ((n-1)(n-2)) - 2 colsum P' . rowsum Q' / (n-2)] / (n(n-3))``.
+    """
+    layers, n, _ = idx.shape
     trace = (p * q_back).sum(dim=(1, 2))
-    flat = idx_b.flatten(1)
-    col_p = torch.zeros(len(bs), n, dtype=p.dtype, device=p.device).scatter_add_(1, flat, p.flatten(1))
+    flat = idx.flatten(1)
+    col_p = torch.zeros(layers, n, dtype=p.dtype, device=p.device).scatter_add_(1, flat, p.flatten(1))
     row_q = q.sum(dim=-1)
     sum_p, sum_q = p.sum(dim=(1, 2)), q.sum(dim=(1, 2))
     if unbiased:
         cross = (col_p * row_q).sum(dim=-1)
         return (trace + sum_p * sum_q / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
-    col_q = torch.zeros(len(bs), n, dtype=q.dtype, device=q.device).scatter_add_(1, flat, q.flatten(1))
+    col_q = torch.zeros(layers, n, dtype=q.dtype, device=q.device).scatter_add_(1, flat, q.flatten(1))
     row_p = p.sum(dim=-1)
     cross = (col_p * row_q).sum(dim=-1) + (row_p * col_q).sum(dim=-1)
     return trace - cross / n + sum_p * sum_q / n**2
@@ -117,11 +141,7 @@ def prepare_cknna(
         check_copies_at_boundary(x64, idx, ctx.name, exclude_self=unbiased)
     if not bool(torch.isfinite(val).all()):  # excluded entries (groups) listed as neighbours: exact products
         val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
-    layer = CknnaLayer(idx, val, torch.zeros_like(val))
-    layer.back = layer.lookup(idx, torch.arange(n, device=idx.device)[:, None])[1]
-    layer.self_sim = _masked_hsic_against(layer, [layer], unbiased)[0]
-    check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {ctx.name}")
-    return layer
+    return CknnaLayer.from_lists(idx, val, unbiased, ctx.name)
 
 
 def _gathered_products(x64: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
@@ -176,7 +196,7 @@ def _moved_hsic(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor,
     rows = torch.arange(n, device=device)[:, None]
     val_x = torch.stack([a.val for a in xs]).flatten()
     # K_ij where i is also a neighbour of j in x (else 0): the x side of tr(P'Q')
-    back_x = torch.stack([a.val * a.lookup(a.idx, rows)[0] for a in xs]).flatten()
+    back_x = torch.stack([a.val * a.mutual for a in xs]).flatten()
     edge_row = rows.expand(n, k).flatten()
     out = []
     for block in batches(perms, lx * n * k):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from prh_lightning.functional._ties import MAX_AFFECTED, AmbiguousNeighbours
-from prh_lightning.functional._validation import check_k, check_min_samples, check_positive
+from prh_lightning.functional._validation import check_k, check_min_samples
 from prh_lightning.functional.knn import _top_k
 from prh_lightning.metrics._shards import _BLOCK, Shard
 
@@ -168,7 +168,7 @@ def check_copies_sharded(shard: Shard, idx_all: Tensor, exclude_self: bool = Tru
 def sharded_cknna_layer(shard: Shard, k: int, unbiased: bool):
     """``functional.cknna.CknnaLayer`` of the union for one layer: lists and ``K_ij`` at them
     (float64, from the conditioned rows, in a second round of panels), gathered (``[n, k]``)."""
-    from prh_lightning.functional.cknna import CknnaLayer, _masked_hsic_against
+    from prh_lightning.functional.cknna import CknnaLayer
 
     check_k(k, shard.n, minimum=2)
     if unbiased:
@@ -183,11 +183,7 @@ def sharded_cknna_layer(shard: Shard, k: int, unbiased: bool):
     idx_all = g.gather_rows(idx, shard.sizes)
     check_copies_sharded(shard, idx_all, exclude_self=unbiased)
     val_all = g.gather_rows(val, shard.sizes)
-    layer = CknnaLayer(idx_all, val_all, torch.zeros_like(val_all))
-    layer.back = layer.lookup(idx_all, torch.arange(shard.n, device=idx.device)[:, None])[1]
-    layer.self_sim = _masked_hsic_against(layer, [layer], unbiased)[0]
-    check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {shard.name}")
-    return layer
+    return CknnaLayer.from_lists(idx_all, val_all, unbiased, shard.name)
 
 
 # -- SVCCA: d x d statistics -------------------------------------------------------------------
