@@ -22,7 +22,6 @@ import torch
 from ._edge_null import EdgeUnion, batches, layer_groups, moved_hits
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
-from ._ties import check_copies_at_boundary
 from ._validation import check_k, check_min_samples, check_positive
 from .knn import _BLOCK_BYTES, exact_neighbours
 
@@ -134,11 +133,10 @@ def prepare_cknna(
     # the masks need the neighbour sets only: certify the k-th / (k+1)-th boundary, not the order;
     # the kernel values come with the scores (offset carried in float64, see exact_neighbours)
     idx, val = exact_neighbours(
-        c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups, ordered=False, kernel_values=True
+        c, x64, k, rows, ctx.gram(n), exclude_self=unbiased, groups=groups, ordered=False, kernel_values=True,
+        name=ctx.name,
     )
     del c
-    if groups is None:
-        check_copies_at_boundary(x64, idx, ctx.name, exclude_self=unbiased)
     if not bool(torch.isfinite(val).all()):  # excluded entries (groups) listed as neighbours: exact products
         val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
     return CknnaLayer.from_lists(idx, val, unbiased, ctx.name)

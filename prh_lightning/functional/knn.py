@@ -234,8 +234,9 @@ def _rerank(
     k: int,
 ) -> torch.Tensor:
     """``[R, k]`` exact neighbours of ``rows [R]`` from their float32 scores ``scores [R, n]``
-    (excluded entries ``-inf``), whose rounding error is at most ``tol [R]``, and ``[R, k]``
-    float64 their scores (exact where they were recomputed, else the float32 ones).
+    (excluded entries ``-inf``), whose rounding error is at most ``tol [R]``, ``[R, k]``
+    float64 their scores (exact where they were recomputed, else the float32 ones), and whether
+    any row's ``k``-th and ``k + 1``-th scores are exactly tied.
 
     Candidates are the columns scoring at least ``floor [R]`` (a superset of the exact top ``k``).
     A candidate whose float32 score is more than ``2 tol`` from every other candidate's keeps
@@ -268,8 +269,9 @@ def _rerank(
             right, left = right.mul_(c.scale).sub_(c.mean), left.mul_(c.scale).sub_(c.mean)
         exact = right.mul_(left).sum(dim=1)
         mixed[r_need, s_need] = exact if shift is None else exact + shift[cols_need]
-    top = _top_k(mixed, k)[0]
-    return torch.gather(cand, 1, top), torch.gather(mixed, 1, top)
+    top, values = _top_k(mixed, k)
+    boundary_tie = bool((values[:, k - 1] == values[:, k]).any())  # (-inf beyond the candidates: no tie)
+    return torch.gather(cand, 1, top), torch.gather(mixed, 1, top), boundary_tie
 
 
 def exact_neighbours(
@@ -282,6 +284,7 @@ def exact_neighbours(
     groups: torch.Tensor | None = None,
     ordered: bool = True,
     kernel_values: bool = False,
+    name: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``[n, k]`` neighbours of ``x64`` by inner product, from its centred copy ``c``.
 
@@ -303,6 +306,12 @@ def exact_neighbours(
     certified rounding bound of its score (``tol_i / scale^2``) of the exact value, so a large
     common offset costs no precision (it sits in the float64 terms).
 
+    ``name``: refuse lists that cut through a group of identical rows
+    (:func:`._ties.check_copies_at_boundary`, which names the layer), unless ``groups`` keeps
+    copies apart. Identical rows have equal exact scores, so in float32 they can cut a list only
+    where the boundary gap was not certified and the float64 re-ranking, which scores identical
+    rows identically, found an exact tie there: the check runs only then (always for float64 input).
+
     Memory: the whole ``[n, n]`` ``gram`` buffer when given, else ``[rows, n]`` blocks; float64
     work only on the rows re-ranked and their candidates.
     """
@@ -314,6 +323,7 @@ def exact_neighbours(
     if not exact:
         base, rel = rounding_bound(xc, shift)
     idx_blocks, value_blocks = [], []
+    tied_at_boundary = False  # an exact tie between a row's k-th and k + 1-th scores (after re-ranking)
     for s in range(0, n, n if gram is not None else rows):
         e = n if gram is not None else min(n, s + rows)
         if gram is not None:
@@ -338,13 +348,16 @@ def exact_neighbours(
                 floor = values[redo, k - 1] - 3 * tol[redo]
                 floor_c = floor.to(block.dtype)
                 floor_c = torch.where(floor_c.double() > floor, torch.nextafter(floor_c, floor_c.new_tensor(-torch.inf)), floor_c)
-                idx[redo], redone = _rerank(c, x64, shift, redo + s, block[redo], floor_c, tol[redo], k)
+                idx[redo], redone, tie = _rerank(c, x64, shift, redo + s, block[redo], floor_c, tol[redo], k)
                 values[redo, :k] = redone
+                tied_at_boundary |= tie
         del block
         idx_blocks.append(idx)
         if kernel_values:
             value_blocks.append(values[:, :k].double())
     idx = torch.cat(idx_blocks)
+    if name is not None and groups is None and (exact or tied_at_boundary):
+        check_copies_at_boundary(x64, idx, name, exclude_self=exclude_self)
     if not kernel_values:
         return idx
     scores = torch.cat(value_blocks)
@@ -484,9 +497,7 @@ def prepare_neighbours(
         generator = torch.Generator().manual_seed(0)
         return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator))
     rows = ctx.block(n, _BLOCK_BYTES)
-    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered)
-    if groups is None:  # bootstrap copies are handled by their groups
-        check_copies_at_boundary(x64, idx, ctx.name)
+    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered, name=ctx.name)
     return Neighbours(idx)
 
 
