@@ -8,17 +8,26 @@ running it on all 169 pairs takes hours; the printout says so.
 
     python benchmarks/calibration.py                     # n=1024, d=768, 13 x 13, K=200, CPU
     python benchmarks/calibration.py --metrics cka --n 512
+
+``--null-only`` times the permutation null alone (``permuted_scores`` of the metric's plan, as
+``calibrate`` runs it) under ``--max-memory`` and prints this process's peak RSS before and after
+it; run one configuration per process, since the peak is a high-water mark:
+
+    python benchmarks/calibration.py --null-only --metrics cka                     # n=1024, 13 x 13
+    python benchmarks/calibration.py --null-only --metrics cka --n 8000 --layers 5 --permutations 20 --max-memory 2GB
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
 
 from prh_lightning import alignment_matrix, calibrate
 from prh_lightning.functional import METRICS
+from prh_lightning.functional._plan import LayerContext, check_layers, get_plan, permuted_scores, prepare_layers
 
 
 def synthetic_layers(count: int, n: int, d: int, seed: int) -> list[torch.Tensor]:
@@ -40,6 +49,28 @@ def best_of(fn, repeat: int) -> float:
     return best
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_null(xs, ys, perms, metric: str, max_memory: str | None, kw: dict) -> None:
+    """One permutation null as calibrate runs it (identity included), timed once after the layers
+    are prepared, with the peak RSS before and after."""
+    plan = get_plan(metric)
+    options = plan.bind(kw)
+    n, dtype, device = check_layers(xs, ys, [f"x{i}" for i in range(len(xs))], [f"y{i}" for i in range(len(ys))])
+    ctx = LayerContext(dtype, None, n, len(xs) + len(ys), device, max_memory)
+    sx = prepare_layers(plan, xs, [f"x{i}" for i in range(len(xs))], options, True, None, ctx)
+    sy = prepare_layers(plan, ys, [f"y{i}" for i in range(len(ys))], options, True, None, ctx)
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    null = permuted_scores(plan, sx, sy, perms, options)
+    elapsed = time.perf_counter() - start
+    print(f"{metric} null: {tuple(null.shape)} in {elapsed:.2f} s, max_memory={max_memory}; "
+          f"peak RSS {before:.0f} MB before the null, {peak_rss_mb():.0f} MB after", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=13)
@@ -49,9 +80,17 @@ def main() -> None:
     p.add_argument("--metrics", nargs="+", default=["mutual_knn", "cka", "cknna"])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--loop-pairs", type=int, default=1, help="pairs timed for the per-pair loop (scaled to all)")
+    p.add_argument("--null-only", action="store_true", help="time the permutation null alone, with peak RSS")
+    p.add_argument("--max-memory", default=None, help="max_memory for --null-only, e.g. 2GB")
     args = p.parse_args()
     xs, ys = synthetic_layers(args.layers, args.n, args.d, 0), synthetic_layers(args.layers, args.n, args.d, 1)
     perms = torch.stack([torch.randperm(args.n, generator=torch.Generator().manual_seed(i)) for i in range(args.permutations)])
+    if args.null_only:
+        print(f"{args.layers} x {args.layers} layers, n={args.n}, d={args.d}, K={args.permutations}, threads={torch.get_num_threads()}")
+        for metric in args.metrics:
+            kw = {"k": 10} if metric in ("mutual_knn", "cknna") else {}
+            time_null(xs, ys, torch.cat([torch.arange(args.n)[None], perms]), metric, args.max_memory, kw)
+        return
     pairs = args.layers * args.layers
     print(f"{args.layers} x {args.layers} layers, n={args.n}, d={args.d}, K={args.permutations}, "
           f"threads={torch.get_num_threads()}, best of {args.repeat} warm runs")

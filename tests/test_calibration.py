@@ -192,3 +192,101 @@ def test_batched_nulls_match_dense_references_permutation_by_permutation(case, s
     np.testing.assert_allclose(out.raw.numpy(), raw, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(out.null.numpy(), null, rtol=1e-9, atol=1e-12)
     assert np.ptp(null) > 0.01  # the permutations do move the scores
+
+
+# -- the CKA null within a memory budget ------------------------------------------------------
+
+
+def _cka_null_under_budget(metric, xs, ys, perms, max_memory):
+    """The CKA null as calibrate runs it, from layers prepared under ``max_memory``."""
+    from prh_lightning.functional._plan import LayerContext, check_layers, get_plan, permuted_scores, prepare_layers
+
+    plan = get_plan(metric)
+    options = plan.bind({})
+    names_x, names_y = [f"x{i}" for i in range(len(xs))], [f"y{i}" for i in range(len(ys))]
+    n, dtype, device = check_layers(xs, ys, names_x, names_y)
+    ctx = LayerContext(dtype, None, n, len(xs) + len(ys), device, max_memory)
+    sx = prepare_layers(plan, xs, names_x, options, True, None, ctx)
+    sy = prepare_layers(plan, ys, names_y, options, True, None, ctx)
+    return permuted_scores(plan, sx, sy, perms, options)
+
+
+def _smallest_grouped_budget(n, lx, ly, itemsize):
+    """The smallest budget (bytes) at which the CKA null still builds tables: one layer per group."""
+    from prh_lightning.functional.kernels import _null_layout
+
+    low, high = 1, 2**40
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _null_layout(n, lx, ly, itemsize, mid) is not None else (mid + 1, high)
+    return low
+
+
+def _budget_layers(seed, n, dtype):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    make = lambda d: (shared @ torch.randn(3, d, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
+    return [make(6), make(4), make(7)], [make(5), make(8), make(3)], torch.stack([torch.randperm(n, generator=g) for _ in range(6)])
+
+
+@pytest.mark.parametrize("metric", ["cka", "unbiased_cka"])
+def test_cka_null_in_one_layer_groups_and_streamed_fallback_match_float64(metric, monkeypatch):
+    # a budget that fits exactly one x triangle and one y table per group, and one byte less (no
+    # [n, n] table at all: permuted features, streamed pair sums) give the numbers of the
+    # ungrouped null and of numpy float64 CKA of y's permuted rows, permutation by permutation
+    from prh_lightning.functional import kernels
+    from prh_lightning.functional.kernels import _null_layout
+
+    n = 45
+    xs, ys, perms = _budget_layers(3, n, torch.float64)
+    smallest = _smallest_grouped_budget(n, len(xs), len(ys), 8)
+    assert _null_layout(n, len(xs), len(ys), 8, smallest)[:2] == (1, 1)
+    assert _null_layout(n, len(xs), len(ys), 8, smallest - 1) is None
+    tables = []  # y layers per table, per group pass
+    inner = kernels._permuted_inner
+    monkeypatch.setattr(kernels, "_permuted_inner", lambda tri, diag, table, *a: tables.append(table.shape[1]) or inner(tri, diag, table, *a))
+    whole = _cka_null_under_budget(metric, xs, ys, perms, None)
+    assert tables == [3]
+    grouped = _cka_null_under_budget(metric, xs, ys, perms, smallest)
+    assert tables == [3] + [1] * 9  # 3 x groups x 3 y groups
+    streamed = _cka_null_under_budget(metric, xs, ys, perms, smallest - 1)
+    assert len(tables) == 10  # no table built
+    ref = _REFERENCES[metric]
+    expected = np.array([[[ref(x.numpy(), y[p].numpy()) for y in ys] for x in xs] for p in perms])
+    for out in (whole, grouped, streamed):
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(grouped.numpy(), whole.numpy(), rtol=1e-12, atol=1e-14)
+    assert np.ptp(expected) > 0.01
+
+
+def test_cka_null_allocations_stay_within_the_budget(monkeypatch):
+    # float32 layers (4-byte tables): with one layer per group, no op output of the null is larger
+    # than one y layer's [n, n] table, and none exceeds the budget; float32 numbers still match
+    # numpy float64. Gather chunks of 97 triangle entries: as at large n, where the gather
+    # buffers (65,536 entries) are far smaller than a table
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestOutput(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.nbytes = max([self.nbytes, *sizes])
+            return out
+
+    from prh_lightning.functional import kernels
+
+    monkeypatch.setattr(kernels, "_NULL_CHUNK", 97)
+    n = 96
+    xs, ys, perms = _budget_layers(4, n, torch.float32)
+    budget = _smallest_grouped_budget(n, len(xs), len(ys), 4)
+    with LargestOutput() as unbounded:
+        _cka_null_under_budget("cka", xs, ys, perms, None)
+    with LargestOutput() as largest:
+        null = _cka_null_under_budget("cka", xs, ys, perms, budget)
+    assert unbounded.nbytes >= 3 * n * n * 4  # the default budget holds all y layers in one table
+    assert largest.nbytes <= min(budget, n * n * 4)
+    expected = np.array([[[_np_cka(x.double().numpy(), y[p].double().numpy(), False) for y in ys] for x in xs] for p in perms])
+    np.testing.assert_allclose(null.numpy(), expected, rtol=0, atol=2e-6)

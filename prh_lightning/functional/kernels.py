@@ -156,8 +156,11 @@ class CentredKernel:
     can be applied in the units of the features as given.
     """
 
-    def __init__(self, x: torch.Tensor, kernel: str, unbiased: bool, sigma, rows: int, kernel_scale: float):
+    def __init__(
+        self, x: torch.Tensor, kernel: str, unbiased: bool, sigma, rows: int, kernel_scale: float, budget: int | None = None
+    ):
         self.n = x.shape[0]
+        self.budget = budget  # max_memory in bytes (None: defaults), for the permutation null
         self.kernel, self.unbiased, self.kernel_scale = kernel, unbiased, kernel_scale
         sq = torch.linalg.vector_norm(x, dim=1) ** 2
         self.x = x
@@ -227,14 +230,126 @@ class CentredKernel:
         return out
 
 
-def _chunked_gram(rows: torch.Tensor, chunks: int = 8) -> torch.Tensor:
-    """``rows^T rows`` for ``rows [N, c]`` in float64, summed over ``chunks`` float32 (or float64)
-    GEMMs of consecutive rows: ``[c, c]``."""
-    step = -(-rows.shape[0] // chunks)
-    out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-    for s in range(0, rows.shape[0], step):
-        out += (rows[s : s + step].T @ rows[s : s + step]).double()
+def _triangle_mask(s: int, e: int, n: int, device) -> torch.Tensor:
+    """``[e - s, n - s]`` bool: the entries ``(i, j)``, ``i < j``, of rows ``s:e`` against columns
+    ``s:n``; masked selection walks them in ``torch.triu_indices`` order."""
+    return torch.ones(e - s, n - s, dtype=torch.bool, device=device).triu_(1)
+
+
+def _band_starts(n: int, rows: int):
+    """``(s, e, a, b)`` per band of ``rows`` rows: rows ``s:e`` of the upper triangle hold its
+    entries ``a:b`` (row-major order of the strict upper triangle)."""
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        yield s, e, s * n - s * (s + 1) // 2, e * n - e * (e + 1) // 2
+
+
+def _triangle_pairs(n: int, rows: int, key_dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column ``[m]`` (``m = n (n - 1) / 2``) of every strict upper triangle entry, in
+    ``key_dtype``, built band by band (no int64 ``[2, m]`` copy)."""
+    m = n * (n - 1) // 2
+    first, second = (torch.empty(m, dtype=key_dtype, device=device) for _ in range(2))
+    for s, e, a, b in _band_starts(n, rows):
+        mask = _triangle_mask(s, e, n, device)
+        torch.masked_select(torch.arange(s, e, dtype=key_dtype, device=device)[:, None].expand_as(mask), mask, out=first[a:b])
+        torch.masked_select(torch.arange(s, n, dtype=key_dtype, device=device)[None, :].expand_as(mask), mask, out=second[a:b])
+    return first, second
+
+
+def _stream_centred(
+    kernels: list[CentredKernel], rows: int, tri: torch.Tensor | None = None, table: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream the centred kernels in bands of ``rows`` rows into ``tri [L, m]`` (row ``l``:
+    ``C_l[i, j]``, ``i < j``, in ``triu_indices`` order) or into ``table [n n, L]`` (row ``u n + v``,
+    ``u <= v``: ``C[u, v]`` of every layer; the lower triangle is never written nor read).
+    Returns the diagonals ``[L, n]`` and ``||C_l||^2 = 2 sum_{i<j} C_ij^2 + sum_i C_ii^2`` ``[L]``
+    (float64; each layer's sum is the same whichever group it is streamed with)."""
+    n, dtype, device = kernels[0].n, kernels[0].x.dtype, kernels[0].x.device
+    diag = torch.empty(len(kernels), n, dtype=torch.float64, device=device)
+    norms = torch.zeros(len(kernels), dtype=torch.float64, device=device)
+    buffer = torch.empty(rows * n, dtype=dtype, device=device)
+    entries = torch.empty(rows * n, dtype=dtype, device=device) if tri is None else None
+    for s, e, a, b in _band_starts(n, rows):
+        mask = _triangle_mask(s, e, n, device)
+        for l, k in enumerate(kernels):
+            block = k.centred_into(s, e, buffer[: (e - s) * (n - s)].view(e - s, n - s), c0=s)
+            upper = tri[l, a:b] if tri is not None else entries[: b - a]
+            torch.masked_select(block, mask, out=upper)
+            norms[l] += 2.0 * upper.square().sum(dtype=torch.float64)
+            diag[l, s:e] = block.diagonal()
+            if table is not None:
+                table.view(n, n, len(kernels))[s:e, s:, l] = block
+    norms += (diag**2).sum(dim=1)
+    for value in norms:
+        check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
+    return diag, norms
+
+
+def _permuted_inner(
+    tri_x: torch.Tensor, diag_x: torch.Tensor, table: torch.Tensor, first: torch.Tensor, second: torch.Tensor, perms: torch.Tensor
+) -> torch.Tensor:
+    """``[P, Lx, Ly]`` float64 ``<C_x, C_y[π][:, π]>`` from the ``x`` triangles ``tri_x [Lx, m]``,
+    diagonals ``diag_x [Lx, n]``, the ``y`` table ``[n n, Ly]`` (see :func:`_stream_centred`) and
+    the triangle's rows and columns ``first``, ``second`` ``[m]``.
+
+    A batch of permutations gathers the table rows ``π(i) n + π(j)``, ``i < j`` (``u < v``
+    ordered), one random access per entry for all ``y`` layers, in chunks small enough that the
+    gathered block stays in cache; one GEMM against the ``x`` triangles scores every pair under
+    every permutation of the batch, accumulated in float64 over the chunks."""
+    n, m = diag_x.shape[1], first.shape[0]
+    lx, ly = tri_x.shape[0], table.shape[1]
+    device, key_dtype = table.device, first.dtype
+    batch, chunk = _NULL_BATCH, min(m, _NULL_CHUNK)
+    # buffers allocated once and reused: fresh multi-megabyte tensors per chunk cost page faults
+    # of the order of the gather itself
+    keys = torch.empty(3, chunk * batch, dtype=key_dtype, device=device)
+    moved = torch.empty(chunk * batch, ly, dtype=table.dtype, device=device)
+    out = torch.empty(perms.shape[0], lx, ly, dtype=torch.float64, device=device)
+    for s in range(0, perms.shape[0], batch):
+        p = perms[s : s + batch].T.contiguous().to(key_dtype)  # [n, B]
+        b = p.shape[1]
+        inner = torch.zeros(lx, b * ly, dtype=torch.float64, device=device)
+        for c0 in range(0, m, chunk):
+            c1 = min(m, c0 + chunk)
+            key, high, low = (buf[: (c1 - c0) * b].view(c1 - c0, b) for buf in keys)
+            # key[(i, j), perm] = u n + v with {u, v} = {π(i), π(j)}, u < v
+            torch.index_select(p, 0, first[c0:c1], out=key)
+            torch.index_select(p, 0, second[c0:c1], out=high)
+            torch.minimum(key, high, out=low)
+            torch.maximum(key, high, out=high)
+            torch.mul(low, n, out=key).add_(high)
+            block = moved[: (c1 - c0) * b]  # C_y[π(i), π(j)] of every y layer, per permutation
+            torch.index_select(table, 0, key.view(-1), out=block)
+            inner += (tri_x[:, c0:c1] @ block.view(c1 - c0, b * ly)).double()
+        diag_y = table.index_select(0, (p.T.long() * (n + 1)).flatten()).view(b, n, ly).double()  # C_y[π(i), π(i)]
+        total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag_y)
+        out[s : s + b] = total.permute(1, 0, 2)
     return out
+
+
+def _null_layout(n: int, lx: int, ly: int, itemsize: int, budget: int | None) -> tuple[int, int, int] | None:
+    """``(x layers per group, y layers per group, rows per band)`` for the CKA null within
+    ``budget`` bytes (default :data:`_NULL_BYTES`), or None when one ``x`` triangle and one ``y``
+    table do not fit together.
+
+    Working memory of one group pass: the ``y`` table (``n^2`` entries per layer), the ``x``
+    triangles (``m = n (n - 1) / 2`` entries per layer), the triangle's rows and columns
+    (``2 m`` keys) and the streaming and gather buffers. ``x`` groups are filled first: every
+    ``x`` group gathers every ``y`` table again, while ``y`` groups add no gathers."""
+    budget = _NULL_BYTES if budget is None else budget
+    m = n * (n - 1) // 2
+    key_size = 4 if n * n < 2**31 else 8
+    per_band_row = n * (3 * itemsize + 1)  # band buffer, y triangle entries, their squares, mask
+    rows = max(1, min(-(-n // 8), budget // 16 // per_band_row))  # 8 bands, or ~1/16 of the budget
+    gather = _NULL_BATCH * (min(m, _NULL_CHUNK) * (3 * key_size + ly * itemsize) + n * ly * 8)
+    fixed = 2 * m * key_size + rows * per_band_row + gather + (lx + ly) * n * 8
+    triangle, table = m * itemsize, n * n * itemsize
+    free = budget - fixed
+    if free < triangle + table:
+        return None
+    per_x = min(lx, (free - table) // triangle)
+    per_y = min(ly, (free - per_x * triangle) // table)
+    return per_x, per_y, rows
 
 
 def _cka_null(
@@ -243,77 +358,41 @@ def _cka_null(
     """``[P, Lx, Ly]`` CKA with every ``y`` layer permuted: centring commutes with permuting samples,
     so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominators do not change.
 
-    The centred kernels are formed once. They are symmetric, so only upper triangles are scored:
-    the ``y`` kernels are interleaved into one ``[n n, Ly]`` table (row ``u n + v`` holds
-    ``C_y[u, v]`` of every ``y`` layer), a batch of permutations gathers the rows
-    ``π(i) n + π(j)``, ``i < j``, of that table at once (one random access per entry for all
-    ``y`` layers), and one GEMM against the ``x`` triangles scores every pair under every
-    permutation of the batch, accumulated in float64 over column chunks (as the raw scores).
+    The centred kernels are formed once per group. They are symmetric, so only upper triangles are
+    scored (:func:`_permuted_inner`). Layers are grouped so that each group's ``y`` table
+    ``[n n, Ly']`` and ``x`` triangles ``[Lx', m]`` stay within the memory budget of the layers'
+    preparation (``max_memory``, default 1 GiB, see :func:`_null_layout`); when not even one of
+    each fits, every permutation is scored by the streamed pair sums on permuted ``y`` features
+    (as :func:`._plan.permuted_scores` does for plans without a null): no ``[n, n]`` table at all.
     """
-    n = xs[0].n
-    device, dtype = xs[0].x.device, xs[0].x.dtype
+    n, device = xs[0].n, xs[0].x.device
     lx, ly = len(xs), len(ys)
-    iu = torch.triu_indices(n, n, offset=1, device=device)
-    m = iu.shape[1]
-    tri = torch.empty(lx + ly, m, dtype=dtype, device=device)  # C[i, j], i < j, of every layer
-    diag = torch.empty(lx + ly, n, dtype=torch.float64, device=device)
-    # row u n + v (u <= v): C_y[u, v] of every y layer; the lower triangle is never written nor read
-    table = torch.empty(n * n, ly, dtype=dtype, device=device)
-    rows = -(-n // 8)  # 8 row blocks of the upper triangle: about 56 % of a whole Gram's work
-    buffer = torch.empty(rows * n, dtype=dtype, device=device)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        a, b = s * n - s * (s + 1) // 2, e * n - e * (e + 1) // 2  # the triangle entries of rows s:e
-        local = (iu[0, a:b] - s) * (n - s) + (iu[1, a:b] - s)
-        for l, k in enumerate(list(xs) + list(ys)):
-            block = k.centred_into(s, e, buffer[: (e - s) * (n - s)].view(e - s, n - s), c0=s)
-            torch.index_select(block.view(-1), 0, local, out=tri[l, a:b])
-            diag[l, s:e] = block.diagonal()
-            if l >= lx:
-                table.view(n, n, ly)[s:e, s:, l - lx] = block
-    tri_x = tri[:lx]
-    gram = _chunked_gram(tri.T)
-    self_sims = 2.0 * gram.diagonal() + (diag**2).sum(dim=1)  # ||C||^2
-    for value in self_sims:
-        check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
-    self_x, self_y = self_sims[:lx], self_sims[lx:]
-    diag_x = diag[:lx]
-    denom = torch.sqrt(self_x[:, None] * self_y[None, :])
-    if eps:
-        c = n * (n - 3) if unbiased else 1.0
-        sx = torch.tensor([k.kernel_scale for k in xs], dtype=torch.float64, device=device)
-        sy = torch.tensor([k.kernel_scale for k in ys], dtype=torch.float64, device=device)
-        denom = denom + eps * c * sx[:, None] * sy[None, :]
-    # Buffers are allocated once and reused: fresh multi-megabyte tensors per batch cost page faults
-    # of the order of the gather itself. int32 keys when n^2 allows (half the index traffic).
-    key_dtype = torch.int32 if n * n < 2**31 else torch.int64
-    first, second = iu[0].to(key_dtype), iu[1].to(key_dtype)
-    batch = max(1, min(_NULL_BATCH, _BUDGET // max(1, m * ly)))
-    buffers = torch.empty(3, m * batch, dtype=key_dtype, device=device)
-    chunk = min(m, _NULL_CHUNK)
-    moved = torch.empty(chunk * batch, ly, dtype=dtype, device=device)
-    out = []
-    for s in range(0, perms.shape[0], batch):
-        p = perms[s : s + batch].T.contiguous().to(key_dtype)  # [n, B]
-        b = p.shape[1]
-        keys, high, low = (buf[: m * b].view(m, b) for buf in buffers)
-        # keys[(i, j), perm] = u n + v with {u, v} = {π(i), π(j)}, u < v (i < j): one row of moved
-        # per triangle entry and permutation
-        torch.index_select(p, 0, first, out=keys)
-        torch.index_select(p, 0, second, out=high)
-        torch.minimum(keys, high, out=low)
-        torch.maximum(keys, high, out=high)
-        torch.mul(low, n, out=keys).add_(high)
-        inner = torch.zeros(lx, b * ly, dtype=torch.float64, device=device)
-        for c0 in range(0, m, chunk):  # chunks small enough that the gathered block stays in cache
-            c1 = min(m, c0 + chunk)
-            block = moved[: (c1 - c0) * b]  # C_y[π(i), π(j)] of every y layer, per permutation
-            torch.index_select(table, 0, keys[c0:c1].view(-1), out=block)
-            inner += (tri_x[:, c0:c1] @ block.view(c1 - c0, b * ly)).double()
-        diag_y = table.index_select(0, (p.T.long() * (n + 1)).flatten()).view(b, n, ly).double()  # C_y[π(i), π(i)]
-        total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag_y)
-        out.append(total.permute(1, 0, 2) / denom)
-    return torch.cat(out)
+    layout = _null_layout(n, lx, ly, xs[0].x.element_size(), xs[0].budget)
+    if layout is None:
+        return torch.stack([_cka_pairs(xs, [k.permuted(p) for k in ys], eps=eps, unbiased=unbiased).double() for p in perms])
+    per_x, per_y, rows = layout
+    key_dtype = torch.int32 if n * n < 2**31 else torch.int64  # half the index traffic when n^2 allows
+    first, second = _triangle_pairs(n, rows, key_dtype, device)
+    out = torch.empty(perms.shape[0], lx, ly, dtype=torch.float64, device=device)
+    c = n * (n - 3) if unbiased else 1.0
+    for x0 in range(0, lx, per_x):
+        group_x = xs[x0 : x0 + per_x]
+        tri_x = torch.empty(len(group_x), n * (n - 1) // 2, dtype=xs[0].x.dtype, device=device)
+        diag_x, self_x = _stream_centred(group_x, rows, tri=tri_x)
+        for y0 in range(0, ly, per_y):
+            group_y = ys[y0 : y0 + per_y]
+            table = torch.empty(n * n, len(group_y), dtype=ys[0].x.dtype, device=device)
+            diag_y, self_y = _stream_centred(group_y, rows, table=table)
+            denom = torch.sqrt(self_x[:, None] * self_y[None, :])
+            if eps:
+                sx = torch.tensor([k.kernel_scale for k in group_x], dtype=torch.float64, device=device)
+                sy = torch.tensor([k.kernel_scale for k in group_y], dtype=torch.float64, device=device)
+                denom = denom + eps * c * sx[:, None] * sy[None, :]
+            inner = _permuted_inner(tri_x, diag_x, table, first, second, perms)
+            out[:, x0 : x0 + per_x, y0 : y0 + per_y] = inner / denom
+            del table, inner  # before the next group's table is allocated
+        del tri_x
+    return out
 
 
 def prepare_kernel(
@@ -328,8 +407,8 @@ def prepare_kernel(
     c = centre(x64, ctx.input_eps, torch.float64 if kernel == "rbf" else ctx.dtype, ctx.name)
     if kernel == "rbf":
         bandwidth = None if sigma is None else float(sigma) * c.scale
-        return CentredKernel(c.xc, kernel, unbiased, bandwidth, ctx.rows, 1.0)
-    return CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2)
+        return CentredKernel(c.xc, kernel, unbiased, bandwidth, ctx.rows, 1.0, ctx.budget)
+    return CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2, ctx.budget)
 
 
 def prepare_kernel_fast(x: torch.Tensor, ctx, kernel: str = "linear", unbiased: bool = False, **_) -> CentredKernel | None:
@@ -339,7 +418,7 @@ def prepare_kernel_fast(x: torch.Tensor, ctx, kernel: str = "linear", unbiased: 
     if kernel != "linear" or unbiased and x.shape[0] < 4:
         return None
     c = centre_float32(x, ctx.normalize)
-    return None if c is None else CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2)
+    return None if c is None else CentredKernel(c.xc, kernel, unbiased, None, ctx.rows, c.scale**2, ctx.budget)
 
 
 def _cka_pairs(xs: list[CentredKernel], ys: list[CentredKernel], eps: float = 0.0, unbiased: bool = False, **_):
@@ -403,6 +482,7 @@ _BUDGET = 2**26
 _PAIR_CHUNK = 2**14  # columns per float32 GEMM in the CKA pair sums (then summed in float64)
 _NULL_BATCH = 4  # permutations per gather and GEMM in the CKA null
 _NULL_CHUNK = 2**16  # triangle entries per gather and GEMM in the CKA null
+_NULL_BYTES = 2**30  # the CKA null's working memory without max_memory (whole tables up to n ~ 10k)
 
 
 def _check_kernel_name(kernel: str) -> None:
