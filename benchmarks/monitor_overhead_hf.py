@@ -8,7 +8,9 @@ data, ``layers="auto"`` (one per transformer block), CKA + mutual k-NN, 20 calib
 runs interleaved in one process (plain, tracked, plain, tracked, ...). Scalars go to TensorBoard
 through ``report_to`` in both runs. Prints each pair's wall time of ``trainer.train()``, the
 median ratio tracked / plain, the spread (min-max) of the pair ratios and the time spent inside
-the callback's hooks.
+the callback's hooks, split into the probe's forward passes, the scoring (matrices and chance
+levels) and the figures. The warm-up runs one plain and one tracked run first, so one-time
+imports of either path (matplotlib, TensorBoard's writer) fall on neither side of a pair.
 
     python benchmarks/monitor_overhead_hf.py [--texts 400] [--epochs 2] [--batch-size 8] [--repeats 3] [--every 50] [--layers auto]
 """
@@ -74,6 +76,26 @@ class Texts(torch.utils.data.Dataset):
 
 
 _TIMED = []
+_PARTS = {"probe forward": ("model_features",), "scoring": ("compute_matrices", "compute_chance")}
+
+
+def time_tracker_parts(tracker, seconds: dict[str, float]) -> None:
+    """Wrap ``tracker``'s probe pass and scoring methods (on the instance) so that their wall
+    time adds up in ``seconds[part]``."""
+
+    def timed(part: str, method):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
+
+        return run
+
+    for part, names in _PARTS.items():
+        for name in names:
+            setattr(tracker, name, timed(part, getattr(tracker, name)))
 
 
 def timed_callback_class():
@@ -86,12 +108,21 @@ def timed_callback_class():
         """AlignmentTrainerCallback that adds up the wall time spent inside its own hooks."""
 
         seconds = 0.0
+        parts: dict[str, float] = {}  # the probe forward, scoring and figures within ``seconds``
 
         def _timed(self, hook: str, *args, **kwargs):
             start = time.perf_counter()
             out = getattr(super(), hook)(*args, **kwargs)
             TimedCallback.seconds += time.perf_counter() - start
             return out
+
+        def _log_figures(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return super()._log_figures(*args, **kwargs)
+            finally:
+                parts = TimedCallback.parts
+                parts["figures"] = parts.get("figures", 0.0) + time.perf_counter() - start
 
         def on_train_begin(self, *args, **kwargs):
             return self._timed("on_train_begin", *args, **kwargs)
@@ -134,7 +165,9 @@ def train_once(args: argparse.Namespace, data: Texts, tokenizer, tracked: bool, 
     tracker = None
     if tracked:  # defaults; only the interval (and, if asked, the layers) are ours
         tracker = AlignmentTracker(every_n_steps=args.every, **({} if args.layers == "auto" else {"layers": args.layers}))
-        timed_callback_class().attach(trainer, tracker)
+        TimedCallback = timed_callback_class()
+        time_tracker_parts(tracker, TimedCallback.parts)
+        TimedCallback.attach(trainer, tracker)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -161,19 +194,23 @@ def main(argv: list[str] | None = None) -> int:
         f"(probe 256 training samples, layers={args.layers!r}, cka + mutual_knn, calibration 20) + every "
         f"{args.every} steps; TensorBoard through report_to in both runs"
     )
-    plain, tracked, inside = [], [], []
+    plain, tracked, inside, parts = [], [], [], []
     TimedCallback = timed_callback_class()
     with tempfile.TemporaryDirectory() as tmp:
-        train_once(args, data, tokenizer, False, tmp)  # warm-up (imports, allocator, first-call overheads)
+        for tracked_warm_up in (False, True):  # warm-up (imports, allocator, first-call overheads) of both paths
+            train_once(args, data, tokenizer, tracked_warm_up, tmp)
         for r in range(args.repeats):
             plain.append(train_once(args, data, tokenizer, False, tmp)[0])
             TimedCallback.seconds = 0.0
+            TimedCallback.parts = {}
             seconds, checks, n_layers = train_once(args, data, tokenizer, True, tmp)
             tracked.append(seconds)
             inside.append(TimedCallback.seconds)
+            parts.append(dict(TimedCallback.parts))
             print(f"  pair {r + 1}: plain {plain[-1]:7.2f} s   tracked {tracked[-1]:7.2f} s   "
                   f"ratio {tracked[-1] / plain[-1]:.3f}   (inside the callback {inside[-1]:.2f} s, "
                   f"{checks} checks, {n_layers} model layers)")
+            print("          inside the callback: " + breakdown(inside[-1], parts[-1], checks))
     ratios = [t / p for t, p in zip(tracked, plain)]
     ratio = statistics.median(ratios)
     print(f"median plain {statistics.median(plain):.2f} s, median tracked {statistics.median(tracked):.2f} s")
@@ -181,7 +218,17 @@ def main(argv: list[str] | None = None) -> int:
           f"spread of pair ratios {min(ratios):.3f}-{max(ratios):.3f}")
     share = statistics.median(t / (m - t) for t, m in zip(inside, tracked))
     print(f"time inside the callback / rest of the tracked run (median): {share:.3f} -> {100 * share:+.1f}%")
+    forward = statistics.median(p.get("probe forward", 0.0) / (m - t) for p, t, m in zip(parts, inside, tracked))
+    print(f"of which the probe's forward passes alone (median): {forward:.3f} -> {100 * forward:+.1f}%")
     return 0
+
+
+def breakdown(inside: float, parts: dict[str, float], checks: int) -> str:
+    """``inside`` seconds split into the timed parts and the rest (logging, bookkeeping)."""
+    rest = inside - sum(parts.values())
+    named = [f"{part} {seconds:.2f} s" for part, seconds in parts.items()]
+    per_check = parts.get("probe forward", 0.0) / max(checks, 1)
+    return ", ".join(named + [f"other {rest:.2f} s"]) + f" ({per_check:.2f} s of forward per check)"
 
 
 if __name__ == "__main__":
