@@ -232,7 +232,7 @@ def _budget_layers(seed, n, dtype):
 @pytest.mark.parametrize("metric", ["cka", "unbiased_cka"])
 def test_cka_null_in_one_layer_groups_and_streamed_fallback_match_float64(metric, monkeypatch):
     # a budget that fits exactly one x triangle and one y table per group, and one byte less (no
-    # [n, n] table at all: permuted features, streamed pair sums) give the numbers of the
+    # table at all: permuted features, streamed pair sums) give the numbers of the
     # ungrouped null and of numpy float64 CKA of y's permuted rows, permutation by permutation
     from prh_lightning.functional import kernels
     from prh_lightning.functional.kernels import _null_layout
@@ -261,7 +261,7 @@ def test_cka_null_in_one_layer_groups_and_streamed_fallback_match_float64(metric
 
 def test_cka_null_allocations_stay_within_the_budget(monkeypatch):
     # float32 layers (4-byte tables): with one layer per group, no op output of the null is larger
-    # than one y layer's [n, n] table, and none exceeds the budget; float32 numbers still match
+    # than one y layer's packed triangle, and none exceeds the budget; float32 numbers still match
     # numpy float64. Gather chunks of 97 triangle entries: as at large n, where the gather
     # buffers (65,536 entries) are far smaller than a table
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -286,7 +286,8 @@ def test_cka_null_allocations_stay_within_the_budget(monkeypatch):
         _cka_null_under_budget("cka", xs, ys, perms, None)
     with LargestOutput() as largest:
         null = _cka_null_under_budget("cka", xs, ys, perms, budget)
-    assert unbounded.nbytes >= 3 * n * n * 4  # the default budget holds all y layers in one table
-    assert largest.nbytes <= min(budget, n * n * 4)
+    table = n * (n + 1) // 2 * 4  # one y layer's upper triangle with its diagonal, float32
+    assert unbounded.nbytes >= 3 * table  # the default budget holds all y layers in one table
+    assert largest.nbytes <= min(budget, table)
     expected = np.array([[[_np_cka(x.double().numpy(), y[p].double().numpy(), False) for y in ys] for x in xs] for p in perms])
     np.testing.assert_allclose(null.numpy(), expected, rtol=0, atol=2e-6)

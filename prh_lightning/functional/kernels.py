@@ -230,10 +230,16 @@ class CentredKernel:
         return out
 
 
-def _triangle_mask(s: int, e: int, n: int, device) -> torch.Tensor:
-    """``[e - s, n - s]`` bool: the entries ``(i, j)``, ``i < j``, of rows ``s:e`` against columns
-    ``s:n``; masked selection walks them in ``torch.triu_indices`` order."""
-    return torch.ones(e - s, n - s, dtype=torch.bool, device=device).triu_(1)
+def _triangle_mask(s: int, e: int, n: int, device, diagonal: bool = False) -> torch.Tensor:
+    """``[e - s, n - s]`` bool: the entries ``(i, j)``, ``i < j`` (``i <= j`` with ``diagonal``), of
+    rows ``s:e`` against columns ``s:n``; masked selection walks them in ``torch.triu_indices`` order."""
+    return torch.ones(e - s, n - s, dtype=torch.bool, device=device).triu_(0 if diagonal else 1)
+
+
+def _packed_index(u: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+    """Row of entry ``(u, v)``, ``u <= v``, in the packed upper triangle (diagonal included,
+    row-major): ``u (2 n + 1 - u) / 2 + v - u``."""
+    return (2 * n + 1 - u) * u // 2 + v - u
 
 
 def _band_starts(n: int, rows: int):
@@ -260,8 +266,9 @@ def _stream_centred(
     kernels: list[CentredKernel], rows: int, tri: torch.Tensor | None = None, table: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream the centred kernels in bands of ``rows`` rows into ``tri [L, m]`` (row ``l``:
-    ``C_l[i, j]``, ``i < j``, in ``triu_indices`` order) or into ``table [n n, L]`` (row ``u n + v``,
-    ``u <= v``: ``C[u, v]`` of every layer; the lower triangle is never written nor read).
+    ``C_l[i, j]``, ``i < j``, in ``triu_indices`` order) or into ``table [n (n + 1) / 2, L]`` (the
+    upper triangles with their diagonals, packed: row :func:`_packed_index` ``(u, v)``, ``u <= v``,
+    holds ``C[u, v]`` of every layer).
     Returns the diagonals ``[L, n]`` and ``||C_l||^2 = 2 sum_{i<j} C_ij^2 + sum_i C_ii^2`` ``[L]``
     (float64; each layer's sum is the same whichever group it is streamed with)."""
     n, dtype, device = kernels[0].n, kernels[0].x.dtype, kernels[0].x.device
@@ -271,14 +278,16 @@ def _stream_centred(
     entries = torch.empty(rows * n, dtype=dtype, device=device) if tri is None else None
     for s, e, a, b in _band_starts(n, rows):
         mask = _triangle_mask(s, e, n, device)
+        with_diagonal = _triangle_mask(s, e, n, device, diagonal=True) if table is not None else None
         for l, k in enumerate(kernels):
             block = k.centred_into(s, e, buffer[: (e - s) * (n - s)].view(e - s, n - s), c0=s)
             upper = tri[l, a:b] if tri is not None else entries[: b - a]
             torch.masked_select(block, mask, out=upper)
             norms[l] += 2.0 * upper.square().sum(dtype=torch.float64)
             diag[l, s:e] = block.diagonal()
-            if table is not None:
-                table.view(n, n, len(kernels))[s:e, s:, l] = block
+            if table is not None:  # rows s:e of the packed triangle are its rows a + s:b + e
+                torch.masked_select(block, with_diagonal, out=entries[: b - a + e - s])
+                table[a + s : b + e, l] = entries[: b - a + e - s]
     norms += (diag**2).sum(dim=1)
     for value in norms:
         check_positive(value, "the centred kernel's self-similarity HSIC(K, K)")
@@ -289,11 +298,11 @@ def _permuted_inner(
     tri_x: torch.Tensor, diag_x: torch.Tensor, table: torch.Tensor, first: torch.Tensor, second: torch.Tensor, perms: torch.Tensor
 ) -> torch.Tensor:
     """``[P, Lx, Ly]`` float64 ``<C_x, C_y[π][:, π]>`` from the ``x`` triangles ``tri_x [Lx, m]``,
-    diagonals ``diag_x [Lx, n]``, the ``y`` table ``[n n, Ly]`` (see :func:`_stream_centred`) and
-    the triangle's rows and columns ``first``, ``second`` ``[m]``.
+    diagonals ``diag_x [Lx, n]``, the packed ``y`` table ``[n (n + 1) / 2, Ly]`` (see
+    :func:`_stream_centred`) and the triangle's rows and columns ``first``, ``second`` ``[m]``.
 
-    A batch of permutations gathers the table rows ``π(i) n + π(j)``, ``i < j`` (``u < v``
-    ordered), one random access per entry for all ``y`` layers, in chunks small enough that the
+    A batch of permutations gathers the table rows of ``(π(i), π(j))``, ``i < j`` (ordered
+    ``u < v``), one random access per entry for all ``y`` layers, in chunks small enough that the
     gathered block stays in cache; one GEMM against the ``x`` triangles scores every pair under
     every permutation of the batch, accumulated in float64 over the chunks."""
     n, m = diag_x.shape[1], first.shape[0]
@@ -312,16 +321,21 @@ def _permuted_inner(
         for c0 in range(0, m, chunk):
             c1 = min(m, c0 + chunk)
             key, high, low = (buf[: (c1 - c0) * b].view(c1 - c0, b) for buf in keys)
-            # key[(i, j), perm] = u n + v with {u, v} = {π(i), π(j)}, u < v
+            # key[(i, j), perm] = the packed row of (u, v), {u, v} = {π(i), π(j)}, u < v:
+            # (2 n + 1 - u) u / 2 + v - u (_packed_index's formula, in place; the product is even,
+            # so an arithmetic shift of its negative halves it exactly, without integer division)
             torch.index_select(p, 0, first[c0:c1], out=key)
             torch.index_select(p, 0, second[c0:c1], out=high)
             torch.minimum(key, high, out=low)
             torch.maximum(key, high, out=high)
-            torch.mul(low, n, out=key).add_(high)
+            torch.sub(high, low, out=high)
+            torch.sub(low, 2 * n + 1, out=key).mul_(low).bitwise_right_shift_(1)
+            torch.sub(high, key, out=key)
             block = moved[: (c1 - c0) * b]  # C_y[π(i), π(j)] of every y layer, per permutation
             torch.index_select(table, 0, key.view(-1), out=block)
             inner += (tri_x[:, c0:c1] @ block.view(c1 - c0, b * ly)).double()
-        diag_y = table.index_select(0, (p.T.long() * (n + 1)).flatten()).view(b, n, ly).double()  # C_y[π(i), π(i)]
+        u = p.T.long().flatten()
+        diag_y = table.index_select(0, _packed_index(u, u, n)).view(b, n, ly).double()  # C_y[π(i), π(i)]
         total = 2.0 * inner.view(lx, b, ly) + torch.einsum("an,bnc->abc", diag_x, diag_y)
         out[s : s + b] = total.permute(1, 0, 2)
     return out
@@ -332,23 +346,30 @@ def _null_layout(n: int, lx: int, ly: int, itemsize: int, budget: int | None) ->
     ``budget`` bytes (default :data:`_NULL_BYTES`), or None when one ``x`` triangle and one ``y``
     table do not fit together.
 
-    Working memory of one group pass: the ``y`` table (``n^2`` entries per layer), the ``x``
-    triangles (``m = n (n - 1) / 2`` entries per layer), the triangle's rows and columns
-    (``2 m`` keys) and the streaming and gather buffers. ``x`` groups are filled first: every
-    ``x`` group gathers every ``y`` table again, while ``y`` groups add no gathers."""
+    Working memory of one group pass: the packed ``y`` table (``m + n`` entries per layer), the
+    ``x`` triangles (``m = n (n - 1) / 2`` entries per layer), the triangle's rows and columns
+    (``2 m`` keys) and the streaming and gather buffers. Every pass gathers ``m`` random table
+    rows per permutation, which costs about the same for 1 or 13 layers per row (memory latency,
+    not bandwidth), so the groups minimise the number of passes, then the ``x`` groups (each
+    rebuilds the ``y`` tables)."""
     budget = _NULL_BYTES if budget is None else budget
     m = n * (n - 1) // 2
-    key_size = 4 if n * n < 2**31 else 8
+    key_size = 4 if (n + 1) * (n + 2) < 2**31 else 8
     per_band_row = n * (3 * itemsize + 1)  # band buffer, y triangle entries, their squares, mask
     rows = max(1, min(-(-n // 8), budget // 16 // per_band_row))  # 8 bands, or ~1/16 of the budget
     gather = _NULL_BATCH * (min(m, _NULL_CHUNK) * (3 * key_size + ly * itemsize) + n * ly * 8)
     fixed = 2 * m * key_size + rows * per_band_row + gather + (lx + ly) * n * 8
-    triangle, table = m * itemsize, n * n * itemsize
+    triangle, table = m * itemsize, (m + n) * itemsize
     free = budget - fixed
     if free < triangle + table:
         return None
-    per_x = min(lx, (free - table) // triangle)
-    per_y = min(ly, (free - per_x * triangle) // table)
+    layouts = []
+    for per_x in range(1, lx + 1):
+        per_y = min(ly, (free - per_x * triangle) // table)
+        if per_y >= 1:
+            x_groups = -(-lx // per_x)
+            layouts.append((x_groups * -(-ly // per_y), x_groups, per_x, per_y))
+    _, _, per_x, per_y = min(layouts)
     return per_x, per_y, rows
 
 
@@ -359,11 +380,11 @@ def _cka_null(
     so ``HSIC(K, L_π) ∝ <C_K, C_L[π][:, π]>`` and the denominators do not change.
 
     The centred kernels are formed once per group. They are symmetric, so only upper triangles are
-    scored (:func:`_permuted_inner`). Layers are grouped so that each group's ``y`` table
-    ``[n n, Ly']`` and ``x`` triangles ``[Lx', m]`` stay within the memory budget of the layers'
+    scored (:func:`_permuted_inner`). Layers are grouped so that each group's packed ``y`` table
+    ``[n (n + 1) / 2, Ly']`` and ``x`` triangles ``[Lx', m]`` stay within the memory budget of the layers'
     preparation (``max_memory``, default 1 GiB, see :func:`_null_layout`); when not even one of
     each fits, every permutation is scored by the streamed pair sums on permuted ``y`` features
-    (as :func:`._plan.permuted_scores` does for plans without a null): no ``[n, n]`` table at all.
+    (as :func:`._plan.permuted_scores` does for plans without a null): no table at all.
     """
     n, device = xs[0].n, xs[0].x.device
     lx, ly = len(xs), len(ys)
@@ -371,7 +392,8 @@ def _cka_null(
     if layout is None:
         return torch.stack([_cka_pairs(xs, [k.permuted(p) for k in ys], eps=eps, unbiased=unbiased).double() for p in perms])
     per_x, per_y, rows = layout
-    key_dtype = torch.int32 if n * n < 2**31 else torch.int64  # half the index traffic when n^2 allows
+    # int32 keys when the packed index allows (half the index traffic): (2 n + 1 - u) u < 2^31
+    key_dtype = torch.int32 if (n + 1) * (n + 2) < 2**31 else torch.int64
     first, second = _triangle_pairs(n, rows, key_dtype, device)
     out = torch.empty(perms.shape[0], lx, ly, dtype=torch.float64, device=device)
     c = n * (n - 3) if unbiased else 1.0
@@ -381,7 +403,7 @@ def _cka_null(
         diag_x, self_x = _stream_centred(group_x, rows, tri=tri_x)
         for y0 in range(0, ly, per_y):
             group_y = ys[y0 : y0 + per_y]
-            table = torch.empty(n * n, len(group_y), dtype=ys[0].x.dtype, device=device)
+            table = torch.empty(n * (n + 1) // 2, len(group_y), dtype=ys[0].x.dtype, device=device)
             diag_y, self_y = _stream_centred(group_y, rows, table=table)
             denom = torch.sqrt(self_x[:, None] * self_y[None, :])
             if eps:
@@ -482,7 +504,7 @@ _BUDGET = 2**26
 _PAIR_CHUNK = 2**14  # columns per float32 GEMM in the CKA pair sums (then summed in float64)
 _NULL_BATCH = 4  # permutations per gather and GEMM in the CKA null
 _NULL_CHUNK = 2**16  # triangle entries per gather and GEMM in the CKA null
-_NULL_BYTES = 2**30  # the CKA null's working memory without max_memory (whole tables up to n ~ 10k)
+_NULL_BYTES = 2**30  # the CKA null's working memory without max_memory (a table up to n ~ 14k in float32)
 
 
 def _check_kernel_name(kernel: str) -> None:
