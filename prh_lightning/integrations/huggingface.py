@@ -226,20 +226,25 @@ class AlignmentTrainerCallback(TrainerCallback):
         return self._tensorboard[1]
 
     def _mlflow_run_id(self) -> str | None:
-        """The MLflow integration's run (remembered: it ends the run before this callback's ``on_train_end``)."""
-        callback = self._integration("MLflowCallback")
-        if callback is None or not getattr(callback, "_initialized", False):
-            return self._mlflow_run if callback is not None else None
-        active = callback._ml_flow.active_run()
+        """The MLflow integration's run (remembered: it ends the run before this callback's
+        ``on_train_end``). Read through MLflow's public ``mlflow.active_run()``, the run the
+        integration started, not through the integration's private attributes."""
+        if self._integration("MLflowCallback") is None:
+            return None
+        import mlflow  # installed: the Trainer attached its MLflow integration
+
+        active = mlflow.active_run()
         if active is not None:
             self._mlflow_run = active.info.run_id
         return self._mlflow_run
 
     def _wandb_run(self) -> Any:
-        callback = self._integration("WandbCallback")
-        if callback is None or not getattr(callback, "_initialized", False):
+        """The W&B integration's run: ``wandb.run`` (public), once the integration has started it."""
+        if self._integration("WandbCallback") is None:
             return None
-        return getattr(getattr(callback, "_wandb", None), "run", None)
+        import wandb
+
+        return wandb.run
 
     @contextlib.contextmanager
     def _logger_failures(self, what: str) -> Iterator[None]:
