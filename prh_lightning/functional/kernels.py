@@ -18,7 +18,6 @@ exactly (``eps`` is in HSIC units of the features as given).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 

@@ -13,7 +13,7 @@ renames the tags for stores that keep each ``/`` as a folder (MLflow's file stor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import re
