@@ -83,6 +83,7 @@ def calibrate(
     generator: torch.Generator | None = None,
     normalize: bool = True,
     clip_quantile: float | None = None,
+    max_memory: int | str | None = None,
     **metric_kwargs,
 ) -> Calibrated:
     """Raw, chance level, threshold, p-value and calibrated score of every layer pair and of their
@@ -96,6 +97,9 @@ def calibrate(
         alpha: the null quantile that defines ``tau``.
         aggregate: ``"max"`` (best layer pair), ``"mean"`` or ``None``.
         generator: a ``torch.Generator`` for the permutations (reproducible).
+        max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
+            memory of the layers' preparation (as in :func:`prh_lightning.alignment_matrix`) and
+            of the CKA null's tables (default 1 GiB).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> a = torch.randn(60, 6, generator=g)
@@ -123,7 +127,7 @@ def calibrate(
     if not bool((torch.sort(permutations, dim=1).values == torch.arange(n)).all()):
         raise ValueError("every row of permutations must be a permutation of 0..n-1")
     permutations = permutations.to(device)
-    ctx = LayerContext(dtype, None, n, len(lx) + len(ly), device)
+    ctx = LayerContext(dtype, None, n, len(lx) + len(ly), device, max_memory)
     sx = prepare_layers(plan, lx, names_x, options, normalize, clip_quantile, ctx)
     sy = prepare_layers(plan, ly, names_y, options, normalize, clip_quantile, ctx)
     if plan.null is not None:

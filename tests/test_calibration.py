@@ -293,3 +293,66 @@ def test_cka_null_allocations_stay_within_the_budget(monkeypatch):
     assert largest.nbytes <= min(budget, table)
     expected = np.array([[[_np_cka(x.double().numpy(), y[p].double().numpy(), False) for y in ys] for x in xs] for p in perms])
     np.testing.assert_allclose(null.numpy(), expected, rtol=0, atol=1e-7)
+
+
+# -- calibrate(max_memory=...) reaches the CKA null ----------------------------------------------
+
+
+def _spy_on_the_cka_null(monkeypatch):
+    """Record, per call of the CKA null, the budget its prepared states carry and the y layers of
+    each table it builds."""
+    from prh_lightning.functional import kernels
+
+    seen = {"budgets": [], "tables": []}
+    null, inner = kernels._cka_null, kernels._permuted_inner
+
+    def spy_null(xs, ys, perms, **options):
+        seen["budgets"].append({state.budget for state in xs + ys})
+        return null(xs, ys, perms, **options)
+
+    def spy_inner(tri, diag, table, *rest):
+        seen["tables"].append(table.shape[1])
+        return inner(tri, diag, table, *rest)
+
+    monkeypatch.setattr(kernels, "_cka_null", spy_null)
+    monkeypatch.setattr(kernels, "_permuted_inner", spy_inner)
+    return seen
+
+
+@pytest.mark.parametrize("metric", ["cka", "unbiased_cka"])
+def test_calibrate_max_memory_groups_or_streams_the_null_with_the_same_numbers(metric, monkeypatch):
+    # the budget travels from calibrate to the null: at the smallest grouped budget every table
+    # holds one y layer, one byte less builds none (streamed); the raw scores, null, p-values and
+    # calibrated scores stay those of the unbounded call and of numpy float64 CKA of permuted rows
+    n = 45
+    xs, ys, perms = _budget_layers(3, n, torch.float64)
+    smallest = _smallest_grouped_budget(n, len(xs), len(ys), 8)
+    seen = _spy_on_the_cka_null(monkeypatch)
+    whole = calibrate(xs, ys, metric, permutations=perms)
+    assert seen == {"budgets": [{None}], "tables": [3]}
+    grouped = calibrate(xs, ys, metric, permutations=perms, max_memory=smallest)
+    assert seen["budgets"][1] == {smallest} and seen["tables"][1:] == [1] * 9
+    streamed = calibrate(xs, ys, metric, permutations=perms, max_memory=smallest - 1)
+    assert seen["budgets"][2] == {smallest - 1} and len(seen["tables"]) == 10
+    ref = _REFERENCES[metric]
+    raw = np.array([[ref(x.numpy(), y.numpy()) for y in ys] for x in xs])
+    null = np.array([[[ref(x.numpy(), y[p].numpy()) for y in ys] for x in xs] for p in perms])
+    assert np.ptp(null) > 0.01
+    for out in (whole, grouped, streamed):
+        np.testing.assert_allclose(out.raw.numpy(), raw, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(out.null.numpy(), null, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(out.p_value.numpy(), ((1 + (null >= raw).sum(axis=0)) / (len(perms) + 1)))
+        np.testing.assert_allclose(out.calibrated.numpy(), whole.calibrated.numpy(), rtol=1e-9, atol=1e-12)
+        assert out.aggregate.p_value == whole.aggregate.p_value
+
+
+def test_calibrate_reads_max_memory_like_alignment_matrix(monkeypatch):
+    seen = _spy_on_the_cka_null(monkeypatch)
+    xs, ys, perms = _budget_layers(5, 30, torch.float32)
+    calibrate(xs, ys, "cka", permutations=perms, max_memory="2MiB")
+    calibrate(xs, ys, "cka", permutations=perms, max_memory="3.5MB")
+    assert seen["budgets"] == [{2 * 2**20}, {3_500_000}]
+    with pytest.raises(ValueError, match="max_memory"):
+        calibrate(xs, ys, "cka", permutations=perms, max_memory="lots")
+    with pytest.raises(ValueError, match="max_memory"):
+        calibrate(xs, ys, "cka", permutations=perms, max_memory=0)
