@@ -192,3 +192,81 @@ def test_bad_input():
         permutation_test(a, b, "cosine")
     with pytest.raises(ValueError, match="same samples"):
         bootstrap_ci(a, b[:-1])
+
+
+# -- permutation_test(max_memory=...) ------------------------------------------------------------
+
+
+def _np_linear_cka(a, b):
+    """Linear CKA (rows L2-normalised, as permutation_test's default) in numpy float64."""
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (np.asarray(a, np.float64), np.asarray(b, np.float64)))
+    a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+    K, L = a @ a.T, b @ b.T
+    return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
+
+
+def _budgets_seen(monkeypatch):
+    """The budget of every LayerContext built while the test runs."""
+    from prh_lightning.functional import _plan
+
+    seen = []
+
+    class Recording(_plan.LayerContext):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.budget)
+
+    monkeypatch.setattr(_plan, "LayerContext", Recording)
+    return seen
+
+
+def test_permutation_test_max_memory_groups_or_streams_the_cka_null_with_the_same_numbers(monkeypatch):
+    # the smallest budget that still builds the null's tables, and one byte less (streamed, no
+    # table), give the null and p-value of the unbounded call and of numpy float64 CKA of b's
+    # permuted rows; the CKA null sees the budget on both prepared layers
+    from prh_lightning.functional import kernels
+    from prh_lightning.functional.kernels import _null_layout
+
+    n = 45
+    a, b = _pair(n=n, noise=2.0, seed=7)
+    low, high = 1, 2**30
+    while low < high:  # the smallest budget at which the null still builds a table
+        mid = (low + high) // 2
+        low, high = (low, mid) if _null_layout(n, 1, 1, 8, mid) is not None else (mid + 1, high)
+    smallest = low
+    budgets, tables = [], []
+    null_fn, inner = kernels._cka_null, kernels._permuted_inner
+    monkeypatch.setattr(kernels, "_cka_null", lambda xs, ys, perms, **o: budgets.append({s.budget for s in xs + ys}) or null_fn(xs, ys, perms, **o))
+    monkeypatch.setattr(kernels, "_permuted_inner", lambda tri, diag, table, *r: tables.append(table.shape[1]) or inner(tri, diag, table, *r))
+    whole = permutation_test(a, b, "cka", n_permutations=15, seed=2)
+    grouped = permutation_test(a, b, "cka", n_permutations=15, seed=2, max_memory=smallest)
+    streamed = permutation_test(a, b, "cka", n_permutations=15, seed=2, max_memory=smallest - 1)
+    assert budgets == [{None}, {smallest}, {smallest - 1}]
+    assert tables == [1, 1]  # the streamed call built none
+    score = _np_linear_cka(a.numpy(), b.numpy())
+    null = np.array([_np_linear_cka(a.numpy(), b[p].numpy()) for p in _same_perms(n, 15, 2)])
+    assert np.ptp(null) > 0.01
+    for result in (whole, grouped, streamed):
+        assert result.score == pytest.approx(score, rel=1e-9)
+        np.testing.assert_allclose(result.null.numpy(), null, rtol=1e-9, atol=1e-12)
+        assert result.p_value == (1 + int((null >= score).sum())) / 16
+
+
+@pytest.mark.parametrize(("metric", "kw"), [("mutual_knn", {"k": 5}), ("cknna", {"k": 5})])
+def test_permutation_test_max_memory_reaches_the_preparation_of_knn_metrics(metric, kw, monkeypatch):
+    # a few kilobytes stream the neighbour search in blocks of a few rows; the null is unchanged
+    a, b = _pair(n=120, seed=1)
+    seen = _budgets_seen(monkeypatch)
+    whole = permutation_test(a, b, metric, n_permutations=20, seed=1, **kw)
+    small = permutation_test(a, b, metric, n_permutations=20, seed=1, max_memory="8KB", **kw)
+    assert seen == [None, 8000]
+    np.testing.assert_allclose(small.null.numpy(), whole.null.numpy(), rtol=1e-12, atol=1e-15)
+    assert (small.score, small.p_value) == pytest.approx((whole.score, whole.p_value), rel=1e-12)
+
+
+def test_permutation_test_refuses_max_memory_for_a_callable_or_a_bad_budget():
+    a, b = _pair(n=30)
+    with pytest.raises(ValueError, match="max_memory"):
+        permutation_test(a, b, lambda x, y: METRICS["cka"](x, y), n_permutations=3, max_memory="1GB")
+    with pytest.raises(ValueError, match="max_memory"):
+        permutation_test(a, b, "cka", n_permutations=3, max_memory="1 parsec")

@@ -64,6 +64,7 @@ def permutation_test(
     metric: str | Callable[..., torch.Tensor] = "mutual_knn",
     n_permutations: int = 1000,
     seed: int = 0,
+    max_memory: int | str | None = None,
     **metric_kwargs,
 ) -> PermutationResult:
     """Permutation null for ``metric(a, b)``: score ``metric(a, b[π])`` for random ``π``.
@@ -73,9 +74,14 @@ def permutation_test(
         metric: a name in ``METRICS`` or a callable ``f(a, b, **kw) -> 0-dim``.
         n_permutations: number of shuffles; the smallest reachable p-value is ``1 / (1 + n_permutations)``.
         seed: seeds the CPU generator drawing the permutations (reproducible across devices).
+        max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
+            memory of the preparation (as in :func:`prh_lightning.alignment_matrix`) and of the
+            CKA null's tables (default 1 GiB); for a metric name only.
     """
     check_pair(a, b)
     _check_count(n_permutations, "n_permutations", 1)
+    if max_memory is not None and not isinstance(metric, str):
+        raise ValueError("max_memory applies to a metric name; a callable metric is called as given")
     perms = _permutations(a.shape[0], n_permutations, seed, b.device)
     if isinstance(metric, str):
         from ._plan import LayerContext, check_layers, get_plan, permuted_scores, prepare_layers
@@ -85,7 +91,7 @@ def permutation_test(
         clip_quantile = metric_kwargs.pop("clip_quantile", None)
         options = plan.bind(metric_kwargs)
         n, dtype, device = check_layers([a], [b], ["a"], ["b"])
-        ctx = LayerContext(dtype, None, n, 2, device)
+        ctx = LayerContext(dtype, None, n, 2, device, max_memory)
         sa, sb = (prepare_layers(plan, [x], [name], options, normalize, clip_quantile, ctx)[0] for x, name in ((a, "a"), (b, "b")))
         score = float(plan.pairs([sa], [sb], **options)[0, 0].to(dtype))
         null = permuted_scores(plan, [sa], [sb], perms, options)[:, 0, 0].cpu().to(dtype).double()
