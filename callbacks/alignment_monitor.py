@@ -86,6 +86,10 @@ class AlignmentMonitor(Callback):
         calibration_seed: seed of the ``K`` permutations (drawn once for the run;
             ``monitor.permutations`` holds them).
         calibration_alpha: null quantile of ``threshold``.
+        calibration_max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the
+            working memory of the chance levels: the layers' preparation and the CKA null's tables
+            (default 1 GiB); ``None``: each metric's ``max_memory`` in ``metric_kwargs``, else the
+            defaults.
         heatmap_scores: ``"raw"`` (default) or ``"calibrated"`` reference heatmaps.
         distributed_probe: under DDP, ``"shard"`` (default: each rank runs its share of the
             probe rows, rank 0 gathers them) or ``"rank0"`` (rank 0 runs the whole probe). Rank
@@ -124,6 +128,7 @@ class AlignmentMonitor(Callback):
         calibration: int | None = 20,
         calibration_seed: int = 0,
         calibration_alpha: float = 0.05,
+        calibration_max_memory: int | str | None = None,
         heatmap_scores: str = "raw",
         distributed_probe: str = "shard",
     ) -> None:
@@ -153,6 +158,7 @@ class AlignmentMonitor(Callback):
             metric_kwargs=metric_kwargs, within_model=within_model, snapshots=snapshots, batch_size=batch_size,
             forward_fn=forward_fn, on_error=on_error, max_history=max_history, prefix=prefix,
             calibration=calibration, calibration_seed=calibration_seed, calibration_alpha=calibration_alpha,
+            calibration_max_memory=calibration_max_memory,
             heatmap_scores=heatmap_scores, distributed_probe=distributed_probe,
         )
         self.tracker.failures.owner = "AlignmentMonitor"

@@ -215,3 +215,88 @@ def test_constant_layer_gives_nan_calibration_for_that_layer_only():
         assert math.isnan(values[f"alignment/{metric}/sq/dead/calibrated"])
         assert 0.0 <= values[f"alignment/{metric}/sq/a/calibrated"] <= 1.0
         assert math.isfinite(values[f"alignment/{metric}/sq/chance"])
+
+
+# -- the chance levels' memory budget (calibration_max_memory) -----------------------------------
+
+
+def _np_chance(xs, ys, perms, alpha, cka):
+    """chance, threshold and calibrated of the best layer pair, from numpy float64 CKA of the
+    reference's permuted rows (the formulas of :mod:`prh_lightning.tracking.chance`)."""
+    import numpy as np
+
+    best = max(cka(x, y) for x in xs for y in ys)
+    null_best = np.array([max(cka(x, y[p]) for x in xs for y in ys) for p in perms.numpy()])
+    pooled = np.sort(np.concatenate([[best], null_best]))
+    tau = pooled[math.ceil((1 - alpha) * (len(perms) + 1)) - 1]
+    return null_best.mean(), tau, min(max((best - tau) / (1.0 - tau), 0.0), 1.0), np.ptp(null_best)
+
+
+def _chance_features(n=45):
+    g = torch.Generator().manual_seed(8)
+    shared = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    make = lambda d: shared @ torch.randn(3, d, generator=g, dtype=torch.float64) + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)  # noqa: E731
+    return {"a": make(6), "b": make(4), "c": make(7)}, {"r": make(5), "s": make(8), "t": make(3)}
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chance_levels_under_a_budget_match_numpy_and_the_unbounded_null(normalize, monkeypatch):
+    # ChanceLevels(max_memory=...) reaches the CKA null: the smallest budget that still builds
+    # tables (one y layer each) and one byte less (streamed) log the chance, threshold and
+    # calibrated score of the unbounded null and of numpy float64 CKA; the metric's own
+    # preparation options (normalize, max_memory) now reach the chance level as they reach the
+    # raw scores, and calibration's budget takes precedence over the metric's
+    import numpy as np
+    from test_calibration import _np_cka, _smallest_grouped_budget
+
+    from prh_lightning.functional import kernels
+    from prh_lightning.tracking.chance import ChanceLevels
+
+    xs, ys = _chance_features()
+    smallest = _smallest_grouped_budget(45, 3, 3, 8)
+    budgets, tables = [], []
+    null_fn, inner = kernels._cka_null, kernels._permuted_inner
+    monkeypatch.setattr(kernels, "_cka_null", lambda sx, sy, perms, **o: budgets.append({s.budget for s in sx + sy}) or null_fn(sx, sy, perms, **o))
+    monkeypatch.setattr(kernels, "_permuted_inner", lambda tri, diag, table, *r: tables.append(table.shape[1]) or inner(tri, diag, table, *r))
+    kwargs = {"normalize": normalize, "max_memory": "1GB"}
+    out = {}
+    for name, budget in (("whole", None), ("grouped", smallest), ("streamed", smallest - 1)):
+        levels = ChanceLevels(12, seed=4, alpha=0.1, max_memory=budget)
+        out[name] = levels.score(xs, ys, "cka", kwargs, "ref", frozen=False)
+    assert budgets == [{10**9}, {smallest}, {smallest - 1}]
+    assert tables == [3] + [1] * 9
+    if normalize:
+        cka = lambda a, b: _np_cka(a.numpy(), b.numpy(), False)  # noqa: E731
+    else:  # the features as given: centred, not row-normalised
+        def cka(a, b):
+            a, b = a.numpy() - a.numpy().mean(axis=0), b.numpy() - b.numpy().mean(axis=0)
+            K, L = a @ a.T, b @ b.T
+            return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
+    chance, tau, calibrated, spread = _np_chance(list(xs.values()), list(ys.values()), levels.permutations(45), 0.1, cka)
+    assert spread > 0.01
+    for result in out.values():
+        assert (result.chance, result.threshold, result.calibrated) == pytest.approx((chance, tau, calibrated), rel=1e-9, abs=1e-12)
+
+
+def test_calibration_max_memory_is_a_plain_tracker_and_monitor_option(monkeypatch):
+    # settable as a plain value (YAML / LightningCLI): the tracker's and the monitor's chance
+    # levels carry the parsed budget, and a check hands it to the CKA null
+    from prh_lightning.functional import kernels
+
+    budgets = []
+    null_fn = kernels._cka_null
+    monkeypatch.setattr(kernels, "_cka_null", lambda sx, sy, perms, **o: budgets.append({s.budget for s in sx + sy}) or null_fn(sx, sy, perms, **o))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    tracker = AlignmentTracker(
+        probe=x, references={"sq": {"r": x**2}}, calibration=5, metrics=["cka"], calibration_max_memory="2MiB",
+        within_model=False, snapshots=False,
+    )
+    values = tracker.check(model, 0)
+    assert budgets == [{2 * 2**20}]
+    assert math.isfinite(values["alignment/cka/sq/chance"])
+    assert AlignmentMonitor(calibration_max_memory="4GB").tracker.chance.max_memory == 4 * 10**9
+    assert AlignmentMonitor(calibration_max_memory=123456).tracker.chance.max_memory == 123456
+    with pytest.raises(ValueError, match="max_memory"):
+        AlignmentTracker(calibration_max_memory="a lot")

@@ -72,3 +72,19 @@ def test_callbacks_plus_equals_with_no_arguments(tmp_path):
     assert mon.probe.n == 40 and torch.equal(mon.probe.labels, synthetic_data(40, seed=5)[1])
     steps = [s for s, _ in mon.history["alignment/mutual_knn/self/mean_offdiag"]]
     assert steps == [0, 4]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("4GB", 4 * 10**9), ("512 MiB", 512 * 2**20), ("3000000", 3_000_000)])
+def test_calibration_max_memory_from_yaml(tmp_path, value, expected):
+    # a plain YAML value (a string with a unit, or bytes) reaches the chance levels' budget
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+trainer:
+  callbacks:
+    - class_path: prh_lightning.callbacks.AlignmentMonitor
+      init_args:
+        calibration_max_memory: {value}
+""")
+    run = LightningCLI(TinyNet, TinyData, args=[f"--config={config}", *trainer_args(tmp_path)], save_config_callback=None, run=False)
+    (mon,) = [c for c in run.trainer.callbacks if isinstance(c, AlignmentMonitor)]
+    assert mon.tracker.chance.max_memory == expected

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from prh_lightning.calibration import _calibrate
-from prh_lightning.functional._plan import LayerContext, check_layers, get_plan, permuted_scores, prepare_layers
+from prh_lightning.functional._plan import LayerContext, check_layers, get_plan, parse_memory, permuted_scores, prepare_layers
+from prh_lightning.tracking.prepared import split_options
 
 Features = dict[str, torch.Tensor]
 
@@ -54,13 +55,16 @@ def _finite_layers(features: Features) -> list[str]:
     return [name for name, value in features.items() if bool(torch.isfinite(value).all())]
 
 
-def _prepare_each(plan, features: Features, names: list[str], options: dict[str, Any], ctx) -> tuple[list[str], list[Any]]:
-    """Prepared states of the layers the metric accepts; a layer it rejects (a ``ValueError``,
+def _prepare_each(
+    plan, features: Features, names: list[str], options: dict[str, Any], prep: dict[str, Any], ctx
+) -> tuple[list[str], list[Any]]:
+    """Prepared states of the layers the metric accepts (conditioned as ``prep`` says, see
+    :func:`~prh_lightning.tracking.prepared.split_options`); a layer it rejects (a ``ValueError``,
     e.g. constant features, already reported by the raw scoring) is left out."""
     kept, states = [], []
     for name in names:
         try:
-            states += prepare_layers(plan, [features[name]], [name], options, True, None, ctx)
+            states += prepare_layers(plan, [features[name]], [name], options, prep["normalize"], prep["clip_quantile"], ctx)
         except ValueError:
             continue
         kept.append(name)
@@ -74,6 +78,10 @@ class ChanceLevels:
         n_permutations: ``K`` per check; ``0`` or ``None`` disables calibration.
         seed: seed of the permutations (see :meth:`permutations`).
         alpha: the null quantile that defines ``threshold``.
+        max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
+            memory of the chance levels: the layers' preparation and the CKA null's tables
+            (default 1 GiB); ``None``: each metric's own ``max_memory`` (from its keyword
+            arguments), else the defaults.
 
     >>> levels = ChanceLevels(19, seed=0)
     >>> g = torch.Generator().manual_seed(1)
@@ -83,7 +91,9 @@ class ChanceLevels:
     True
     """
 
-    def __init__(self, n_permutations: int | None = 20, seed: int = 0, alpha: float = 0.05) -> None:
+    def __init__(
+        self, n_permutations: int | None = 20, seed: int = 0, alpha: float = 0.05, max_memory: int | str | None = None
+    ) -> None:
         if n_permutations is None:
             n_permutations = 0
         if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 0:
@@ -95,6 +105,7 @@ class ChanceLevels:
         self.n_permutations = n_permutations
         self.seed = seed
         self.alpha = alpha
+        self.max_memory = parse_memory(max_memory)  # a bad budget is refused here, before any check
         self._perms: torch.Tensor | None = None
         self._frozen: dict[tuple, list[Any]] = {}  # (reference, metric, layers, device) -> prepared states
         self._model: dict[tuple, list[Any]] = {}  # this check's model states, shared by references
@@ -132,23 +143,27 @@ class ChanceLevels:
         frozen: bool,
     ) -> TargetChance | None:
         """Calibrate the ``xs`` (model) x ``ys`` (reference) matrix; layers with non-finite
-        features, or that the metric rejects, are left out (NaN); ``None`` when no layer pair is left."""
+        features, or that the metric rejects, are left out (NaN); ``None`` when no layer pair is left.
+        ``kwargs``: the metric's keyword arguments as the raw scores get them (the preparation
+        options ``normalize``, ``clip_quantile``, ``block_rows``, ``max_memory`` included)."""
         plan = get_plan(metric)
-        options = plan.bind(dict(kwargs))
+        prep, options = split_options(kwargs)
+        options = plan.bind(options)
         rows, cols = _finite_layers(xs), _finite_layers(ys)
         if not rows or not cols:
             return None
         lx, ly = [xs[r] for r in rows], [ys[c] for c in cols]
         n, dtype, device = check_layers(lx, ly, rows, cols)
-        ctx = LayerContext(dtype, None, n, len(lx) + len(ly), device)
+        budget = prep["max_memory"] if self.max_memory is None else self.max_memory
+        ctx = LayerContext(dtype, prep["block_rows"], n, len(lx) + len(ly), device, budget)
         key = (metric, tuple(rows), dtype, str(device))
         if key not in self._model:
-            self._model[key] = _prepare_each(plan, xs, rows, options, ctx)
+            self._model[key] = _prepare_each(plan, xs, rows, options, prep, ctx)
         rows, sx = self._model[key]
         ref_key = (target, metric, tuple(cols), dtype, str(device), n)
         prepared = self._frozen.get(ref_key) if frozen else None
         if prepared is None:
-            prepared = _prepare_each(plan, ys, cols, options, ctx)
+            prepared = _prepare_each(plan, ys, cols, options, prep, ctx)
             if frozen:
                 self._frozen[ref_key] = prepared
         cols, sy = prepared

@@ -97,6 +97,10 @@ class AlignmentTracker:
         calibration_seed: seed of the ``K`` permutations, drawn once for the run (see
             :attr:`permutations`).
         calibration_alpha: null quantile of ``threshold``.
+        calibration_max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the
+            working memory of the chance levels: the layers' preparation and the CKA null's tables
+            (default 1 GiB); ``None``: each metric's ``max_memory`` in ``metric_kwargs``, else the
+            defaults.
         heatmap_scores: ``"raw"`` (default) or ``"calibrated"``: what reference heatmaps show
             (calibrated: each cell against its own null, colour range [0, 1]).
         distributed_probe: under ``torch.distributed`` (2 or more ranks; every rank must call
@@ -130,6 +134,7 @@ class AlignmentTracker:
         calibration: int | None = 20,
         calibration_seed: int = 0,
         calibration_alpha: float = 0.05,
+        calibration_max_memory: int | str | None = None,
         heatmap_scores: str = "raw",
         distributed_probe: str = "shard",
     ) -> None:
@@ -144,7 +149,7 @@ class AlignmentTracker:
             raise ValueError(f"prefix must be a non-empty string not ending in '/', got {prefix!r}")
         if heatmap_scores not in ("raw", "calibrated"):
             raise ValueError(f"heatmap_scores must be 'raw' or 'calibrated', got {heatmap_scores!r}")
-        self.chance = ChanceLevels(calibration, calibration_seed, calibration_alpha)
+        self.chance = ChanceLevels(calibration, calibration_seed, calibration_alpha, calibration_max_memory)
         if heatmap_scores == "calibrated" and not self.chance.enabled:
             raise ValueError("heatmap_scores='calibrated' needs calibration > 0 permutations")
         self.heatmap_scores = heatmap_scores
