@@ -197,14 +197,6 @@ def test_bad_input():
 # -- permutation_test(max_memory=...) ------------------------------------------------------------
 
 
-def _np_linear_cka(a, b):
-    """Linear CKA (rows L2-normalised, as permutation_test's default) in numpy float64."""
-    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (np.asarray(a, np.float64), np.asarray(b, np.float64)))
-    a, b = a - a.mean(axis=0), b - b.mean(axis=0)
-    K, L = a @ a.T, b @ b.T
-    return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
-
-
 def _budgets_seen(monkeypatch):
     """The budget of every LayerContext built while the test runs."""
     from prh_lightning.functional import _plan
@@ -224,16 +216,13 @@ def test_permutation_test_max_memory_groups_or_streams_the_cka_null_with_the_sam
     # the smallest budget that still builds the null's tables, and one byte less (streamed, no
     # table), give the null and p-value of the unbounded call and of numpy float64 CKA of b's
     # permuted rows; the CKA null sees the budget on both prepared layers
+    from test_calibration import _np_cka, _smallest_grouped_budget
+
     from prh_lightning.functional import kernels
-    from prh_lightning.functional.kernels import _null_layout
 
     n = 45
     a, b = _pair(n=n, noise=2.0, seed=7)
-    low, high = 1, 2**30
-    while low < high:  # the smallest budget at which the null still builds a table
-        mid = (low + high) // 2
-        low, high = (low, mid) if _null_layout(n, 1, 1, 8, mid) is not None else (mid + 1, high)
-    smallest = low
+    smallest = _smallest_grouped_budget(n, 1, 1, 8)
     budgets, tables = [], []
     null_fn, inner = kernels._cka_null, kernels._permuted_inner
     monkeypatch.setattr(kernels, "_cka_null", lambda xs, ys, perms, **o: budgets.append({s.budget for s in xs + ys}) or null_fn(xs, ys, perms, **o))
@@ -243,8 +232,8 @@ def test_permutation_test_max_memory_groups_or_streams_the_cka_null_with_the_sam
     streamed = permutation_test(a, b, "cka", n_permutations=15, seed=2, max_memory=smallest - 1)
     assert budgets == [{None}, {smallest}, {smallest - 1}]
     assert tables == [1, 1]  # the streamed call built none
-    score = _np_linear_cka(a.numpy(), b.numpy())
-    null = np.array([_np_linear_cka(a.numpy(), b[p].numpy()) for p in _same_perms(n, 15, 2)])
+    score = _np_cka(a.numpy(), b.numpy(), False)  # rows L2-normalised, as permutation_test's default
+    null = np.array([_np_cka(a.numpy(), b[p].numpy(), False) for p in _same_perms(n, 15, 2)])
     assert np.ptp(null) > 0.01
     for result in (whole, grouped, streamed):
         assert result.score == pytest.approx(score, rel=1e-9)
