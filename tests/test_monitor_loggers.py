@@ -18,6 +18,8 @@ import pytest
 import torch
 from callback_helpers import (
     TRAINER_KW,
+    HFTiny,
+    Rows,
     TinyNet,
     brute_cka,
     brute_mutual_knn,
@@ -133,30 +135,6 @@ def test_mlflow_file_store_gets_scalars_and_figures_csv_gets_scalars_only(tmp_pa
         assert [v for _, v in logged] == pytest.approx([v for _, v in metrics[key]], abs=1e-6), key
     written = [f for _, _, files in os.walk(tmp_path / "csv") for f in files]
     assert "metrics.csv" in written and not [f for f in written if f.endswith(".png") or "tfevents" in f]
-
-
-class HFTiny(torch.nn.Module):
-    """TinyNet behind a Hugging Face style forward: keyword inputs in, {"loss", "logits"} out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = TinyNet()
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        out = {"logits": logits}
-        return out if labels is None else {"loss": torch.nn.functional.cross_entropy(logits, labels), **out}
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": int(self.y[i])}
 
 
 @pytest.mark.slow
