@@ -99,7 +99,8 @@ def calibrate(
         generator: a ``torch.Generator`` for the permutations (reproducible).
         max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
             memory of the layers' preparation (as in :func:`prh_lightning.alignment_matrix`) and
-            of the CKA null's tables (default 1 GiB).
+            of the permutation null's tables and batches (CKA: default 1 GiB; k-NN metrics and
+            CKNNA: fixed caps of about 256 MB without a budget).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> a = torch.randn(60, 6, generator=g)

@@ -356,3 +356,67 @@ def test_calibrate_reads_max_memory_like_alignment_matrix(monkeypatch):
         calibrate(xs, ys, "cka", permutations=perms, max_memory="lots")
     with pytest.raises(ValueError, match="max_memory"):
         calibrate(xs, ys, "cka", permutations=perms, max_memory=0)
+
+
+# -- the k-NN and CKNNA nulls within a memory budget ------------------------------------------
+
+
+class _LargestOutput:
+    """Context manager: the largest tensor (bytes) any torch op returns inside it."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                sizes = [t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                owner.nbytes = max([owner.nbytes, *sizes])
+                return out
+
+        self.nbytes, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("case", ["mutual_knn", "cknna", "cknna_biased"])
+def test_edge_nulls_keep_within_max_memory_with_the_dense_numbers(case, monkeypatch):
+    # 3 x 3 layers, n = 60, k = 4, 50 permutations. Without a budget the null moves the edges of all
+    # x layers under all 50 permutations at once (hundreds of kB per op); with max_memory = 100 kB it
+    # must split x layers, y layers and permutations so that no op returns more than half the
+    # budget, and still give the numpy dense-mask numbers permutation by permutation
+    from prh_lightning.functional import _edge_null
+
+    groups_seen = []
+    layer_groups = _edge_null.layer_groups
+    monkeypatch.setattr(_edge_null, "layer_groups", lambda *a: groups_seen.append(a[-1]) or layer_groups(*a))
+    if case != "mutual_knn":
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("prh_lightning.functional.cknna"), "layer_groups", _edge_null.layer_groups)
+    g = torch.Generator().manual_seed(21)
+    n, budget = 60, 100_000
+    shared = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    make = lambda d: shared @ torch.randn(3, d, generator=g, dtype=torch.float64) + 0.4 * torch.randn(n, d, generator=g, dtype=torch.float64)  # noqa: E731
+    xs, ys = [make(6), make(5), make(7)], [make(4), make(6), make(5)]
+    perms = torch.stack([torch.randperm(n, generator=g) for _ in range(50)])
+    metric, kw = _CALLS[case]
+    with _LargestOutput() as unbounded:
+        whole = calibrate(xs, ys, metric, permutations=perms, **kw)
+    with _LargestOutput() as bounded:
+        small = calibrate(xs, ys, metric, permutations=perms, max_memory=budget, **kw)
+    assert groups_seen[0] is None and budget in groups_seen  # the budget reached the null
+    assert unbounded.nbytes > budget
+    assert bounded.nbytes <= budget // 2
+    ref = _REFERENCES[case]
+    null = np.array([[[ref(x.numpy(), y[p].numpy()) for y in ys] for x in xs] for p in perms])
+    assert np.ptp(null) > 0.01
+    for out in (whole, small):
+        np.testing.assert_allclose(out.null.numpy(), null, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(out.raw.numpy(), [[ref(x.numpy(), y.numpy()) for y in ys] for x in xs], rtol=1e-9, atol=1e-12)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._edge_null import EdgeUnion, batches, layer_groups, moved_hits
+from ._edge_null import MOVED_EDGE_BYTES, EdgeUnion, batches, layer_groups, layer_groups_of_moved_edges, moved_hits
 from ._numerics import centre
 from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_k, check_min_samples, check_positive
@@ -46,6 +46,7 @@ class CknnaLayer:
     mutual: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     sorted_val: torch.Tensor | None = None
+    budget: int | None = None  # max_memory in bytes (None: defaults), for the permutation null
 
     @classmethod
     def from_lists(cls, idx: torch.Tensor, val: torch.Tensor, unbiased: bool, name: str) -> "CknnaLayer":
@@ -62,7 +63,7 @@ class CknnaLayer:
         """Samples reordered (row ``i`` <- sample ``perm[i]``); self-similarity unchanged."""
         inverse = torch.argsort(perm)
         mutual = None if self.mutual is None else self.mutual[perm]
-        return CknnaLayer(inverse[self.idx[perm]], self.val[perm], self.back[perm], self.self_sim, mutual)
+        return CknnaLayer(inverse[self.idx[perm]], self.val[perm], self.back[perm], self.self_sim, mutual, budget=self.budget)
 
     def lookup(self, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For index tensors ``i``, ``j`` (broadcast): ``(found, value)``, ``found = j in N(i)``,
@@ -139,7 +140,9 @@ def prepare_cknna(
     del c
     if not bool(torch.isfinite(val).all()):  # excluded entries (groups) listed as neighbours: exact products
         val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
-    return CknnaLayer.from_lists(idx, val, unbiased, ctx.name)
+    layer = CknnaLayer.from_lists(idx, val, unbiased, ctx.name)
+    layer.budget = ctx.budget
+    return layer
 
 
 def _gathered_products(x64: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
@@ -182,12 +185,18 @@ def _moved_hsic(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor,
     L_{π(i)π(j)}`` and, for ``tr(P'Q')``, ``K_ij [i in N_x(j)]`` times the back link.
     """
     n, k = xs[0].idx.shape
-    groups = layer_groups(len(ys), n * k, 3)
-    if len(groups) > 1:  # large n: bounded union tables
+    budget = xs[0].budget
+    # per moved edge: its key, slot and masks, and its share of the [B Lx n, Ly] float64 row sums
+    per_edge = MOVED_EDGE_BYTES + -(-4 * 8 * len(ys) // k)
+    x_groups = layer_groups_of_moved_edges(len(xs), n * k, budget, per_edge)
+    if len(x_groups) > 1:
+        return torch.cat([_moved_hsic(xs[g], ys, perms, unbiased) for g in x_groups], dim=1)
+    groups = layer_groups(len(ys), n * k, 3, budget)
+    if len(groups) > 1:  # large n or a small budget: bounded union tables
         return torch.cat([_moved_hsic(xs, ys[g], perms, unbiased) for g in groups], dim=-1)
     device = xs[0].idx.device
     columns = torch.stack([torch.stack([torch.ones_like(b.val), b.val, b.back], dim=-1) for b in ys])
-    union = EdgeUnion(torch.stack([b.idx for b in ys]), columns)
+    union = EdgeUnion(torch.stack([b.idx for b in ys]), columns, budget)
     idx_x = torch.stack([a.idx for a in xs])  # [Lx, n, k]
     lx, _, k = idx_x.shape
     ly = len(ys)
@@ -197,7 +206,7 @@ def _moved_hsic(xs: list[CknnaLayer], ys: list[CknnaLayer], perms: torch.Tensor,
     back_x = torch.stack([a.val * a.mutual for a in xs]).flatten()
     edge_row = rows.expand(n, k).flatten()
     out = []
-    for block in batches(perms, lx * n * k):
+    for block in batches(perms, lx * n * k, budget, per_edge):
         size = block.shape[0] * lx
         target, edge, slot = moved_hits(idx_x, union, block)
         hit = union.table[slot].view(-1, ly, 3)

@@ -155,6 +155,7 @@ class Neighbours:
     idx: torch.Tensor
     x64: torch.Tensor | None = None
     recall: float | None = None  # approximate lists only: recall against exact search on a subsample
+    budget: int | None = None  # max_memory in bytes (None: defaults), for the permutation null
 
 
 def _symmetric_gram_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -495,10 +496,10 @@ def prepare_neighbours(
 
         idx = faiss_neighbours(c, k, index="ivf" if knn_backend == "faiss_ivf" else None)
         generator = torch.Generator().manual_seed(0)
-        return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator))
+        return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator), budget=ctx.budget)
     rows = ctx.block(n, _BLOCK_BYTES)
     idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered, name=ctx.name)
-    return Neighbours(idx)
+    return Neighbours(idx, budget=ctx.budget)
 
 
 def permute_neighbours(state: Neighbours, perm: torch.Tensor) -> Neighbours:
@@ -507,8 +508,8 @@ def permute_neighbours(state: Neighbours, perm: torch.Tensor) -> Neighbours:
     inverse = torch.argsort(perm, dim=-1)
     moved = state.idx[perm]  # [..., n, k]
     if perm.ndim == 1:
-        return Neighbours(inverse[moved])
-    return Neighbours(torch.gather(inverse, 1, moved.flatten(1)).reshape(moved.shape))
+        return Neighbours(inverse[moved], budget=state.budget)
+    return Neighbours(torch.gather(inverse, 1, moved.flatten(1)).reshape(moved.shape), budget=state.budget)
 
 
 def _mutual_knn_matrix(idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> torch.Tensor:

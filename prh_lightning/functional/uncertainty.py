@@ -76,7 +76,8 @@ def permutation_test(
         seed: seeds the CPU generator drawing the permutations (reproducible across devices).
         max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
             memory of the preparation (as in :func:`prh_lightning.alignment_matrix`) and of the
-            CKA null's tables (default 1 GiB); for a metric name only.
+            permutation null's tables and batches (CKA: default 1 GiB; k-NN metrics and CKNNA:
+            fixed caps of about 256 MB without a budget); for a metric name only.
     """
     check_pair(a, b)
     _check_count(n_permutations, "n_permutations", 1)

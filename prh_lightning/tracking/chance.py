@@ -79,8 +79,8 @@ class ChanceLevels:
         seed: seed of the permutations (see :meth:`permutations`).
         alpha: the null quantile that defines ``threshold``.
         max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the working
-            memory of the chance levels: the layers' preparation and the CKA null's tables
-            (default 1 GiB); ``None``: each metric's own ``max_memory`` (from its keyword
+            memory of the chance levels: the layers' preparation and the nulls' tables and batches
+            (CKA default 1 GiB); ``None``: each metric's own ``max_memory`` (from its keyword
             arguments), else the defaults.
 
     >>> levels = ChanceLevels(19, seed=0)

@@ -98,8 +98,8 @@ class AlignmentTracker:
             :attr:`permutations`).
         calibration_alpha: null quantile of ``threshold``.
         calibration_max_memory: a budget (bytes, or ``"512MB"``, ``"4GB"``, ``"2GiB"``) for the
-            working memory of the chance levels: the layers' preparation and the CKA null's tables
-            (default 1 GiB); ``None``: each metric's ``max_memory`` in ``metric_kwargs``, else the
+            working memory of the chance levels: the layers' preparation and the nulls' tables and batches
+            (CKA default 1 GiB); ``None``: each metric's ``max_memory`` in ``metric_kwargs``, else the
             defaults.
         heatmap_scores: ``"raw"`` (default) or ``"calibrated"``: what reference heatmaps show
             (calibrated: each cell against its own null, colour range [0, 1]).
