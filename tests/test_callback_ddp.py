@@ -3,10 +3,20 @@ process, rank 0 logs once, the recorder writes one gathered file, nothing hangs.
 
 from __future__ import annotations
 
+import shutil
+
 import lightning as L
 import pytest
 import torch
-from callback_helpers import TRAINER_KW, TinyNet, loader, read_scalars, synthetic_data
+from callback_helpers import (
+    TRAINER_KW,
+    EndDistributedCleanly,
+    TinyNet,
+    loader,
+    read_scalars,
+    retry_once_on_exit_abort,
+    synthetic_data,
+)
 from torch import distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -42,7 +52,7 @@ def run(tmp_path, name: str, devices: int) -> L.Trainer:
     if devices > 1:
         kw["strategy"] = "ddp_spawn"
     trainer = L.Trainer(
-        max_steps=4, val_check_interval=4, callbacks=[monitor, recorder],
+        max_steps=4, val_check_interval=4, callbacks=[monitor, recorder, EndDistributedCleanly()],
         logger=TensorBoardLogger(tmp_path / name, name="tb"), **kw,
     )
     trainer.fit(model)
@@ -55,7 +65,7 @@ def run(tmp_path, name: str, devices: int) -> L.Trainer:
 def test_ddp_spawn_matches_single_process(tmp_path):
     torch.set_num_threads(1)
     one = run(tmp_path, "single", devices=1)
-    two = run(tmp_path, "ddp", devices=2)
+    two = retry_once_on_exit_abort(run, tmp_path, "ddp", devices=2, clean=lambda: shutil.rmtree(tmp_path / "ddp", ignore_errors=True))
 
     single, ddp = read_scalars(str(tmp_path / "single")), read_scalars(str(tmp_path / "ddp"))
     assert set(ddp) == set(single) and "alignment/cka/twin/best" in ddp

@@ -15,7 +15,16 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from callback_helpers import TRAINER_KW, TinyNet, brute_cka, brute_mutual_knn, loader, synthetic_data, tiny_features
+from callback_helpers import (
+    TRAINER_KW,
+    EndDistributedCleanly,
+    TinyNet,
+    brute_cka,
+    brute_mutual_knn,
+    loader,
+    synthetic_data,
+    tiny_features,
+)
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import distributed as dist
 from torch import multiprocessing as mp
@@ -117,7 +126,7 @@ def test_ddp_spawn_scores_once_on_rank0_and_broadcasts(tmp_path, mode):
     stop = dict(monitor="alignment/cka/twin/best", mode="max", patience=100, check_on_train_epoch_end=True, strict=True)
     trainer = L.Trainer(
         max_steps=4, logger=False, strategy="ddp_spawn",
-        callbacks=[monitor, Witness(monitor, str(tmp_path)), EarlyStopping(**stop)],
+        callbacks=[monitor, Witness(monitor, str(tmp_path)), EarlyStopping(**stop), EndDistributedCleanly()],
         **{**TRAINER_KW, "devices": 2, "use_distributed_sampler": False},
     )
     trainer.fit(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from callback_helpers import TRAINER_KW, TinyNet, loader, synthetic_data, tiny_features
+from callback_helpers import TRAINER_KW, EndDistributedCleanly, TinyNet, loader, retry_once_on_exit_abort, synthetic_data, tiny_features
 from torch.utils.data import DataLoader, TensorDataset
 
 from prh_lightning.callbacks import RepresentationRecorder
@@ -40,28 +40,17 @@ def run(tmp_path, devices: int) -> list[str]:
     kw = {**TRAINER_KW, "devices": devices, "limit_train_batches": 2}
     if devices > 1:
         kw["strategy"] = "ddp_spawn"
-    trainer = L.Trainer(max_steps=2, callbacks=[recorder], logger=False, **kw)
+    trainer = L.Trainer(max_steps=2, callbacks=[recorder, EndDistributedCleanly()], logger=False, **kw)
     trainer.fit(model)
     trainer.predict(model, return_predictions=False)
     return sorted(p.name for p in (tmp_path / "reps").iterdir())
 
 
 def run_ddp(tmp_path) -> list[str]:
-    """The 2-process run. In a long pytest session a spawned gloo worker sometimes aborts while the
-    process exits ("terminate called without an active exception", a C++ thread torn down after
-    its work is done); that is torch's teardown, not what this test checks, so such a run is
-    retried once after clearing its files. Any other failure, or a second abort, fails the test."""
+    """The 2-process run, once more if a worker aborted at exit (see ``retry_once_on_exit_abort``)."""
     import shutil
 
-    from torch.multiprocessing.spawn import ProcessExitedException
-
-    try:
-        return run(tmp_path, devices=2)
-    except ProcessExitedException as err:
-        if "SIGABRT" not in str(err):
-            raise
-    shutil.rmtree(tmp_path / "reps", ignore_errors=True)
-    return run(tmp_path, devices=2)
+    return retry_once_on_exit_abort(run, tmp_path, devices=2, clean=lambda: shutil.rmtree(tmp_path / "reps", ignore_errors=True))
 
 
 @pytest.mark.slow
