@@ -23,13 +23,24 @@ TRAINER_KW = dict(
 
 
 class EndDistributedCleanly(L.Callback):
-    """Put last in a ``ddp_spawn`` test's callbacks: once the fit is torn down, every rank meets
-    at a barrier and destroys the process group, so no gloo thread is left for the spawned
-    worker's interpreter shutdown (where a worker has aborted with "terminate called without
-    an active exception" after all its work was done). A no-op without a process group."""
+    """Put last in a ``ddp_spawn`` test's callbacks: once a fit or predict run has ended normally
+    and been torn down, every rank meets at a barrier and destroys the process group, so no gloo
+    thread is left for the spawned worker's interpreter shutdown (where a worker has aborted with
+    "terminate called without an active exception" after all its work was done). Nothing is done
+    without a process group, or after a failure (a barrier could then wait for a dead rank)."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ended = True
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ended = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if dist.is_available() and dist.is_initialized():
+        ended, self.ended = self.ended, False
+        if ended and dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
