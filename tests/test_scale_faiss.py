@@ -125,3 +125,27 @@ def test_ivf_mutual_knn_is_within_0_01_of_exact_at_n_20000_with_recall_at_least_
     assert len(built) == 2  # one IVF index per layer
     assert float(approx.recall_x.min()) >= 0.95 and float(approx.recall_y.min()) >= 0.95, approx
     assert abs(float(approx.scores[0, 0] - exact[0, 0])) <= 0.01
+
+
+def test_hnsw_search_breadth_is_tuned_until_the_sample_recall_reaches_the_target(monkeypatch, caplog):
+    # a sparse graph (m = 4) on unstructured data, searched with ef_search = 8: recall well below
+    # 0.95 against float64 brute force. ef_search=None starts there and doubles until the sampled
+    # rows reach RECALL_TARGET; the lists of all rows then have about that recall too
+    import logging
+
+    import faiss  # noqa: F401  (the [faiss] extra, installed by make test)
+    import prh_lightning.functional._faiss as F
+    from prh_lightning.functional._numerics import centre
+
+    monkeypatch.setattr(F, "EF_SEARCH_START", 8)
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(4000, 32, generator=g, dtype=torch.float64), dim=1)
+    c = centre(x, torch.finfo(torch.float32).eps, torch.float32, "x", exact_mean=False)
+    fixed = F.faiss_neighbours(c, 10, m=4, ef_search=8)
+    with caplog.at_level(logging.INFO, logger=F.__name__):
+        tuned = F.faiss_neighbours(c, 10, m=4)
+    (message,) = [r.getMessage() for r in caplog.records if "ef_search=" in r.getMessage()]
+    ef = int(message.split("ef_search=")[1].split()[0])
+    recall_fixed, recall_tuned = neighbour_recall(x, fixed, sample=4000), neighbour_recall(x, tuned, sample=4000)
+    assert recall_fixed < 0.9  # the start is far from the target
+    assert ef > 8 and recall_tuned >= 0.93 > recall_fixed
