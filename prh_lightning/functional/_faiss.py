@@ -11,10 +11,11 @@ Two indexes (``knn_backend="faiss"`` builds ``INDEX``, HNSW; ``knn_backend="fais
 
 * ``"hnsw"`` (the default): HNSW graph search, inner-product metric (``m`` links per node,
   search breadth ``ef_search``). ``ef_search=None`` tunes it like ``nprobe`` below: starting
-  at ``EF_SEARCH_START`` (128) it doubles (up to ``MAX_EF_SEARCH``) until the lists of ``TUNE_SAMPLE`` random rows
-  reach ``RECALL_TARGET``; the graph is built once, only the searches of the sample repeat.
-  On the planted-structure features of benchmarks/scale.py 128 gave recall 0.993 at
-  n = 100,000 but 0.947 at n = 1,000,000 (1 x 1 layers, 2,818 s on 2 cores), hence the tuning;
+  at ``EF_SEARCH_START`` (128) it doubles, up to ``MAX_EF_SEARCH``, until the lists of
+  ``TUNE_SAMPLE`` random rows reach ``RECALL_TARGET``; the graph is built once, only the
+  searches of the sample repeat. On the planted-structure features of benchmarks/scale.py
+  128 gave recall 0.993 at n = 100,000 but 0.947 at n = 1,000,000 (1 x 1 layers, 2,818 s on
+  2 cores), hence the tuning;
 * ``"ivf"``: IVF-Flat, ``nlist = 4 sqrt(n)`` cells from k-means on a sample of rows (in the L2
   form of the same ranking, see :func:`_ivf`); each query scans the ``nprobe`` nearest cells.
   ``nprobe=None`` tunes it: starting at 8 it doubles until the lists of ``TUNE_SAMPLE`` random
@@ -141,7 +142,8 @@ def _hnsw(faiss, c: Centred, m: int, ef_search: int | None, want: int, k: int, e
         return index
 
     if ef_search is None:
-        ef_search, recall, sampled = _tune(c, k, exclude_self, generator, EF_SEARCH_START, max(EF_SEARCH_START, MAX_EF_SEARCH), set_breadth, False)
+        stop = max(EF_SEARCH_START, MAX_EF_SEARCH)
+        ef_search, recall, sampled = _tune(c, k, exclude_self, generator, EF_SEARCH_START, stop, set_breadth, False)
         log.info("HNSW n=%d m=%d: ef_search=%d tuned (recall %.3f on %d rows)", n, m, ef_search, recall, sampled)
     return set_breadth(ef_search)
 
