@@ -184,6 +184,11 @@ def approximate_alignment_matrix(
     ``pip install faiss-cpu``), with each layer's recall against exact
     search on a subsample reported beside the scores. ``alignment_matrix(..., knn_backend="faiss")``
     gives the same scores without the recall.
+
+    ``faiss_options`` (in ``metric_kwargs``) sets the index: ``{"m": 32, "ef_search": None}`` for
+    HNSW (graph degree; search breadth, ``None``: the smallest doubling from 128 whose lists
+    reach recall 0.95 on 500 sampled rows), ``{"nlist": None, "nprobe": None}`` for IVF-Flat
+    (cells, default ``4 sqrt(n)``; cells scanned per query, tuned the same way).
     """
     name = _resolve_metric(metric)
     plan = get_plan(name)

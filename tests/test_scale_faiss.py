@@ -149,3 +149,23 @@ def test_hnsw_search_breadth_is_tuned_until_the_sample_recall_reaches_the_target
     recall_fixed, recall_tuned = neighbour_recall(x, fixed, sample=4000), neighbour_recall(x, tuned, sample=4000)
     assert recall_fixed < 0.9  # the start is far from the target
     assert ef > 8 and recall_tuned >= 0.93 > recall_fixed
+
+
+def test_faiss_options_reach_the_index_and_bad_ones_are_refused():
+    # the same sparse graph through the public entry points: a fixed small ef_search gives the
+    # low recall of the lists it finds, the default (tuned) ef_search reaches the target
+    import faiss  # noqa: F401  (the [faiss] extra, installed by make test)
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4000, 32, generator=g)
+    fixed = approximate_alignment_matrix([x], [x], k=10, faiss_options={"m": 4, "ef_search": 8})
+    tuned = approximate_alignment_matrix([x], [x], k=10, faiss_options={"m": 4})
+    assert float(fixed.recall_x[0]) < 0.9 <= 0.93 <= float(tuned.recall_x[0])
+    same = alignment_matrix([x], [x], metric="mutual_knn", k=10, knn_backend="faiss", faiss_options={"m": 4, "ef_search": 8})
+    assert torch.allclose(same.double(), fixed.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown option 'efSearch'"):
+        approximate_alignment_matrix([x], [x], faiss_options={"efSearch": 64})
+    with pytest.raises(ValueError, match="must be a positive int"):
+        approximate_alignment_matrix([x], [x], faiss_options={"nprobe": 0})
+    with pytest.raises(ValueError, match='apply to knn_backend="faiss"'):
+        alignment_matrix([x], [x], metric="mutual_knn", faiss_options={"ef_search": 64})

@@ -19,7 +19,9 @@ dimensions so many layer pairs can be scored at once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -481,20 +483,25 @@ def prepare_neighbours(
     groups: torch.Tensor | None = None,
     knn_backend: str = "exact",
     ordered: bool = True,
+    faiss_options: Mapping[str, Any] | None = None,
 ) -> Neighbours:
     """Per-layer work of the k-NN metrics: ``[n, k]`` neighbour lists of ``x64 [n, d]``, exact, or
     approximate with ``knn_backend="faiss"`` (HNSW) or ``"faiss_ivf"`` (IVF-Flat, for clustered
     features; see :mod:`._faiss`), then with their recall on a subsample of rows.
+    ``faiss_options``: the index's settings for the approximate backends (``m``, ``ef_search``
+    for HNSW; ``nlist``, ``nprobe`` for IVF-Flat; see :func:`._faiss.faiss_neighbours`).
     ``ordered=False``: exact neighbour sets, listed in float32 order (see :func:`exact_neighbours`)."""
     n = x64.shape[0]
     check_k(k, n)
+    if faiss_options and knn_backend == "exact":
+        raise ValueError(f'faiss_options={dict(faiss_options)!r} apply to knn_backend="faiss" or "faiss_ivf", not "exact"')
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
     if knn_backend != "exact":
         if groups is not None:
             raise ValueError(f'knn_backend="{knn_backend}" cannot keep groups apart (bootstrap); use knn_backend="exact"')
         from ._faiss import faiss_neighbours, neighbour_recall
 
-        idx = faiss_neighbours(c, k, index="ivf" if knn_backend == "faiss_ivf" else None)
+        idx = faiss_neighbours(c, k, index="ivf" if knn_backend == "faiss_ivf" else None, **(faiss_options or {}))
         generator = torch.Generator().manual_seed(0)
         return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator), budget=ctx.budget)
     rows = ctx.block(n, _BLOCK_BYTES)
@@ -673,14 +680,29 @@ def _check_backend(value) -> None:
         raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {value!r}")
 
 
+FAISS_OPTIONS = ("m", "ef_search", "nlist", "nprobe")  # HNSW: m, ef_search; IVF-Flat: nlist, nprobe
+
+
+def _check_faiss_options(value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise ValueError(f"faiss_options must be a dict such as {{'ef_search': 256}}, got {value!r}")
+    for key, option in value.items():
+        if key not in FAISS_OPTIONS:
+            raise ValueError(f"faiss_options: unknown option {key!r}; known: {FAISS_OPTIONS}")
+        if option is not None and (isinstance(option, bool) or not isinstance(option, int) or option < 1):
+            raise ValueError(f"faiss_options[{key!r}] must be a positive int or None (tuned), got {option!r}")
+
+
 _ORDERED = ("lcs_knn", "edit_distance_knn")  # scores that read the order inside each list
 
 for _name in _SCORERS:
     register_plan(
         MetricPlan(
             name=_name,
-            defaults={"k": 10, "knn_backend": "exact"},
-            option_checks={"knn_backend": _check_backend},
+            defaults={"k": 10, "knn_backend": "exact", "faiss_options": None},
+            option_checks={"knn_backend": _check_backend, "faiss_options": _check_faiss_options},
             # mutual and cycle k-NN depend on the neighbour sets only
             prepare=functools.partial(prepare_neighbours, ordered=_name in _ORDERED),
             pairs=_knn_pairs(_name),
