@@ -167,5 +167,9 @@ def test_faiss_options_reach_the_index_and_bad_ones_are_refused():
         approximate_alignment_matrix([x], [x], faiss_options={"efSearch": 64})
     with pytest.raises(ValueError, match="must be a positive int"):
         approximate_alignment_matrix([x], [x], faiss_options={"nprobe": 0})
+    with pytest.raises(ValueError, match="do not apply to the hnsw index"):
+        approximate_alignment_matrix([x], [x], faiss_options={"nprobe": 16})
+    with pytest.raises(ValueError, match="do not apply to the ivf index"):
+        approximate_alignment_matrix([x], [x], knn_backend="faiss_ivf", faiss_options={"ef_search": 16})
     with pytest.raises(ValueError, match='apply to knn_backend="faiss"'):
         alignment_matrix([x], [x], metric="mutual_knn", faiss_options={"ef_search": 64})

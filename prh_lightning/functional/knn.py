@@ -495,6 +495,13 @@ def prepare_neighbours(
     check_k(k, n)
     if faiss_options and knn_backend == "exact":
         raise ValueError(f'faiss_options={dict(faiss_options)!r} apply to knn_backend="faiss" or "faiss_ivf", not "exact"')
+    if faiss_options:
+        from . import _faiss
+
+        index = "ivf" if knn_backend == "faiss_ivf" else _faiss.INDEX
+        other = set(faiss_options) - set(_INDEX_OPTIONS[index])
+        if other:
+            raise ValueError(f"faiss_options {sorted(other)} do not apply to the {index} index (its options: {_INDEX_OPTIONS[index]})")
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
     if knn_backend != "exact":
         if groups is not None:
@@ -680,7 +687,8 @@ def _check_backend(value) -> None:
         raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {value!r}")
 
 
-FAISS_OPTIONS = ("m", "ef_search", "nlist", "nprobe")  # HNSW: m, ef_search; IVF-Flat: nlist, nprobe
+_INDEX_OPTIONS = {"hnsw": ("m", "ef_search"), "ivf": ("nlist", "nprobe")}
+FAISS_OPTIONS = _INDEX_OPTIONS["hnsw"] + _INDEX_OPTIONS["ivf"]
 
 
 def _check_faiss_options(value) -> None:
