@@ -272,3 +272,50 @@ def test_rounding_bound_covers_the_float32_scores(offset):
     err = (fl - torch.from_numpy(exact)).abs()
     assert bool((err <= base[:, None] + rel * fl.abs()).all())
     assert float(err.max()) > 0  # the float32 scores do differ from the float64 ones
+
+
+def test_float32_route_without_a_float64_copy_gives_the_float64_lists_under_near_ties():
+    # the same near-tie features with no common offset: the float32 route (normalised in float32,
+    # float64 rows formed only for re-ranked rows) is taken and must give the float64 lists
+    from prh_lightning.functional._numerics import ConditionedRows, pivot_free_float32
+    from prh_lightning.functional.knn import exact_neighbours
+
+    g = torch.Generator().manual_seed(7)
+    centres = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    x = (centres[torch.arange(200) % 4] + 1e-3 * torch.randn(200, 64, generator=g, dtype=torch.float64)).float()
+    conditioned = pivot_free_float32(x, True, float(torch.finfo(torch.float32).eps))
+    assert conditioned is not None
+    c, rows64 = conditioned
+    assert isinstance(rows64, ConditionedRows) and c.roundings == 2
+    want = _float64_lists(x, 8)
+    assert exact_neighbours(c, rows64, 8, 64, ordered=True).tolist() == want
+    assert exact_neighbours(c, rows64, 8, 64, gram=torch.empty(200, 200), ordered=True).tolist() == want
+    sets = exact_neighbours(c, rows64, 8, 64, ordered=False).tolist()
+    assert [sorted(s) for s in sets] == [sorted(w) for w in want]
+    # every entry point on these features: the float64 brute-force scores
+    other = x[torch.randperm(200, generator=g)]
+    want_other = _float64_lists(other, 8)
+    mutual = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(want, want_other)])
+    from prh_lightning import alignment_matrix
+    from prh_lightning.functional import mutual_knn as mutual_knn_normalised
+
+    assert float(mutual_knn_normalised(x, other, k=8)) == pytest.approx(mutual, abs=1e-7)  # a float32 result
+    assert float(alignment_matrix([x], [other], metric="mutual_knn", k=8)[0, 0]) == pytest.approx(mutual, abs=1e-7)
+
+
+def test_rounding_bound_covers_the_float32_route_scores():
+    # normalised in float32 (two roundings per entry): the bound with Centred.roundings = 2 holds
+    # against float64 scores of the float64 route's rows, formed here independently
+    from prh_lightning.functional._numerics import pivot_free_float32
+    from prh_lightning.functional.knn import rounding_bound
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 512, generator=g)
+    c, _ = pivot_free_float32(x, True, float(torch.finfo(torch.float32).eps))
+    base, rel = rounding_bound(c.xc, None, c.roundings)
+    u = x.double().numpy()
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    fl = (c.xc @ c.xc.T).double()
+    err = (fl - torch.from_numpy(u @ u.T)).abs()
+    assert bool((err <= base[:, None] + rel * fl.abs()).all())
+    assert float(err.max()) > 0

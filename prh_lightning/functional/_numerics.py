@@ -22,7 +22,10 @@ import torch
 
 from ._validation import check_features
 
-__all__ = ["compute_dtype", "condition", "Centred", "centre", "centre_float32", "power_of_two_scale", "CONSTANT_RTOL"]
+__all__ = [
+    "compute_dtype", "condition", "Centred", "centre", "centre_float32", "ConditionedRows", "pivot_free_float32",
+    "power_of_two_scale", "CONSTANT_RTOL",
+]
 
 CONSTANT_RTOL = 16.0
 # largest |x| for which centring without a pivot keeps the data unscaled: products of two entries
@@ -112,12 +115,16 @@ class Centred:
         mean: ``[d]`` float64 column mean times ``scale`` (``x = (xc + mean) / scale``).
         scale: the exact power-of-two factor applied.
         xc64: ``[n, d]`` float64 version of ``xc`` (kept only when asked for).
+        roundings: how many roundings, each of relative size ``eps / 2`` at most, separate an
+            entry of ``xc`` from the exact centred, rescaled value (1: one cast to the compute
+            dtype; 2: :func:`pivot_free_float32`), for rounding-error bounds.
     """
 
     xc: torch.Tensor
     mean: torch.Tensor
     scale: float
     xc64: torch.Tensor | None = None
+    roundings: int = 1
 
 
 def grid_pivot(x64: torch.Tensor, spread: float) -> torch.Tensor:
@@ -235,3 +242,82 @@ def centre_float32(x: torch.Tensor, normalize: bool = True) -> Centred | None:
     scale = power_of_two_scale(largest)
     xc = torch.sub(x, mean.to(torch.float32))  # never the caller's tensor in place
     return Centred(xc=xc.mul_(scale) if scale != 1.0 else xc, mean=mean * scale, scale=scale)
+
+
+class ConditionedRows:
+    """Rows of :func:`condition`'s float64 output formed on demand from float32 features ``x [n, d]``:
+    ``x_i / norms_i`` in float64 when ``norms [n]`` (float64) is given, else ``x_i`` as float64.
+    The values are the float64 route's bit for bit (the same cast, norm and division), without
+    an ``[n, d]`` float64 copy when only a few rows are needed.
+
+    >>> x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    >>> rows = ConditionedRows(x, torch.linalg.vector_norm(x.double(), dim=1))
+    >>> bool((rows.full() == condition(x, "x")).all()), rows.index_select(0, torch.tensor([0])).tolist()
+    (True, [[0.6, 0.8]])
+    """
+
+    def __init__(self, x: torch.Tensor, norms: torch.Tensor | None) -> None:
+        self.x, self.norms = x, norms
+        self.shape, self.device, self.dtype = x.shape, x.device, torch.float64
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """``[len(index), d]`` float64 rows ``index`` (``dim`` must be 0)."""
+        if dim != 0:
+            raise ValueError("ConditionedRows selects rows only (dim=0)")
+        rows = self.x.index_select(0, index).double()
+        return rows if self.norms is None else rows.div_(self.norms[index, None])
+
+    def full(self) -> torch.Tensor:
+        """All ``[n, d]`` rows in float64."""
+        rows = self.x.double()
+        return rows if self.norms is None else rows.div_(self.norms[:, None])
+
+
+def as_float64(x64: torch.Tensor | ConditionedRows) -> torch.Tensor:
+    """The ``[n, d]`` float64 conditioned features, formed if they were kept as :class:`ConditionedRows`."""
+    return x64.full() if isinstance(x64, ConditionedRows) else x64
+
+
+def pivot_free_float32(
+    x: torch.Tensor, normalize: bool, input_dtype_eps: float
+) -> tuple[Centred, ConditionedRows] | None:
+    """``centre(condition(x, normalize), exact_mean=False)`` formed in float32, for float32 (fp16,
+    bf16) features whose grid pivot is 0 (no common offset large enough to subtract: the usual
+    case after L2 normalisation), with the float64 rows on demand; ``None`` otherwise (the caller
+    takes :func:`condition` + :func:`centre`, which also word every refusal: constant data,
+    zero rows, non-finite values).
+
+    The float64 route rounds each normalised entry ``u_ij = x_ij / |x_i|`` once, to float32. Here
+    the float64 norm is rounded to float32 and the division rounds again: two roundings
+    (``Centred.roundings = 2``), which rounding-error bounds take into account. Rows as given
+    (``normalize=False``) are the float32 input itself, exact.
+
+    >>> c, rows = pivot_free_float32(torch.tensor([[3.0, 4.0], [4.0, -3.0], [-3.0, -4.0]]), True, 1.2e-7)
+    >>> c.xc, c.scale, bool(c.mean.any())
+    (tensor([[ 0.6000,  0.8000],
+            [ 0.8000, -0.6000],
+            [-0.6000, -0.8000]]), 1.0, False)
+    >>> pivot_free_float32(torch.tensor([[1000.0, 1.0], [1000.0, -1.0]]), True, 1.2e-7) is None  # offset
+    True
+    """
+    if x.dtype == torch.float64 or not x.is_floating_point():
+        return None
+    x = x.detach().to(torch.float32)
+    norms = None
+    if normalize:
+        norms = torch.linalg.vector_norm(x.double(), dim=1)  # as condition() computes them
+        low, high = torch.aminmax(norms)
+        if not (_FAST_NORMS[0] <= float(low) and float(high) <= _FAST_NORMS[1]):  # also False for NaN / Inf
+            return None
+        u = x / norms.to(torch.float32)[:, None]
+    else:
+        u = x
+    low, high = u.amin(dim=0), u.amax(dim=0)
+    spread = float((high - low).max())
+    size = max(-float(low.min()), float(high.max()))
+    if not (math.isfinite(spread) and SAFE_RANGE[0] <= size <= SAFE_RANGE[1]):
+        return None
+    if spread <= CONSTANT_RTOL * input_dtype_eps * size or bool(grid_pivot(u, spread).any()):
+        return None  # constant (the float64 route refuses it) or a common offset to subtract
+    mean = torch.zeros(u.shape[1], dtype=torch.float64, device=u.device)
+    return Centred(xc=u, mean=mean, scale=1.0, roundings=2 if normalize else 1), ConditionedRows(x, norms)

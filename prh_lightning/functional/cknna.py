@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ._edge_null import MOVED_EDGE_BYTES, EdgeUnion, batches, layer_groups, layer_groups_of_moved_edges, moved_hits
-from ._numerics import centre
+from ._numerics import Centred, as_float64, centre, pivot_free_float32
 from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_k, check_min_samples, check_positive
 from .knn import _BLOCK_BYTES, exact_neighbours
@@ -125,11 +125,32 @@ def prepare_cknna(
     x64: torch.Tensor, ctx, k: int = 10, unbiased: bool = True, eps: float = 0.0, groups=None, **_
 ) -> CknnaLayer:
     """Per-layer work of CKNNA on conditioned float64 features ``x64 [n, d]``."""
-    n = x64.shape[0]
+    _check_sizes(x64.shape[0], k, unbiased)
+    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
+    return _layer(c, x64, ctx, k, unbiased, groups)
+
+
+def prepare_cknna_fast(x: torch.Tensor, ctx, k: int = 10, unbiased: bool = True, eps: float = 0.0, groups=None, **_):
+    """:func:`prepare_cknna` straight from float32 (fp16, bf16) features ``x [n, d]`` that need no
+    common offset removed (:func:`._numerics.pivot_free_float32`); ``None`` (the float64 route)
+    otherwise and for bootstrap ``groups``."""
+    if groups is not None:
+        return None
+    _check_sizes(x.shape[0], k, unbiased)
+    conditioned = pivot_free_float32(x, ctx.normalize, ctx.input_eps)
+    return None if conditioned is None else _layer(*conditioned, ctx, k, unbiased, None)
+
+
+def _check_sizes(n: int, k: int, unbiased: bool) -> None:
     check_k(k, n, minimum=2)
     if unbiased:
         check_min_samples(n, 4, "unbiased CKNNA")
-    c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
+
+
+def _layer(c: Centred, x64, ctx, k: int, unbiased: bool, groups) -> CknnaLayer:
+    """The layer's lists and kernel values from its centred copy ``c`` (``x64``: the float64
+    features or :class:`._numerics.ConditionedRows`)."""
+    n = c.xc.shape[0]
     rows = ctx.block(n, _BLOCK_BYTES)
     # the masks need the neighbour sets only: certify the k-th / (k+1)-th boundary, not the order;
     # the kernel values come with the scores (offset carried in float64, see exact_neighbours)
@@ -139,6 +160,7 @@ def prepare_cknna(
     )
     del c
     if not bool(torch.isfinite(val).all()):  # excluded entries (groups) listed as neighbours: exact products
+        x64 = as_float64(x64)
         val = _gathered_products(x64, idx, ctx.block(x64.shape[1], 8))
     layer = CknnaLayer.from_lists(idx, val, unbiased, ctx.name)
     layer.budget = ctx.budget
@@ -244,6 +266,7 @@ register_plan(
         null=_cknna_null,
         defaults={"k": 10, "unbiased": True, "eps": 0.0},
         prepare=prepare_cknna,
+        prepare_fast=prepare_cknna_fast,
         pairs=_cknna_pairs,
         bounds=lambda **_: (float("-inf"), None),  # masked kernels are not PSD: no Cauchy-Schwarz bound
         permute=CknnaLayer.permuted,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ._edge_null import mutual_knn_null
-from ._numerics import Centred, centre
+from ._numerics import Centred, ConditionedRows, as_float64, centre, pivot_free_float32
 from ._plan import MetricPlan, register_plan, score_pair
 from ._ties import check_copies_at_boundary
 from ._validation import check_features, check_k
@@ -201,17 +201,20 @@ def _shift(c: Centred, x64: torch.Tensor, rows: int) -> torch.Tensor | None:
     return torch.cat([(_scaled_rows(x64, c.scale, slice(s, s + rows)) - c.mean) @ c.mean for s in range(0, n, rows)])
 
 
-def rounding_bound(xc: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+def rounding_bound(xc: torch.Tensor, shift: torch.Tensor | None, roundings: int = 1) -> tuple[torch.Tensor, float]:
     """Bound on the rounding error of the float32 scores ``r_ij = xc_i . xc_j + shift_j``.
 
     Returns ``(base [n], rel)``: ``|fl(r_ij) - r_ij| <= base_i + rel * |fl(r_ij)|`` for every ``j``.
     From the standard bound for a dot product in any summation order
     (``|fl(u . v) - u . v| <= gamma_d |u| |v|``, ``gamma_d = d u / (1 - d u)``, ``u = eps / 2``)
-    plus the rounding of ``xc`` and ``shift`` to float32 and of the final addition.
+    plus the ``roundings`` (``Centred.roundings``) between each entry of ``xc`` and its exact
+    value (``u`` each, for ``xc_i`` and ``xc_j``: ``2 roundings u``), the rounding of ``shift`` to
+    float32 and of the final addition.
     """
     n, d = xc.shape
     unit = float(torch.finfo(xc.dtype).eps) / 2
-    gamma = (d + 3) * unit / (1 - (d + 3) * unit)  # dot product (gamma_d) + casting xc_i, xc_j (2u)
+    terms = d + 1 + 2 * roundings  # dot product (gamma_d) + the entries' roundings (+ 1 u of slack)
+    gamma = terms * unit / (1 - terms * unit)
     norms = torch.linalg.vector_norm(xc, dim=1).double()
     # the float32 norms themselves may be low by a relative (d + 2) u: inflate them
     norms = norms * (1 + (d + 2) * unit / (1 - (d + 2) * unit))
@@ -267,10 +270,12 @@ def _rerank(
     r_need, s_need = needed.nonzero(as_tuple=True)
     if r_need.numel():
         cols_need = cand[r_need, s_need]
-        right, left = x64.index_select(0, cols_need), x64.index_select(0, rows[r_need])
+        # each re-ranked row is formed once in float64 (it is small and stays in cache), then
+        # repeated for its candidates
+        right, left = x64.index_select(0, cols_need), x64.index_select(0, rows)
         if c.scale != 1.0 or shift is not None:  # centred, rescaled copies (exact operations)
             right, left = right.mul_(c.scale).sub_(c.mean), left.mul_(c.scale).sub_(c.mean)
-        exact = right.mul_(left).sum(dim=1)
+        exact = right.mul_(left.index_select(0, r_need)).sum(dim=1)
         mixed[r_need, s_need] = exact if shift is None else exact + shift[cols_need]
     top, values = _top_k(mixed, k)
     boundary_tie = bool((values[:, k - 1] == values[:, k]).any())  # (-inf beyond the candidates: no tie)
@@ -279,7 +284,7 @@ def _rerank(
 
 def exact_neighbours(
     c: Centred,
-    x64: torch.Tensor,
+    x64: torch.Tensor | ConditionedRows,
     k: int,
     rows: int,
     gram: torch.Tensor | None = None,
@@ -316,7 +321,8 @@ def exact_neighbours(
     rows identically, found an exact tie there: the check runs only then (always for float64 input).
 
     Memory: the whole ``[n, n]`` ``gram`` buffer when given, else ``[rows, n]`` blocks; float64
-    work only on the rows re-ranked and their candidates.
+    work only on the rows re-ranked and their candidates (``x64`` may be
+    :class:`._numerics.ConditionedRows`, which forms just those rows).
     """
     xc = c.xc
     n, d = xc.shape
@@ -324,7 +330,7 @@ def exact_neighbours(
     shift = _shift(c, x64, rows)
     shift_c = None if shift is None else shift.to(xc.dtype)
     if not exact:
-        base, rel = rounding_bound(xc, shift)
+        base, rel = rounding_bound(xc, shift, c.roundings)
     idx_blocks, value_blocks = [], []
     tied_at_boundary = False  # an exact tie between a row's k-th and k + 1-th scores (after re-ranking)
     for s in range(0, n, n if gram is not None else rows):
@@ -360,7 +366,7 @@ def exact_neighbours(
             value_blocks.append(values[:, :k].double())
     idx = torch.cat(idx_blocks)
     if name is not None and groups is None and (exact or tied_at_boundary):
-        check_copies_at_boundary(x64, idx, name, exclude_self=exclude_self)
+        check_copies_at_boundary(as_float64(x64), idx, name, exclude_self=exclude_self)
     if not kernel_values:
         return idx
     scores = torch.cat(value_blocks)
@@ -513,6 +519,32 @@ def prepare_neighbours(
         return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator), budget=ctx.budget)
     rows = ctx.block(n, _BLOCK_BYTES)
     idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered, name=ctx.name)
+    return Neighbours(idx, budget=ctx.budget)
+
+
+def prepare_neighbours_fast(
+    x: torch.Tensor,
+    ctx,
+    k: int = 10,
+    groups: torch.Tensor | None = None,
+    knn_backend: str = "exact",
+    ordered: bool = True,
+    faiss_options: Mapping[str, Any] | None = None,
+) -> Neighbours | None:
+    """:func:`prepare_neighbours` straight from float32 (fp16, bf16) features ``x [n, d]`` when
+    they need no common offset removed (:func:`._numerics.pivot_free_float32`): the same exact
+    lists without a float64 copy of the layer (only re-ranked rows are formed in float64).
+    ``None`` (take the float64 route) for the approximate backends, bootstrap ``groups`` and
+    features the float32 route declines."""
+    if knn_backend != "exact" or faiss_options or groups is not None:
+        return None
+    n = x.shape[0]
+    check_k(k, n)
+    conditioned = pivot_free_float32(x, ctx.normalize, ctx.input_eps)
+    if conditioned is None:
+        return None
+    c, rows64 = conditioned
+    idx = exact_neighbours(c, rows64, k, ctx.block(n, _BLOCK_BYTES), ctx.gram(n), ordered=ordered, name=ctx.name)
     return Neighbours(idx, budget=ctx.budget)
 
 
@@ -713,6 +745,7 @@ for _name in _SCORERS:
             option_checks={"knn_backend": _check_backend, "faiss_options": _check_faiss_options},
             # mutual and cycle k-NN depend on the neighbour sets only
             prepare=functools.partial(prepare_neighbours, ordered=_name in _ORDERED),
+            prepare_fast=functools.partial(prepare_neighbours_fast, ordered=_name in _ORDERED),
             pairs=_knn_pairs(_name),
             bounds=_RANGES[_name],
             permute=permute_neighbours,
