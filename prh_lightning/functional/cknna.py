@@ -23,7 +23,7 @@ from ._edge_null import MOVED_EDGE_BYTES, EdgeUnion, batches, layer_groups, laye
 from ._numerics import Centred, as_float64, centre, pivot_free_float32
 from ._plan import MetricPlan, register_plan, score_pair
 from ._validation import check_k, check_min_samples, check_positive
-from .knn import _BLOCK_BYTES, exact_neighbours
+from .knn import _BLOCK_BYTES, _DENSE_MAX, _positions, exact_neighbours
 
 __all__ = ["cknna"]
 
@@ -53,11 +53,24 @@ class CknnaLayer:
         """The layer of neighbour lists ``idx [n, k]`` and kernel values ``val [n, k]`` at them:
         back links and self-similarity added; raises if that self-similarity is not positive."""
         layer = cls(idx, val, torch.zeros_like(val))
-        layer.mutual, layer.back = layer.lookup(idx, torch.arange(idx.shape[0], device=idx.device)[:, None])
+        layer.mutual, layer.back = layer._back_links()
         # against itself every listed edge is in the mask, and Q'_ji is the back link: no lookups
         layer.self_sim = _hsic_of_masked(val[None], val[None], layer.back[None], idx[None], unbiased)[0]
         check_positive(layer.self_sim, f"the CKNNA self-similarity sim(K, K) of {name}")
         return layer
+
+    def _back_links(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mutual, back)`` ``[n, k]``: is ``i`` in ``N(j)`` for ``j = idx[i, t]``, and ``K_ji`` there
+        (0 elsewhere): :meth:`lookup` of every reversed edge, through a dense ``[n, n]`` int8 map of
+        list places while that is small (``n <= 8,192``), else by binary search."""
+        n, k = self.idx.shape
+        rows = torch.arange(n, device=self.idx.device)[:, None]
+        if n * n > _DENSE_MAX or k > 127:
+            return self.lookup(self.idx, rows)
+        place = _positions(self.idx, torch.empty(n, n, dtype=torch.int8, device=self.idx.device))[self.idx, rows]
+        mutual = place >= 0
+        back = self.val[self.idx, place.long().clamp_(min=0)]
+        return mutual, back.masked_fill_(~mutual, 0.0)
 
     def permuted(self, perm: torch.Tensor) -> "CknnaLayer":
         """Samples reordered (row ``i`` <- sample ``perm[i]``); self-similarity unchanged."""

@@ -612,7 +612,7 @@ def lcs_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     """
     full = (1 << ka) - 1
     steps = matches.movedim(-1, 0).contiguous()  # [kb, ...]: one contiguous slice per step
-    v = torch.full(steps.shape[1:], full, dtype=torch.long, device=matches.device)
+    v = torch.full(steps.shape[1:], full, dtype=matches.dtype, device=matches.device)
     for m in steps:
         v = (v & m).add_(v).bitwise_or_(v & ~m).bitwise_and_(full)
     return ka - _popcount(v, ka)
@@ -629,7 +629,7 @@ def edit_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     """
     full, last = (1 << ka) - 1, ka - 1
     steps = matches.movedim(-1, 0).contiguous()  # [kb, ...]
-    pv = torch.full(steps.shape[1:], full, dtype=torch.long, device=matches.device)
+    pv = torch.full(steps.shape[1:], full, dtype=matches.dtype, device=matches.device)
     mv = torch.zeros_like(pv)
     score = torch.full_like(pv, ka)
     for eq in steps:
@@ -672,15 +672,21 @@ def _dense_matrix(name: str, idx_x: list[torch.Tensor], idx_y: list[torch.Tensor
         if name == "mutual_knn":
             out.append((place >= 0).sum(dim=(1, 2)).double() / (n * k))
             continue
-        one = torch.ones((), dtype=torch.long, device=place.device)
-        pending.append(torch.where(place >= 0, one << place.long().clamp_(min=0), 0))  # [Ly, n, k] bit masks
+        one = torch.ones((), dtype=_bits_dtype(k), device=place.device)
+        pending.append(torch.where(place >= 0, one << place.to(one.dtype).clamp_(min=0), 0))  # [Ly, n, k] bit masks
         if len(pending) * ly * n * k >= _BITS_BATCH or len(pending) + len(out) == len(idx_x):
             out += list(_ordered_scores(name, torch.stack(pending), n, k))  # one programme for many pairs
             pending = []
     return torch.stack(out)
 
 
-_BITS_BATCH = 2**21  # int64 bit masks per bit-parallel batch (16 MB)
+_BITS_BATCH = 2**21  # bit masks per bit-parallel batch (16 MB as int64)
+
+
+def _bits_dtype(k: int) -> torch.dtype:
+    """Integer type of the bit masks of lists of ``k``: int32 while ``k + 1`` bits fit beside the
+    sign (half the memory traffic of int64), else int64 (``k <= 62``)."""
+    return torch.int32 if k <= 30 else torch.long
 
 
 def _ordered_scores(name: str, bits: torch.Tensor, n: int, k: int) -> torch.Tensor:
