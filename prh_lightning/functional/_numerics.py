@@ -260,6 +260,13 @@ class ConditionedRows:
         self.x, self.norms = x, norms
         self.shape, self.device, self.dtype = x.shape, x.device, torch.float64
 
+    def __getitem__(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Float64 rows ``rows`` (a slice or an index tensor)."""
+        if isinstance(rows, slice):
+            chosen = self.x[rows].double()
+            return chosen if self.norms is None else chosen.div_(self.norms[rows, None])
+        return self.index_select(0, torch.as_tensor(rows, device=self.device))
+
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         """``[len(index), d]`` float64 rows ``index`` (``dim`` must be 0)."""
         if dim != 0:
@@ -276,6 +283,21 @@ class ConditionedRows:
 def as_float64(x64: torch.Tensor | ConditionedRows) -> torch.Tensor:
     """The ``[n, d]`` float64 conditioned features, formed if they were kept as :class:`ConditionedRows`."""
     return x64.full() if isinstance(x64, ConditionedRows) else x64
+
+
+NORM_BLOCK = 2**22  # entries per row block of float64_row_norms (32 MB in float64)
+
+
+def float64_row_norms(x: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
+    """``[n]`` float64 L2 norms of the rows of ``x [n, d]``, the values :func:`condition` computes
+    (each row reduced by the same kernel in float64), in row blocks of about ``block_elements``
+    entries so that no float64 copy of the whole layer is formed.
+
+    >>> float64_row_norms(torch.tensor([[3.0, 4.0], [0.0, 2.0]]), block_elements=2).tolist()
+    [5.0, 2.0]
+    """
+    rows = max(1, (block_elements or NORM_BLOCK) // max(1, x.shape[1]))
+    return torch.cat([torch.linalg.vector_norm(x[s : s + rows].double(), dim=1) for s in range(0, x.shape[0], rows)])
 
 
 def pivot_free_float32(
@@ -305,7 +327,7 @@ def pivot_free_float32(
     x = x.detach().to(torch.float32)
     norms = None
     if normalize:
-        norms = torch.linalg.vector_norm(x.double(), dim=1)  # as condition() computes them
+        norms = float64_row_norms(x)
         low, high = torch.aminmax(norms)
         if not (_FAST_NORMS[0] <= float(low) and float(high) <= _FAST_NORMS[1]):  # also False for NaN / Inf
             return None

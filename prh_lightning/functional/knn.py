@@ -498,28 +498,9 @@ def prepare_neighbours(
     for HNSW; ``nlist``, ``nprobe`` for IVF-Flat; see :func:`._faiss.faiss_neighbours`).
     ``ordered=False``: exact neighbour sets, listed in float32 order (see :func:`exact_neighbours`)."""
     n = x64.shape[0]
-    check_k(k, n)
-    if faiss_options and knn_backend == "exact":
-        raise ValueError(f'faiss_options={dict(faiss_options)!r} apply to knn_backend="faiss" or "faiss_ivf", not "exact"')
-    if faiss_options:
-        from . import _faiss
-
-        index = "ivf" if knn_backend == "faiss_ivf" else _faiss.INDEX
-        other = set(faiss_options) - set(_INDEX_OPTIONS[index])
-        if other:
-            raise ValueError(f"faiss_options {sorted(other)} do not apply to the {index} index (its options: {_INDEX_OPTIONS[index]})")
+    _check_search(n, k, groups, knn_backend, faiss_options)
     c = centre(x64, ctx.input_eps, ctx.dtype, ctx.name, exact_mean=False)
-    if knn_backend != "exact":
-        if groups is not None:
-            raise ValueError(f'knn_backend="{knn_backend}" cannot keep groups apart (bootstrap); use knn_backend="exact"')
-        from ._faiss import faiss_neighbours, neighbour_recall
-
-        idx = faiss_neighbours(c, k, index="ivf" if knn_backend == "faiss_ivf" else None, **(faiss_options or {}))
-        generator = torch.Generator().manual_seed(0)
-        return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator), budget=ctx.budget)
-    rows = ctx.block(n, _BLOCK_BYTES)
-    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered, name=ctx.name)
-    return Neighbours(idx, budget=ctx.budget)
+    return _neighbours(c, x64, ctx, k, groups, knn_backend, ordered, faiss_options)
 
 
 def prepare_neighbours_fast(
@@ -532,19 +513,48 @@ def prepare_neighbours_fast(
     faiss_options: Mapping[str, Any] | None = None,
 ) -> Neighbours | None:
     """:func:`prepare_neighbours` straight from float32 (fp16, bf16) features ``x [n, d]`` when
-    they need no common offset removed (:func:`._numerics.pivot_free_float32`): the same exact
-    lists without a float64 copy of the layer (only re-ranked rows are formed in float64).
-    ``None`` (take the float64 route) for the approximate backends, bootstrap ``groups`` and
-    features the float32 route declines."""
-    if knn_backend != "exact" or faiss_options or groups is not None:
+    they need no common offset removed (:func:`._numerics.pivot_free_float32`): the same lists
+    without a float64 copy of the layer (only the rows re-ranked, or sampled for the recall of
+    approximate lists, are formed in float64). ``None`` (take the float64 route) for bootstrap
+    ``groups`` and features the float32 route declines."""
+    if groups is not None:
         return None
-    n = x.shape[0]
-    check_k(k, n)
+    _check_search(x.shape[0], k, groups, knn_backend, faiss_options)
     conditioned = pivot_free_float32(x, ctx.normalize, ctx.input_eps)
     if conditioned is None:
         return None
-    c, rows64 = conditioned
-    idx = exact_neighbours(c, rows64, k, ctx.block(n, _BLOCK_BYTES), ctx.gram(n), ordered=ordered, name=ctx.name)
+    return _neighbours(*conditioned, ctx, k, None, knn_backend, ordered, faiss_options)
+
+
+def _check_search(n: int, k: int, groups, knn_backend: str, faiss_options: Mapping[str, Any] | None) -> None:
+    check_k(k, n)
+    if faiss_options and knn_backend == "exact":
+        raise ValueError(f'faiss_options={dict(faiss_options)!r} apply to knn_backend="faiss" or "faiss_ivf", not "exact"')
+    if faiss_options:
+        from . import _faiss
+
+        index = "ivf" if knn_backend == "faiss_ivf" else _faiss.INDEX
+        other = set(faiss_options) - set(_INDEX_OPTIONS[index])
+        if other:
+            raise ValueError(f"faiss_options {sorted(other)} do not apply to the {index} index (its options: {_INDEX_OPTIONS[index]})")
+    if knn_backend != "exact" and groups is not None:
+        raise ValueError(f'knn_backend="{knn_backend}" cannot keep groups apart (bootstrap); use knn_backend="exact"')
+
+
+def _neighbours(
+    c: Centred, x64: torch.Tensor | ConditionedRows, ctx, k: int, groups, knn_backend: str, ordered: bool, faiss_options
+) -> Neighbours:
+    """The lists of the layer centred in ``c`` (``x64``: its float64 rows, or
+    :class:`._numerics.ConditionedRows` forming them on demand)."""
+    n = c.xc.shape[0]
+    if knn_backend != "exact":
+        from ._faiss import faiss_neighbours, neighbour_recall
+
+        idx = faiss_neighbours(c, k, index="ivf" if knn_backend == "faiss_ivf" else None, **(faiss_options or {}))
+        generator = torch.Generator().manual_seed(0)
+        return Neighbours(idx, recall=neighbour_recall(x64, idx, RECALL_SAMPLE, generator), budget=ctx.budget)
+    rows = ctx.block(n, _BLOCK_BYTES)
+    idx = exact_neighbours(c, x64, k, rows, ctx.gram(n), groups=groups, ordered=ordered, name=ctx.name)
     return Neighbours(idx, budget=ctx.budget)
 
 
