@@ -1,18 +1,28 @@
 """Wall-time overhead of the Hugging Face front end (``AlignmentTrainerCallback``) at its defaults.
 
-Fine-tunes the offline all-MiniLM-L6-v2 (``AutoModelForSequenceClassification``, a fresh
-classification head) with a real ``transformers.Trainer`` on a few hundred short template
-sentences (4 topics), with and without ``AlignmentTrainerCallback.attach(trainer,
-AlignmentTracker(every_n_steps=...))`` (tracker defaults: probe = 256 samples of the training
-data, ``layers="auto"`` (one per transformer block), CKA + mutual k-NN, 20 calibration permutations, no reference), same seed,
-runs interleaved in one process (plain, tracked, plain, tracked, ...). Scalars go to TensorBoard
+Trains with a real ``transformers.Trainer``, with and without ``AlignmentTrainerCallback.attach(
+trainer, AlignmentTracker(every_n_steps=...))`` (tracker defaults: probe = 256 samples of the
+training data, ``layers="auto"``, CKA + mutual k-NN, 20 calibration permutations, no
+reference), same seed, runs interleaved in one process (plain, tracked, plain, tracked, ...).
+Two workloads (``--task``):
+
+- ``fashion`` (default, the run of ``monitor_overhead.py`` through the Hugging Face front end):
+  FashionCNN on the real Fashion-MNIST training images (one epoch, batch 128, Adam 1e-3 as in
+  the recipe), the model wrapped so that ``forward(pixel_values, labels)`` returns the loss
+  the Trainer expects.
+- ``minilm``: fine-tunes the offline all-MiniLM-L6-v2 (``AutoModelForSequenceClassification``,
+  a fresh classification head) on a few hundred short template sentences (4 topics), batch 8;
+  ``layers="auto"`` is one layer per transformer block. The probe's forward pass (256 texts
+  through MiniLM) weighs far more against a training step here than for FashionCNN.
+ Scalars go to TensorBoard
 through ``report_to`` in both runs. Prints each pair's wall time of ``trainer.train()``, the
 median ratio tracked / plain, the spread (min-max) of the pair ratios and the time spent inside
 the callback's hooks, split into the probe's forward passes, the scoring (matrices and chance
 levels) and the figures. The warm-up runs one plain and one tracked run first, so one-time
 imports of either path (matplotlib, TensorBoard's writer) fall on neither side of a pair.
 
-    python benchmarks/monitor_overhead_hf.py [--texts 400] [--epochs 2] [--batch-size 8] [--repeats 3] [--every 50] [--layers auto]
+    python benchmarks/monitor_overhead_hf.py [--task fashion] [--repeats 3] [--every 50] [--layers auto]
+    python benchmarks/monitor_overhead_hf.py --task minilm [--texts 400] [--epochs 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -40,14 +50,21 @@ VERBS = ["surprised", "delighted", "worried", "bored", "amazed", "annoyed"]
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--texts", type=int, default=400, help="training sentences")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--task", choices=("fashion", "minilm"), default="fashion",
+                        help="FashionCNN on Fashion-MNIST (default) or a MiniLM fine-tune on template sentences")
+    parser.add_argument("--train-samples", type=int, default=60000, help="fashion: training images")
+    parser.add_argument("--texts", type=int, default=400, help="minilm: training sentences")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 1 (fashion), 2 (minilm)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 (fashion, as the recipe), 8 (minilm)")
     parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (plain, tracked), interleaved")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--every", type=int, default=50, help="tracker check interval in optimiser steps")
     parser.add_argument("--layers", default="auto", help="the tracker's layers= ('auto', one per block, is its default; '*': every leaf)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    fashion = args.task == "fashion"
+    args.epochs = args.epochs if args.epochs is not None else (1 if fashion else 2)
+    args.batch_size = args.batch_size if args.batch_size is not None else (128 if fashion else 8)
+    return args
 
 
 def sentences(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
@@ -73,6 +90,75 @@ class Texts(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+
+class FashionImages(torch.utils.data.Dataset):
+    """Fashion-MNIST images ``[1, 28, 28]`` in ``[0, 1]`` as the dicts a ``Trainer`` collates;
+    ``targets`` lets the probe draw stratify by class."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "labels": self.targets[i]}
+
+
+class FashionClassifier(torch.nn.Module):
+    """FashionCNN with the ``forward(pixel_values, labels) -> {"loss", "logits"}`` a
+    ``transformers.Trainer`` trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from prh_lightning.models.fashion_cnn import FashionCNN
+
+        self.cnn = FashionCNN()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.cnn(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class Workload:
+    """One benchmark task: its training data, a fresh model, the collator and learning rate."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import transformers
+
+        self.task = args.task
+        if self.task == "fashion":
+            from torch.utils.data import Subset
+
+            from prh_lightning.data.fashion_mnist import as_tensors, load_fashion_mnist
+
+            images, targets = as_tensors(load_fashion_mnist(train=True))
+            self.data = Subset(FashionImages(images, targets), range(min(args.train_samples, len(targets))))
+            self.collator, self.lr = transformers.default_data_collator, 1e-3
+            self.description = (f"FashionCNN on {len(self.data)} Fashion-MNIST training images, {args.epochs} "
+                                f"epoch(s), batch {args.batch_size}")
+        else:
+            from prh_lightning.models.pretrained import minilm_path
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+            texts, labels = sentences(args.texts)
+            self.data = Texts(dict(tokenizer(texts, truncation=True)), labels)
+            self.collator, self.lr = transformers.DataCollatorWithPadding(tokenizer), 5e-5
+            self.description = (f"MiniLM (all-MiniLM-L6-v2) sequence classification, {args.texts} sentences, "
+                                f"{args.epochs} epoch(s), batch {args.batch_size}")
+
+    def model(self) -> torch.nn.Module:
+        if self.task == "fashion":
+            return FashionClassifier()
+        import transformers
+
+        from prh_lightning.models.pretrained import minilm_path
+
+        return transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=len(TOPICS))
 
 
 _TIMED = []
@@ -143,23 +229,22 @@ def timed_callback_class():
     return TimedCallback
 
 
-def train_once(args: argparse.Namespace, data: Texts, tokenizer, tracked: bool, tmp: str) -> tuple[float, int, int]:
+def train_once(args: argparse.Namespace, work: Workload, tracked: bool, tmp: str) -> tuple[float, int, int]:
     """Seconds of one ``trainer.train()`` (model loading is outside the timing), checks run, model layers."""
     import transformers
 
-    from prh_lightning.models.pretrained import minilm_path
     from prh_lightning.tracking import AlignmentTracker
 
     transformers.set_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=len(TOPICS))
+    model = work.model()
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(tmp, "tb")
     targs = transformers.TrainingArguments(
         output_dir=os.path.join(tmp, "out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        learning_rate=5e-5, logging_steps=args.every, save_strategy="no", report_to=["tensorboard"], use_cpu=True,
+        learning_rate=work.lr, logging_steps=args.every, save_strategy="no", report_to=["tensorboard"], use_cpu=True,
         disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
     trainer = transformers.Trainer(
-        model=model, args=targs, train_dataset=data, data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        model=model, args=targs, train_dataset=work.data, data_collator=work.collator,
     )
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # no log dicts on stdout
     tracker = None
@@ -180,17 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import transformers
 
-    from prh_lightning.models.pretrained import minilm_path
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    texts, labels = sentences(args.texts)
-    data = Texts(dict(tokenizer(texts, truncation=True)), labels)
-    steps = args.epochs * -(-args.texts // args.batch_size)
+    work = Workload(args)
+    steps = args.epochs * -(-len(work.data) // args.batch_size)
     print(
-        f"MiniLM (all-MiniLM-L6-v2) sequence classification, {args.texts} sentences, {args.epochs} epoch(s), "
-        f"batch {args.batch_size} ({steps} optimiser steps), {args.threads} thread(s); tracker: defaults "
+        f"{work.description} ({steps} optimiser steps), {args.threads} thread(s); tracker: defaults "
         f"(probe 256 training samples, layers={args.layers!r}, cka + mutual_knn, calibration 20) + every "
         f"{args.every} steps; TensorBoard through report_to in both runs"
     )
@@ -198,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     TimedCallback = timed_callback_class()
     with tempfile.TemporaryDirectory() as tmp:
         for tracked_warm_up in (False, True):  # warm-up (imports, allocator, first-call overheads) of both paths
-            train_once(args, data, tokenizer, tracked_warm_up, tmp)
+            train_once(args, work, tracked_warm_up, tmp)
         for r in range(args.repeats):
-            plain.append(train_once(args, data, tokenizer, False, tmp)[0])
+            plain.append(train_once(args, work, False, tmp)[0])
             TimedCallback.seconds = 0.0
             TimedCallback.parts = {}
-            seconds, checks, n_layers = train_once(args, data, tokenizer, True, tmp)
+            seconds, checks, n_layers = train_once(args, work, True, tmp)
             tracked.append(seconds)
             inside.append(TimedCallback.seconds)
             parts.append(dict(TimedCallback.parts))
