@@ -189,7 +189,9 @@ def test_faiss_on_float32_features_forms_no_float64_copy_and_measures_the_same_r
     b = z @ torch.randn(6, 40, generator=g) + 0.5 * torch.randn(4000, 40, generator=g)
 
     class Float64Shapes(TorchDispatchMode):
-        shapes: set = set()
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: set[tuple[int, ...]] = set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
