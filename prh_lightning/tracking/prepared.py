@@ -76,6 +76,7 @@ class PreparedStates:
 
     def __init__(self) -> None:
         self._states: dict[tuple, tuple[torch.Tensor, int, Any]] = {}
+        self._finite: dict[int, tuple[torch.Tensor, int | None, bool]] = {}
 
     def __len__(self) -> int:
         return len(self._states)
@@ -108,10 +109,22 @@ class PreparedStates:
         self._states[key] = (x, _version(x), state)
         return state
 
+    def all_finite(self, x: torch.Tensor) -> bool:
+        """Whether every entry of ``x`` is finite, computed once per tensor (and in-place version):
+        a check scores the same layers in several matrices, and the snapshots for a whole run."""
+        hit = self._finite.get(id(x))
+        if hit is not None and hit[0] is x and hit[1] == _version(x):
+            return hit[2]
+        finite = bool(torch.isfinite(x).all())
+        self._finite[id(x)] = (x, _version(x), finite)
+        return finite
+
     def retain(self, tensors: Iterable[torch.Tensor]) -> None:
         """Forget the states of every tensor not in ``tensors`` (the ones the tracker still holds)."""
         live = {id(t) for t in tensors}
         self._states = {key: value for key, value in self._states.items() if id(value[0]) in live}
+        self._finite = {key: value for key, value in self._finite.items() if key in live}
 
     def clear(self) -> None:
         self._states.clear()
+        self._finite.clear()

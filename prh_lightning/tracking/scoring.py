@@ -61,10 +61,10 @@ def metric_range(metric: str, kwargs: Mapping[str, Any]) -> tuple[float | None, 
     return None, None
 
 
-def _bad_layers(features: Features, owner: str, failures: Failures) -> set[str]:
+def _bad_layers(features: Features, owner: str, failures: Failures, cache: PreparedStates | None = None) -> set[str]:
     bad = set()
     for name, value in features.items():
-        if not bool(torch.isfinite(value).all()):
+        if not (cache.all_finite(value) if cache is not None else bool(torch.isfinite(value).all())):
             failures.report(f"{owner} layer {name!r}", ValueError("its features hold NaN or Inf (has the model diverged?)"))
             bad.add(name)
     return bad
@@ -92,8 +92,8 @@ def score_matrix(
     same = ys is None
     ys_ = xs if same else ys
     matrix = torch.full((len(xs), len(ys_)), float("nan"))
-    bad_x = _bad_layers(xs, "model", failures)
-    bad_y = bad_x if same else _bad_layers(ys_, _owner(target), failures)
+    bad_x = _bad_layers(xs, "model", failures, cache)
+    bad_y = bad_x if same else _bad_layers(ys_, _owner(target), failures, cache)
     rows = [i for i, name in enumerate(xs) if name not in bad_x]
     cols = [j for j, name in enumerate(ys_) if name not in bad_y]
     if not rows or not cols:
