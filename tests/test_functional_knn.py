@@ -224,6 +224,27 @@ def test_layer_matrix_matches_brute_force_on_every_pair(dense, monkeypatch):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("k", [14, 15, 30, 31])
+def test_ordered_layer_matrix_matches_brute_force_at_each_mask_width(k):
+    # the all-pairs LCS / edit-distance route keeps a list's bit mask in int16 up to k = 14,
+    # int32 up to k = 30, then int64: the cells on either side of each switch against
+    # neighbour lists and programmes written here
+    from prh_lightning import alignment_matrix
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(48, 5, generator=g, dtype=torch.float64)
+    xs = [base + s * torch.randn(48, 5, generator=g, dtype=torch.float64) for s in (0.3, 1.0)]
+    ys = [base @ torch.randn(5, 4, generator=g, dtype=torch.float64) + s * torch.randn(48, 4, generator=g, dtype=torch.float64) for s in (0.2, 0.8)]
+    nx = [brute_neighbours(x.numpy(), k) for x in xs]
+    ny = [brute_neighbours(y.numpy(), k) for y in ys]
+    lcs = np.array([[np.mean([lcs_dp(s, t) for s, t in zip(a, b)]) for b in ny] for a in nx])
+    edit = np.array([[1 - np.mean([levenshtein_dp(s, t) for s, t in zip(a, b)]) / k for b in ny] for a in nx])
+    got_lcs = alignment_matrix(xs, ys, metric="lcs_knn", k=k, normalize=False)
+    got_edit = alignment_matrix(xs, ys, metric="edit_distance_knn", k=k, normalize=False)
+    np.testing.assert_allclose(got_lcs.numpy(), lcs, atol=1e-12)
+    np.testing.assert_allclose(got_edit.numpy(), edit, atol=1e-12)
+
+
 def _float64_lists(x: torch.Tensor, k: int) -> list[list[int]]:
     """Neighbour lists of the float64 row-normalised features, sorted on (-similarity, index)."""
     u = x.double().numpy()

@@ -59,7 +59,7 @@ def _top_k(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         redo = ambiguous.nonzero().flatten()
         index[redo] = torch.sort(g[redo], dim=1, descending=True, stable=True).indices[:, :k]
     # topk orders by value; rows with tied values inside the list need (value desc, index asc).
-    kept = torch.gather(g, 1, index)
+    kept = values[:, : index.shape[1]]  # the values at index (a stable sort keeps the same values)
     tied = (kept[:, 1:] == kept[:, :-1]).any(dim=1)
     if bool(tied.any()):
         rows = tied.nonzero().flatten()
@@ -105,8 +105,7 @@ def knn_from_gram(
 def _exclude(g: torch.Tensor, row_offset: int, groups: torch.Tensor | None, exclude_self: bool, k: int) -> None:
     c, n = g.shape
     if exclude_self:
-        rows = torch.arange(c, device=g.device)
-        g[rows, rows + row_offset] = float("-inf")
+        g.diagonal(row_offset).fill_(float("-inf"))  # entries (i, i + row_offset)
     if groups is not None:
         g.masked_fill_(groups[row_offset : row_offset + c, None] == groups[None, :], float("-inf"))
         available = n - torch.bincount(groups)[groups[row_offset : row_offset + c]]
@@ -229,37 +228,58 @@ def rounding_bound(xc: torch.Tensor, shift: torch.Tensor | None, roundings: int 
     return base, 4 * unit  # the rounding of the sum itself, with slack for |r| vs |fl(r)|
 
 
+def _candidates(
+    block: torch.Tensor, redo: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, floor: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of rows ``redo [R]`` of ``block [c, n]`` (float32 scores, excluded entries
+    ``-inf``) scoring at least ``floor [R]`` (float32), ascending, with their scores:
+    ``(columns [R, w], scores [R, w])``, scores float64; padding: column 0, score ``-inf``.
+
+    ``idx [c, k]`` and ``values [c, k + 1]`` (float64) are the rows' float32 top lists: a row whose
+    ``k + 1``-th score is below its floor has exactly its top ``k`` as candidates (most rows);
+    only the others are scanned.
+    """
+    cols, order = torch.sort(idx[redo], dim=1)
+    listed = torch.gather(values[redo, :k], 1, order)  # [R, k]: the top k, by column
+    scan = (values[redo, k] >= floor.double()).nonzero().flatten()  # positions in redo
+    if not scan.numel():
+        return cols, listed
+    r_pos, more = (block[redo[scan]] >= floor[scan, None]).nonzero(as_tuple=True)  # row-major: ascending
+    counts = torch.bincount(r_pos, minlength=scan.numel())
+    slot = torch.arange(more.numel(), device=more.device) - (torch.cumsum(counts, 0) - counts)[r_pos]
+    width = max(k, int(counts.max()))
+    cand = torch.zeros(redo.numel(), width, dtype=torch.long, device=block.device)
+    scores = torch.full((redo.numel(), width), float("-inf"), dtype=torch.float64, device=block.device)
+    cand[:, :k], scores[:, :k] = cols, listed
+    cand[scan], scores[scan] = 0, float("-inf")
+    cand[scan[r_pos], slot] = more
+    scores[scan[r_pos], slot] = block[redo[scan][r_pos], more].double()
+    return cand, scores
+
+
 def _rerank(
     c: Centred,
     x64: torch.Tensor,
     shift: torch.Tensor | None,
     rows: torch.Tensor,
-    scores: torch.Tensor,
-    floor: torch.Tensor,
+    cand: torch.Tensor,
+    mixed: torch.Tensor,
     tol: torch.Tensor,
     k: int,
-) -> torch.Tensor:
-    """``[R, k]`` exact neighbours of ``rows [R]`` from their float32 scores ``scores [R, n]``
-    (excluded entries ``-inf``), whose rounding error is at most ``tol [R]``, ``[R, k]``
-    float64 their scores (exact where they were recomputed, else the float32 ones), and whether
-    any row's ``k``-th and ``k + 1``-th scores are exactly tied.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``[R, k]`` exact neighbours of ``rows [R]`` among their candidates ``cand [R, w]`` (column
+    ascending; see :func:`_candidates`) with float32 scores ``mixed [R, w]`` (as float64, ``-inf``
+    padding; overwritten), whose rounding error is at most ``tol [R]``, ``[R, k]`` float64 their
+    scores (exact where they were recomputed, else the float32 ones), and whether any row's
+    ``k``-th and ``k + 1``-th scores are exactly tied.
 
-    Candidates are the columns scoring at least ``floor [R]`` (a superset of the exact top ``k``).
+    Candidates are the columns scoring at least a floor (a superset of the exact top ``k``).
     A candidate whose float32 score is more than ``2 tol`` from every other candidate's keeps
     its place whatever the rounding; the others get their score ``xc_i . xc_j + shift_j`` in
     float64 (``xc = x64 * scale - mean``, exact; each product summed in one fixed order, so
     identical rows score identically and exact ties stay exact). Ranking by these mixed scores
     is the exact ranking; ties: lower index first.
     """
-    r_pos, cols = (scores >= floor[:, None]).nonzero(as_tuple=True)  # row-major: columns ascending
-    counts = torch.bincount(r_pos, minlength=rows.numel())
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(cols.numel(), device=cols.device) - starts[r_pos]
-    width = int(counts.max())
-    cand = torch.zeros(rows.numel(), width, dtype=torch.long, device=cols.device)
-    cand[r_pos, slot] = cols
-    mixed = torch.full((rows.numel(), width), float("-inf"), dtype=torch.float64, device=x64.device)
-    mixed[r_pos, slot] = scores[r_pos, cols].double()
     # which candidates sit within 2 tol of another one (in float32 order)
     ranked, where = torch.sort(mixed, dim=1, descending=True)
     close = (ranked[:, :-1] - ranked[:, 1:]) <= 2 * tol[:, None]  # False beside -inf padding
@@ -270,16 +290,41 @@ def _rerank(
     r_need, s_need = needed.nonzero(as_tuple=True)
     if r_need.numel():
         cols_need = cand[r_need, s_need]
-        # each re-ranked row is formed once in float64 (it is small and stays in cache), then
-        # repeated for its candidates
-        right, left = x64.index_select(0, cols_need), x64.index_select(0, rows)
-        if c.scale != 1.0 or shift is not None:  # centred, rescaled copies (exact operations)
-            right, left = right.mul_(c.scale).sub_(c.mean), left.mul_(c.scale).sub_(c.mean)
-        exact = right.mul_(left.index_select(0, r_need)).sum(dim=1)
+        # each re-ranked row is formed once in float64, then repeated for its candidates
+        left = x64.index_select(0, rows)
+        centred = c.scale != 1.0 or shift is not None  # centred, rescaled copies (exact operations)
+        if centred:
+            left = left.mul_(c.scale).sub_(c.mean)
+        exact = _pair_products(c, x64, left, r_need, cols_need, centred)
         mixed[r_need, s_need] = exact if shift is None else exact + shift[cols_need]
-    top, values = _top_k(mixed, k)
-    boundary_tie = bool((values[:, k - 1] == values[:, k]).any())  # (-inf beyond the candidates: no tie)
-    return torch.gather(cand, 1, top), torch.gather(mixed, 1, top), boundary_tie
+    # a few candidates per row: one stable sort gives the order and the tie rule (lower column first)
+    values, order = torch.sort(mixed, dim=1, descending=True, stable=True)
+    boundary_tie = values.shape[1] > k and bool((values[:, k - 1] == values[:, k]).any())  # -inf padding: no tie
+    return torch.gather(cand, 1, order[:, :k]), values[:, :k], boundary_tie
+
+
+_PAIR_STEP = 256  # float64 products formed per chunk ([256, d]: temporaries small enough to stay in cache)
+
+
+def _pair_products(
+    c: Centred,
+    x64: torch.Tensor | ConditionedRows,
+    left: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    centred: bool,
+) -> torch.Tensor:
+    """``[P]`` float64 ``left[rows[p]] . xc_{cols[p]}`` for ``left [R, d]`` (float64) and ``rows``,
+    ``cols`` ``[P]``, with ``xc = x64 * scale - mean`` formed (exactly) when ``centred``, else
+    ``x64`` itself. Each product is summed over ``d`` in the same order (chunking does not change
+    it); chunks of ``_PAIR_STEP`` pairs keep the float64 temporaries small."""
+    out = []
+    for s in range(0, cols.numel(), _PAIR_STEP):
+        right = x64.index_select(0, cols[s : s + _PAIR_STEP])
+        if centred:
+            right = right.mul_(c.scale).sub_(c.mean)
+        out.append(right.mul_(left.index_select(0, rows[s : s + _PAIR_STEP])).sum(dim=1))
+    return torch.cat(out)
 
 
 def exact_neighbours(
@@ -357,7 +402,8 @@ def exact_neighbours(
                 floor = values[redo, k - 1] - 3 * tol[redo]
                 floor_c = floor.to(block.dtype)
                 floor_c = torch.where(floor_c.double() > floor, torch.nextafter(floor_c, floor_c.new_tensor(-torch.inf)), floor_c)
-                idx[redo], redone, tie = _rerank(c, x64, shift, redo + s, block[redo], floor_c, tol[redo], k)
+                cand, scores = _candidates(block, redo, idx, values, floor_c, k)
+                idx[redo], redone, tie = _rerank(c, x64, shift, redo + s, cand, scores, tol[redo], k)
                 values[redo, :k] = redone
                 tied_at_boundary |= tie
         del block
@@ -620,11 +666,18 @@ def lcs_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     >>> lcs_from_matches(m, 3)
     tensor(2)
     """
+    return _lcs_from_steps(matches.movedim(-1, 0).contiguous(), ka)
+
+
+def _lcs_from_steps(steps: torch.Tensor, ka: int) -> torch.Tensor:
+    """:func:`lcs_from_matches` on step-major masks ``steps [kb, ...]`` (one contiguous slice per
+    element of ``b``); returns long ``[...]``. Each step is ``v = (v + (v & m)) | (v & ~m)``."""
     full = (1 << ka) - 1
-    steps = matches.movedim(-1, 0).contiguous()  # [kb, ...]: one contiguous slice per step
-    v = torch.full(steps.shape[1:], full, dtype=matches.dtype, device=matches.device)
+    v = torch.full(steps.shape[1:], full, dtype=steps.dtype, device=steps.device)
     for m in steps:
-        v = (v & m).add_(v).bitwise_or_(v & ~m).bitwise_and_(full)
+        matched = v & m
+        carried = v + matched
+        v = carried.bitwise_or_(v.sub_(matched)).bitwise_and_(full)  # v - (v & m) == v & ~m
     return ka - _popcount(v, ka)
 
 
@@ -637,9 +690,14 @@ def edit_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     >>> edit_from_matches(m, 3)
     tensor(2)
     """
+    return _edit_from_steps(matches.movedim(-1, 0).contiguous(), ka)
+
+
+def _edit_from_steps(steps: torch.Tensor, ka: int) -> torch.Tensor:
+    """:func:`edit_from_matches` on step-major masks ``steps [kb, ...]``; returns ``[...]`` in
+    the masks' integer type."""
     full, last = (1 << ka) - 1, ka - 1
-    steps = matches.movedim(-1, 0).contiguous()  # [kb, ...]
-    pv = torch.full(steps.shape[1:], full, dtype=matches.dtype, device=matches.device)
+    pv = torch.full(steps.shape[1:], full, dtype=steps.dtype, device=steps.device)
     mv = torch.zeros_like(pv)
     score = torch.full_like(pv, ka)
     for eq in steps:
@@ -656,37 +714,49 @@ def edit_from_matches(matches: torch.Tensor, ka: int) -> torch.Tensor:
     return score
 
 
+_TABLE_BITS = 16  # popcount table: one entry per 16-bit value (64K long counts, 512 KB)
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_counts(bits: int, device: torch.device) -> torch.Tensor:
+    """``[2**bits]`` long: the number of set bits of each ``bits``-bit value."""
+    values = torch.arange(1 << bits, device=device)
+    return sum((values >> p) & 1 for p in range(bits))
+
+
 def _popcount(v: torch.Tensor, bits: int) -> torch.Tensor:
-    return sum(((v >> p) & 1) for p in range(bits))
+    """Set bits of each entry of ``v [...]`` (non-negative, below ``2**bits``) as long ``[...]``: one
+    table lookup per 16-bit piece."""
+    width = min(bits, _TABLE_BITS)
+    table = _bit_counts(width, v.device)
+    if bits <= width:
+        return table[v.long()]
+    low = (1 << width) - 1
+    return sum(table[((v >> shift) & low).long()] for shift in range(0, bits, width))
 
 
 def _dense_matrix(name: str, idx_x: list[torch.Tensor], idx_y: list[torch.Tensor]) -> torch.Tensor:
     """``[Lx, Ly]`` float64 scores of every layer pair from one ``[n, n]`` int8 position map per
     layer of ``x``: each score is a gather of ``n k`` entries (mutual: is ``y``'s neighbour in
     ``x``'s list; cycle: is ``i`` in ``x``'s list of each ``y``-neighbour; LCS / edit: bit masks
-    of the matching places, then bit-parallel dynamic programmes over all ``Ly`` pairs at once)."""
+    of the matching places, then bit-parallel dynamic programmes over many pairs at once)."""
     n, k = idx_x[0].shape
     ly = len(idx_y)
     stacked = torch.stack(idx_y)  # [Ly, n, k]
-    by_row = stacked.permute(1, 0, 2).reshape(n, ly * k)  # row i: the y-lists of sample i
     pos = torch.empty(n, n, dtype=torch.int8, device=stacked.device)
+    if name in _ORDERED:
+        return _ordered_matrix(name, idx_x, stacked, pos)
+    by_row = stacked.permute(1, 0, 2).reshape(n, ly * k)  # row i: the y-lists of sample i
     rows = torch.arange(n, device=stacked.device)
-    out, pending = [], []
+    out = []
     for idx in idx_x:
         _positions(idx, pos)
         if name == "cycle_knn":  # pos[j, i] >= 0: i is in x's list of j, for j in y's list of i
             found = pos.view(-1)[stacked * n + rows[:, None]] >= 0  # [Ly, n, k]
             out.append(found.any(dim=2).sum(dim=1).double() / n)
-            continue
-        place = torch.gather(pos, 1, by_row).view(n, ly, k).permute(1, 0, 2)  # [Ly, n, k]
-        if name == "mutual_knn":
-            out.append((place >= 0).sum(dim=(1, 2)).double() / (n * k))
-            continue
-        one = torch.ones((), dtype=_bits_dtype(k), device=place.device)
-        pending.append(torch.where(place >= 0, one << place.to(one.dtype).clamp_(min=0), 0))  # [Ly, n, k] bit masks
-        if len(pending) * ly * n * k >= _BITS_BATCH or len(pending) + len(out) == len(idx_x):
-            out += list(_ordered_scores(name, torch.stack(pending), n, k))  # one programme for many pairs
-            pending = []
+        else:  # mutual_knn: is y's neighbour in x's list
+            place = torch.gather(pos, 1, by_row)  # [n, Ly * k]
+            out.append((place.view(n, ly, k) >= 0).sum(dim=(0, 2)).double() / (n * k))
     return torch.stack(out)
 
 
@@ -694,16 +764,40 @@ _BITS_BATCH = 2**21  # bit masks per bit-parallel batch (16 MB as int64)
 
 
 def _bits_dtype(k: int) -> torch.dtype:
-    """Integer type of the bit masks of lists of ``k``: int32 while ``k + 1`` bits fit beside the
-    sign (half the memory traffic of int64), else int64 (``k <= 62``)."""
+    """Integer type of the bit masks of lists of ``k``: the narrowest of int16, int32 and int64
+    with ``k + 1`` bits beside the sign (narrower masks: less memory traffic per step)."""
+    if k <= 14:
+        return torch.int16
     return torch.int32 if k <= 30 else torch.long
 
 
-def _ordered_scores(name: str, bits: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """``[B, Ly]`` LCS or edit-distance scores from bit masks ``[B, Ly, n, k]``."""
+def _ordered_matrix(name: str, idx_x: list[torch.Tensor], stacked: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[Lx, Ly]`` LCS or edit-distance scores of the lists ``idx_x`` (each ``[n, k]``) against
+    ``stacked [Ly, n, k]``: bit masks of every pair laid out step-major, ``[k, B, Ly, n]`` (step
+    ``j``: the places in ``x``'s list of ``y``'s ``j``-th neighbour), for ``B`` layers of ``x``
+    at a time, then one bit-parallel programme per batch. ``pos [n, n]`` int8: scratch."""
+    ly, n, k = stacked.shape
+    by_step = stacked.permute(1, 2, 0).reshape(n, k * ly)  # row i: the j-th neighbours of i, j-major
+    per_layer = k * ly * n
+    batch = max(1, _BITS_BATCH // per_layer)
+    one = torch.ones((), dtype=_bits_dtype(k), device=stacked.device)
+    out = []
+    for start in range(0, len(idx_x), batch):
+        chunk = idx_x[start : start + batch]
+        bits = torch.empty(k, len(chunk), ly, n, dtype=one.dtype, device=stacked.device)
+        for b, idx in enumerate(chunk):
+            _positions(idx, pos)
+            place = torch.gather(pos, 1, by_step).T.reshape(k, ly, n)  # -1: not in x's list
+            bits[:, b] = (one << (place + 1).to(one.dtype)) >> 1  # 1 << place, 0 for -1
+        out.append(_ordered_scores(name, bits, n, k))
+    return torch.cat(out)
+
+
+def _ordered_scores(name: str, steps: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``[B, Ly]`` LCS or edit-distance scores from step-major bit masks ``steps [k, B, Ly, n]``."""
     if name == "lcs_knn":
-        return lcs_from_matches(bits, k).sum(dim=2).double() / n
-    return 1.0 - edit_from_matches(bits, k).sum(dim=2).double() / (n * k)
+        return _lcs_from_steps(steps, k).sum(dim=2).double() / n
+    return 1.0 - _edit_from_steps(steps, k).sum(dim=2).double() / (n * k)
 
 
 def _knn_pairs(name: str):
