@@ -3,8 +3,8 @@
 Trains FashionCNN on real Fashion-MNIST with and without the monitor (defaults, checking every
 ``--every`` steps: the model against itself, layer x layer; with ``--reference minilm`` also
 against MiniLM reading each probe image's class name, CKA), same seed, runs interleaved in one
-process (plain, monitored, plain, monitored, ...) after one warm-up run of each, and prints each pair's wall time, the median
-ratio monitored / plain and the spread (min-max) of the pair ratios.
+process (plain, monitored, plain, monitored, ...) after one warm-up run of each, and prints each
+pair's wall time, the median ratio monitored / plain and the spread (min-max) of the pair ratios.
 
     python benchmarks/monitor_overhead.py [--train-samples 60000] [--epochs 1] [--repeats 3] [--every 50] [--reference none]
 """
